@@ -1,0 +1,3 @@
+from resnet_serve.cli import main
+
+raise SystemExit(main())

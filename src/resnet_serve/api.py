@@ -1,0 +1,354 @@
+"""The HTTP API: routes, the one error handler, and the service's start-up and shutdown.
+
+Request path for ``POST /predict`` (each step's time is reported in the response):
+    read the body in memory (``uploads``) → decode/resize/crop in a worker thread
+    (``preprocess``) → queue (``batcher``) → one forward pass per batch on the inference
+    thread (``engine``) → Top-K and labels, on the event loop.
+
+Start-up: the weights are resolved before the server accepts requests, so
+``RESNET_SERVE_WEIGHTS_MODE=official`` without the official file stops the process; compiling
+and warming the model then runs in the background while ``/health/live`` answers and
+``/health/ready`` says 503. Shutdown: readiness turns false, new requests get 503, queued
+requests drain, then the inference thread stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import torch
+import torchvision
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from resnet_serve.batcher import Batcher, Pending
+from resnet_serve.engine import Engine, Prediction
+from resnet_serve.errors import DeadlineExceeded, MalformedRequest, NotReady, ServeError, UploadTimeout
+from resnet_serve.labels import Labels, Language, load_labels
+from resnet_serve.preprocess import preprocess
+from resnet_serve.schemas import (
+    ClassScore,
+    ErrorResponse,
+    HealthResponse,
+    ImageInfo,
+    LabelEntry,
+    LabelsResponse,
+    ModelResponse,
+    PredictResponse,
+)
+from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
+from resnet_serve.uploads import FILE_FIELD, read_upload
+from resnet_serve.weights import RESNET18, LoadedWeights, ModelSpec, WeightsInfo, resolve
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["loading", "ready", "failed", "shutting_down"]
+SHUTDOWN_GRACE_S = 10.0
+
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [FILE_FIELD],
+                    "properties": {FILE_FIELD: {"type": "string", "format": "binary"}},
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "empty, truncated or corrupt image; malformed body",
+        408: "the upload did not arrive in time",
+        413: "the upload exceeds the byte limit or the image the pixel limit",
+        415: "not an image in a supported format, or a body type we do not accept",
+        422: "no file, several files, or a bad query parameter",
+        500: "the model failed on this request's batch",
+        503: "overloaded (see Retry-After), warming up, or shutting down",
+        504: "no result within the request deadline",
+    }.items()
+}
+
+
+class Service:
+    """One app's runtime state: the model, its batcher, its decode pool and its readiness."""
+
+    def __init__(self, settings: Settings, spec: ModelSpec, labels: Labels) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.labels = labels
+        self.status: Status = "loading"
+        self.failure: str | None = None
+        self.weights: WeightsInfo | None = None
+        self.engine: Engine | None = None
+        self.batcher: Batcher[torch.Tensor, Prediction] | None = None
+        self.decode_pool = concurrent.futures.ThreadPoolExecutor(
+            settings.decode_threads, thread_name_prefix="resnet-serve-decode"
+        )
+        self._owns_engine = False
+
+    def start(self, engine: Engine) -> None:
+        """Put a warmed engine behind a batcher and declare the service ready."""
+        s = self.settings
+        self.engine, self.weights = engine, engine.info.weights
+        self.batcher = Batcher(
+            engine.predict,
+            max_batch_size=s.max_batch_size,
+            max_wait_ms=s.max_wait_ms,
+            max_queue=s.queue_limit,
+            dispatch=s.dispatch,
+        )
+        self.status = "ready"
+
+    def begin_loading(self, weights: LoadedWeights) -> asyncio.Task[None]:
+        """Compile and warm the model in the background; /health/ready says 503 meanwhile."""
+        self.weights = weights.info
+        return asyncio.create_task(self._load(weights), name="resnet-serve-load")
+
+    async def _load(self, weights: LoadedWeights) -> None:
+        try:
+            engine = await asyncio.to_thread(Engine.load, self.spec, weights, self.settings)
+        except Exception as exc:
+            logger.exception("the model failed to load")
+            self.status, self.failure = "failed", f"{type(exc).__name__}: {exc}"
+            return
+        self._owns_engine = True
+        if self.status == "loading":
+            self.start(engine)
+            logger.info("ready: %s on %s (%s weights)", self.spec.name, engine.info.device, weights.info.source)
+
+    async def stop(self) -> None:
+        self.status = "shutting_down"
+        if self.batcher is not None:
+            await self.batcher.close(grace_s=SHUTDOWN_GRACE_S)
+        if self.engine is not None and self._owns_engine:
+            await asyncio.to_thread(self.engine.close, SHUTDOWN_GRACE_S)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def ready_batcher(self) -> Batcher[torch.Tensor, Prediction]:
+        if self.status != "ready" or self.batcher is None:
+            detail = self.failure if self.status == "failed" else f"the service is {self.status}"
+            raise NotReady(detail, headers={"Retry-After": "1"})
+        return self.batcher
+
+
+def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _handle_error(request: Request, exc: Exception) -> JSONResponse:
+    """The one place where errors become HTTP status codes and JSON."""
+    if isinstance(exc, ServeError):
+        if exc.status_code >= 500:
+            logger.warning("%s %s -> %d %s", request.method, request.url.path, exc.status_code, exc.message)
+        return _error_response(exc.status_code, exc.code, exc.message, exc.headers)
+    if isinstance(exc, RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return _error_response(422, "invalid_parameter", problems)
+    if isinstance(exc, StarletteHTTPException):
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return _error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _error_response(500, "internal_error", "an internal error occurred")
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client disconnects (the body has been read, so only that can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _await_result(pending: Pending[torch.Tensor, Prediction], request: Request, timeout_s: float) -> Prediction:
+    """Wait for the batch result; give up (and free the slot) on deadline or disconnect."""
+    watcher = asyncio.ensure_future(_client_gone(request))
+    try:
+        done, _ = await asyncio.wait(
+            (pending.future, watcher), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        watcher.cancel()
+    if pending.future.done():
+        return pending.future.result()
+    pending.future.cancel()
+    if watcher in done:
+        raise MalformedRequest("the client disconnected before the result was ready")
+    raise DeadlineExceeded("no result within the request deadline")
+
+
+def _scores(labels: Labels, probs: torch.Tensor, top_k: int, lang: Language) -> list[ClassScore]:
+    values, indices = torch.topk(probs, top_k)
+    return [
+        ClassScore(
+            rank=rank,
+            class_id=class_id,
+            label=labels.name(class_id, lang),
+            label_en=labels.en[class_id],
+            label_zh=labels.zh[class_id],
+            confidence=confidence,
+        )
+        for rank, (confidence, class_id) in enumerate(zip(values.tolist(), indices.tolist()), start=1)
+    ]
+
+
+def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
+    """Build the app. Pass a warmed ``engine`` to share one model between apps (tests)."""
+    settings = settings or Settings()
+    spec = RESNET18
+    service = Service(settings, spec, load_labels(spec))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader: asyncio.Task[None] | None = None
+        if engine is not None:
+            service.start(engine)
+        else:
+            loader = service.begin_loading(await asyncio.to_thread(resolve, spec, settings))
+        try:
+            yield
+        finally:
+            if loader is not None and not loader.done():
+                service.status = "shutting_down"
+                await loader
+            await service.stop()
+
+    app = FastAPI(
+        title="resnet-serve",
+        version=_version(),
+        summary="ImageNet classification with ResNet-18, dynamically batched.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    for exc_type in (ServeError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_type, _handle_error)
+
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=UPLOAD_BODY,
+        summary="Classify one image",
+        description=(
+            f"Send the image as multipart/form-data field `{FILE_FIELD}` (or as the raw body). "
+            "The format is detected from the bytes."
+        ),
+    )
+    async def predict(
+        request: Request,
+        response: Response,
+        top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="how many classes"),
+        lang: Language = Query("en", description="language of `label`: en or zh"),
+    ) -> PredictResponse:
+        start = time.monotonic()
+        batcher = service.ready_batcher()
+        deadline = start + settings.request_timeout_s
+        try:
+            async with asyncio.timeout(settings.request_timeout_s):
+                upload = await read_upload(request, max_bytes=settings.max_upload_bytes)
+        except TimeoutError:
+            raise UploadTimeout("the upload did not complete within the request deadline") from None
+        decode_start = time.monotonic()
+        decoded = await asyncio.get_running_loop().run_in_executor(
+            service.decode_pool,
+            functools.partial(preprocess, upload.data, spec, max_pixels=settings.max_pixels),
+        )
+        preprocess_ms = (time.monotonic() - decode_start) * 1000.0
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("the request deadline passed during pre-processing")
+        pending = batcher.submit(decoded.tensor, timeout_s=remaining)
+        prediction = await _await_result(pending, request, remaining)
+        weights = service.weights.source if service.weights else "unknown"
+        response.headers["X-Model-Weights"] = weights
+        return PredictResponse(
+            predictions=_scores(service.labels, prediction.probs, top_k, lang),
+            image=ImageInfo(
+                format=decoded.format, width=decoded.width, height=decoded.height, filename=upload.filename
+            ),
+            preprocess_time_ms=round(preprocess_ms, 3),
+            queue_time_ms=round(pending.queue_ms, 3),
+            inference_time_ms=round(prediction.inference_ms, 3),
+            total_time_ms=round((time.monotonic() - start) * 1000.0, 3),
+            batch_size=prediction.batch_size,
+            model=spec.name,
+            weights=weights,
+        )
+
+    @app.get("/health/live", response_model=HealthResponse, summary="The process is up")
+    async def live() -> HealthResponse:
+        return HealthResponse(status="alive")
+
+    @app.get(
+        "/health/ready",
+        response_model=HealthResponse,
+        responses={503: {"model": HealthResponse, "description": "loading, failed or shutting down"}},
+        summary="The model is loaded and warmed",
+    )
+    async def ready() -> JSONResponse:
+        source = service.weights.source if service.weights else None
+        body = HealthResponse(status=service.status, weights=source, detail=service.failure)
+        return JSONResponse(body.model_dump(), 200 if service.status == "ready" else 503)
+
+    @app.get("/model", response_model=ModelResponse, responses={503: {"model": ErrorResponse}})
+    async def model_info() -> ModelResponse:
+        service.ready_batcher()
+        assert service.engine is not None
+        info, weights = service.engine.info, service.engine.info.weights
+        return ModelResponse(
+            name=info.name,
+            weights=weights.source,
+            weights_sha256=weights.sha256,
+            weights_path=str(weights.path) if weights.path else None,
+            device=info.device,
+            precision=info.precision,
+            torch_threads=info.torch_threads,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            dispatch=settings.dispatch,
+            max_queue=settings.queue_limit,
+            request_timeout_s=settings.request_timeout_s,
+            max_upload_mb=settings.max_upload_mb,
+            num_classes=spec.num_classes,
+            input_size=spec.crop_size,
+            warmup_batch_ms=info.warmup_batch_ms,
+            torch_version=torch.__version__,
+            torchvision_version=torchvision.__version__,
+        )
+
+    labels_response = LabelsResponse(
+        count=len(service.labels),
+        labels=[
+            LabelEntry(class_id=i, en=en, zh=zh)
+            for i, (en, zh) in enumerate(zip(service.labels.en, service.labels.zh))
+        ],
+    )
+
+    @app.get("/labels", response_model=LabelsResponse, summary="All class names, English and Chinese")
+    async def labels() -> LabelsResponse:
+        return labels_response
+
+    return app
+
+
+def _version() -> str:
+    from resnet_serve import __version__
+
+    return __version__

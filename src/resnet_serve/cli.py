@@ -1,0 +1,139 @@
+"""``resnet-serve``: serve, predict offline, download the weights, show what would run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from resnet_serve.errors import ServeError, WeightsError
+from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    # Workers are separate processes that build their own Settings, so flags travel as env.
+    for name in ("host", "port", "workers", "device", "precision"):
+        value = getattr(args, name)
+        if value is not None:
+            os.environ[f"RESNET_SERVE_{name.upper()}"] = str(value)
+    settings = Settings()
+    uvicorn.run(
+        "resnet_serve.api:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=int(settings.request_timeout_s * 2),
+    )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from resnet_serve.engine import Engine
+    from resnet_serve.labels import load_labels
+    from resnet_serve.preprocess import preprocess
+    from resnet_serve.weights import RESNET18, resolve
+
+    settings = Settings()
+    spec = RESNET18
+    labels = load_labels(spec)
+    images = []
+    for path in args.images:
+        try:
+            images.append((path, preprocess(Path(path).read_bytes(), spec, max_pixels=settings.max_pixels)))
+        except (OSError, ServeError) as exc:
+            print(f"{path}: {exc}", file=sys.stderr)
+    if not images:
+        return 1
+    weights = resolve(spec, settings)
+    engine = Engine.load(spec, weights, settings.model_copy(update={"max_batch_size": 1}))
+    try:
+        predictions = asyncio.run(engine.predict([decoded.tensor for _, decoded in images]))
+    finally:
+        engine.close()
+    if weights.info.is_random:
+        print("WARNING: random-init weights; these predictions are meaningless\n", file=sys.stderr)
+    for (path, _), prediction in zip(images, predictions):
+        values, indices = prediction.probs.topk(args.top_k)
+        print(path)
+        for rank, (p, i) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
+            print(f"  {rank:>2}. {p * 100:6.2f}%  {i:>3}  {labels.en[i]}  ({labels.zh[i]})")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from resnet_serve.weights import RESNET18, download, verify_file
+
+    path = download(RESNET18, args.dir, progress=True)
+    print(f"{path}  sha256={verify_file(path)}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+    import torchvision
+
+    from resnet_serve.engine import select_device
+    from resnet_serve.weights import RESNET18, resolve
+
+    settings = Settings().model_copy(update={"allow_download": False})
+    weights = resolve(RESNET18, settings)
+    report = {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "device": str(select_device(settings.device)),
+        "cuda_available": torch.cuda.is_available(),
+        "mps_available": torch.backends.mps.is_available(),
+        "weights": weights.info.source,
+        "weights_path": str(weights.info.path) if weights.info.path else None,
+        "weights_sha256": weights.info.sha256,
+        "settings": json.loads(settings.model_dump_json()),
+    }
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resnet-serve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, help="processes, each with its own model")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    serve.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(run=_serve)
+
+    predict = commands.add_parser("predict", help="classify image files offline")
+    predict.add_argument("images", nargs="+")
+    predict.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, choices=range(1, MAX_TOP_K + 1),
+                         metavar=f"1..{MAX_TOP_K}")
+    predict.set_defaults(run=_predict)
+
+    download = commands.add_parser("download-weights", help="fetch and verify the official weights")
+    download.add_argument("--dir", type=Path, default=Path("weights"))
+    download.set_defaults(run=_download)
+
+    info = commands.add_parser("info", help="versions, device and the weights that would load")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args))
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,234 @@
+"""The model and the one thread that runs it.
+
+Concurrency contract:
+- One dedicated OS thread (``resnet-serve-inference``) owns the TorchScript module. Nothing
+  else ever calls the module, so it needs no lock and torch's intra-op pool is never shared.
+- Work reaches it through a ``queue.Queue`` of ``_Job``s: a stacked ``uint8`` batch plus a
+  ``concurrent.futures.Future``. The thread resolves that future with the probabilities or the
+  exception; ``asyncio.wrap_future`` hands the outcome to the event loop with
+  ``call_soon_threadsafe``. An exception fails only that job; the thread goes on.
+- ``close()`` puts a sentinel behind the jobs already queued, so they finish first; a job
+  submitted after ``close()`` fails at once with ``NotReady``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from resnet_serve.errors import InferenceFailed, NotReady
+from resnet_serve.settings import Settings
+from resnet_serve.weights import LoadedWeights, ModelSpec, WeightsInfo
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16", "bf16"]
+_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WARMUP_ROUNDS = 3
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then CPU; an explicit name must be available."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise RuntimeError(f"RESNET_SERVE_DEVICE={name} but no {name} device is available")
+    return torch.device(name)
+
+
+def select_precision(name: str, device: torch.device) -> Precision:
+    """``auto`` is FP16 on CUDA (tensor cores), FP32 elsewhere."""
+    if name == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise RuntimeError("RESNET_SERVE_PRECISION=fp16 needs a CUDA or MPS device")
+    return name  # type: ignore[return-value]
+
+
+class Classifier(nn.Module):
+    """uint8 NCHW pixels in, float32 probabilities out: normalisation and softmax in the graph."""
+
+    def __init__(self, net: nn.Module, spec: ModelSpec, dtype: torch.dtype, channels_last: bool):
+        super().__init__()
+        self.net = net
+        self.dtype = dtype
+        self.channels_last = channels_last
+        scale = torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("mean", (torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0).to(dtype))
+        self.register_buffer("inv_std", (1.0 / scale).to(dtype))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels.to(self.dtype) - self.mean) * self.inv_std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return torch.softmax(self.net(x).float(), dim=1)
+
+
+def compile_model(
+    spec: ModelSpec, weights: LoadedWeights, device: torch.device, precision: Precision
+) -> torch.jit.ScriptModule:
+    """Build, load, trace and freeze the classifier on ``device``."""
+    net = spec.build_module()
+    net.load_state_dict(weights.state_dict)
+    dtype = _DTYPES[precision]
+    channels_last = device.type in ("cpu", "cuda")
+    net = net.to(device=device, dtype=dtype).eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model = Classifier(net, spec, dtype, channels_last).to(device).eval()
+    example = torch.zeros(1, 3, spec.crop_size, spec.crop_size, dtype=torch.uint8, device=device)
+    with torch.inference_mode(False), torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+        return torch.jit.freeze(traced)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's output and the batch it ran in."""
+
+    probs: torch.Tensor
+    inference_ms: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``/model`` reports."""
+
+    name: str
+    device: str
+    precision: Precision
+    weights: WeightsInfo
+    torch_threads: int
+    warmup_batch_ms: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    batch: torch.Tensor
+    future: concurrent.futures.Future[tuple[torch.Tensor, float]]
+
+
+_STOP = object()
+
+
+class InferenceThread:
+    """Runs a callable on batches, one at a time, on its own thread."""
+
+    def __init__(self, model: torch.jit.ScriptModule | nn.Module, device: torch.device, threads: int):
+        self._model = model
+        self._device = device
+        self._threads = threads
+        self._jobs: queue.Queue[_Job | object] = queue.Queue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="resnet-serve-inference", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads)
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            assert isinstance(job, _Job)
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            try:
+                job.future.set_result(self._forward(job.batch))
+            except BaseException as exc:  # the job fails; the thread lives on
+                job.future.set_exception(exc)
+
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            pixels = batch.to(self._device, non_blocking=True)
+            probs = self._model(pixels).cpu()
+        return probs, (time.perf_counter() - start) * 1000.0
+
+    def submit(self, batch: torch.Tensor) -> concurrent.futures.Future[tuple[torch.Tensor, float]]:
+        future: concurrent.futures.Future[tuple[torch.Tensor, float]] = concurrent.futures.Future()
+        if self._closed:
+            future.set_exception(NotReady("the inference thread is shut down"))
+        else:
+            self._jobs.put(_Job(batch, future))
+        return future
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the jobs already queued, then stop the thread."""
+        if not self._closed:
+            self._closed = True
+            self._jobs.put(_STOP)
+        self._thread.join(timeout)
+
+
+class Engine:
+    """The compiled model behind its inference thread, with an async ``predict``."""
+
+    def __init__(self, model: torch.jit.ScriptModule | nn.Module, info: ModelInfo, crop_size: int):
+        self.info = info
+        self._crop_size = crop_size
+        self._thread = InferenceThread(model, torch.device(info.device), info.torch_threads)
+
+    @classmethod
+    def load(cls, spec: ModelSpec, weights: LoadedWeights, settings: Settings) -> Engine:
+        """Compile the model for the configured device and precision, then warm it up."""
+        torch.set_num_threads(settings.torch_threads)
+        device = select_device(settings.device)
+        precision = select_precision(settings.precision, device)
+        start = time.perf_counter()
+        model = compile_model(spec, weights, device, precision)
+        info = ModelInfo(
+            name=spec.name,
+            device=str(device),
+            precision=precision,
+            weights=weights.info,
+            torch_threads=settings.torch_threads,
+        )
+        engine = cls(model, info, spec.crop_size)
+        logger.info("compiled %s on %s/%s in %.1fs", spec.name, device, precision,
+                    time.perf_counter() - start)
+        engine.warmup(settings.max_batch_size)
+        return engine
+
+    def warmup(self, max_batch_size: int) -> None:
+        """Run every batch size a few times: TorchScript's first calls optimise the graph."""
+        size = self._crop_size
+        for n in range(1, max_batch_size + 1):
+            batch = torch.zeros(n, 3, size, size, dtype=torch.uint8)
+            for _ in range(WARMUP_ROUNDS):
+                _, elapsed = self._thread.submit(batch).result()
+            self.info.warmup_batch_ms[n] = round(elapsed, 3)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.alive
+
+    async def predict(self, images: list[torch.Tensor]) -> list[Prediction]:
+        """Stack ``images`` into one batch, run it on the inference thread, split the result."""
+        batch = torch.stack(images)
+        try:
+            probs, elapsed = await asyncio.wrap_future(self._thread.submit(batch))
+        except NotReady:
+            raise
+        except Exception as exc:
+            logger.exception("inference failed for a batch of %d", len(images))
+            raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
+        n = len(images)
+        return [Prediction(probs=probs[i], inference_ms=elapsed, batch_size=n) for i in range(n)]
+
+    def close(self, timeout: float | None = None) -> None:
+        self._thread.close(timeout)

@@ -1,0 +1,89 @@
+"""The service's error family. The API maps each class to its HTTP status and JSON once."""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    """Base of every error the service reports to a client."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class MissingFile(ServeError):
+    """The request carries no image (no ``file`` field, or more than one)."""
+
+    status_code = 422
+    code = "missing_file"
+
+
+class MalformedRequest(ServeError):
+    """The request body cannot be parsed (broken multipart, client gone mid-upload)."""
+
+    status_code = 400
+    code = "malformed_request"
+
+
+class UploadTimeout(ServeError):
+    """The upload did not arrive within the request deadline."""
+
+    status_code = 408
+    code = "upload_timeout"
+
+
+class InvalidImage(ServeError):
+    """The bytes are empty, truncated or corrupt."""
+
+    status_code = 400
+    code = "invalid_image"
+
+
+class UnsupportedMediaType(ServeError):
+    """The bytes are not an image format we decode, or the request body type is wrong."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class PayloadTooLarge(ServeError):
+    """The upload exceeds the byte limit, or the image exceeds the pixel limit."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class Overloaded(ServeError):
+    """The queue is full; the client should retry later."""
+
+    status_code = 503
+    code = "overloaded"
+
+
+class NotReady(ServeError):
+    """The model is not loaded or warmed yet, or the service is shutting down."""
+
+    status_code = 503
+    code = "not_ready"
+
+
+class DeadlineExceeded(ServeError):
+    """The request did not finish within its deadline."""
+
+    status_code = 504
+    code = "deadline_exceeded"
+
+
+class InferenceFailed(ServeError):
+    """The model raised while running the batch this request was in."""
+
+    status_code = 500
+    code = "inference_failed"
+
+
+class WeightsError(Exception):
+    """The model's weights cannot be found, verified or loaded (a start-up error, not HTTP)."""

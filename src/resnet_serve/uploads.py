@@ -1,0 +1,151 @@
+"""Read one image out of an HTTP request body, in memory, never past the size limit.
+
+FastAPI's ``UploadFile`` spools large files to a temporary file on disk; uploads here must
+never touch the disk, and an oversized body must be cut off at the limit rather than read to
+the end. So the body is streamed through python-multipart's push parser (the one Starlette
+uses) and the bytes of the ``file`` part are counted as they arrive.
+
+Accepted bodies: ``multipart/form-data`` with exactly one ``file`` part, or the raw image
+bytes sent as ``image/*``, ``application/octet-stream`` or with no Content-Type at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from resnet_serve.errors import (
+    MalformedRequest,
+    MissingFile,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+
+FILE_FIELD = "file"
+# Room for multipart boundaries, part headers and small form fields next to the file.
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Upload:
+    data: bytes
+    filename: str | None
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the upload exceeds the {limit / 1024 / 1024:g} MB limit")
+
+
+class _FileCollector:
+    """python-multipart callbacks that keep the ``file`` part's bytes and count the rest."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.files: list[Upload] = []
+        self._data: bytearray | None = None
+        self._filename: str | None = None
+        self._other_bytes = 0
+        self._headers: dict[bytes, bytes] = {}
+        self._field = b""
+        self._value = b""
+
+    def on_part_begin(self) -> None:
+        self._headers, self._data, self._filename = {}, None, None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field, self._value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if options.get(b"name", b"").decode("latin-1") != FILE_FIELD:
+            return
+        if self.files or self._data is not None:
+            raise MissingFile(f"send exactly one '{FILE_FIELD}' part; this request has several")
+        self._data = bytearray()
+        raw_name = options.get(b"filename")
+        self._filename = raw_name.decode("utf-8", "replace") if raw_name is not None else None
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._data is None:
+            self._other_bytes += end - start
+            if self._other_bytes > MULTIPART_OVERHEAD:
+                raise _too_large(self.max_bytes)
+            return
+        self._data += data[start:end]
+        if len(self._data) > self.max_bytes:
+            raise _too_large(self.max_bytes)
+
+    def on_part_end(self) -> None:
+        if self._data is not None:
+            self.files.append(Upload(bytes(self._data), self._filename))
+            self._data = None
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+        }
+
+
+async def _read_multipart(request: Request, boundary: bytes, max_bytes: int) -> Upload:
+    collector = _FileCollector(max_bytes)
+    parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise MalformedRequest(f"the multipart body is malformed ({exc})") from None
+    if not collector.files:
+        raise MissingFile(f"the multipart body has no '{FILE_FIELD}' part")
+    return collector.files[0]
+
+
+async def _read_raw(request: Request, max_bytes: int) -> Upload:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
+    if not body:
+        raise MissingFile(
+            f"no image: send multipart/form-data with a '{FILE_FIELD}' part, or the image bytes"
+        )
+    return Upload(bytes(body), None)
+
+
+async def read_upload(request: Request, *, max_bytes: int) -> Upload:
+    """The uploaded image's bytes, or a ``ServeError`` that says what is wrong with the request."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD:
+        raise _too_large(max_bytes)
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    try:
+        if content_type == b"multipart/form-data":
+            boundary = options.get(b"boundary")
+            if not boundary:
+                raise MalformedRequest("the multipart Content-Type has no boundary")
+            return await _read_multipart(request, boundary, max_bytes)
+        if content_type in (b"", b"application/octet-stream") or content_type.startswith(b"image/"):
+            return await _read_raw(request, max_bytes)
+    except ClientDisconnect:
+        raise MalformedRequest("the client disconnected during the upload") from None
+    raise UnsupportedMediaType(
+        f"Content-Type {content_type.decode('latin-1')!r} is not accepted: send multipart/form-data "
+        f"with a '{FILE_FIELD}' part, or the image bytes as image/* or application/octet-stream"
+    )
