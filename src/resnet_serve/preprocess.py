@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # Pillow registers WebP, TIFF and MPO only on init(); without it a format whitelist fails.
 Image.init()
 
-SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # Pillow decodes a JPEG at 1/2, 1/4 or 1/8 scale almost for free. We keep at least twice the
 # resize target so the antialiased resize that follows hides the difference.
 DRAFT_MARGIN = 2
