@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -87,7 +88,10 @@ def compile_model(
         net = net.to(memory_format=torch.channels_last)
     model = Classifier(net, spec, dtype, channels_last).to(device).eval()
     example = torch.zeros(1, 3, spec.crop_size, spec.crop_size, dtype=torch.uint8, device=device)
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated upstream in favour of torch.export; it is still the
+        # format this service ships (the design asks for it), so its notice is not news here.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
         traced = torch.jit.trace(model, example, check_trace=False)
         return torch.jit.freeze(traced)
 

@@ -31,8 +31,10 @@ Image.init()
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # Pillow decodes a JPEG at 1/2, 1/4 or 1/8 scale almost for free. We keep at least twice the
 # resize target so the antialiased resize that follows hides the difference.
-DRAFT_MARGIN = 2
+DRAFT_MARGIN = 4
 
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, IndexError, TypeError, EOFError)
 
 
@@ -131,6 +133,8 @@ def preprocess(data: bytes, spec: ModelSpec, *, max_pixels: int) -> DecodedImage
     try:
         image = open_image(data, max_pixels=max_pixels)
         fmt, (width, height) = str(image.format), image.size
+        if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width  # report the upright size a viewer shows
         rgb = _decode_opened(image, spec, max_pixels)
         return DecodedImage(tensor=to_tensor(rgb, spec), format=fmt, width=width, height=height)
     except ServeError:

@@ -1,0 +1,111 @@
+"""Shared fixtures: real photos, a seeded weights file in the official format, a real engine."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import skimage
+import torch
+from asgi_lifespan import LifespanManager
+from PIL import Image
+
+from resnet_serve.api import create_app
+from resnet_serve.engine import Engine
+from resnet_serve.settings import Settings
+from resnet_serve.weights import RESNET18, load_state_dict, resolve, sha256_of
+
+TEST_SEED = 1234
+SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
+# Real photographs shipped inside scikit-image (a dev dependency), not committed here.
+PHOTO_FILES = {
+    "chelsea": "chelsea.png",  # a tabby cat
+    "astronaut": "astronaut.png",
+    "coffee": "coffee.png",
+    "rocket": "rocket.jpg",
+    "motorcycle": "motorcycle_left.png",
+    "retina": "retina.jpg",
+    "hubble": "hubble_deep_field.jpg",
+    "horse": "horse.png",
+}
+
+
+def as_jpeg(image: Image.Image, quality: int = 90, **save_args: object) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=quality, **save_args)
+    return buffer.getvalue()
+
+
+def encode(image: Image.Image, fmt: str, **save_args: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Image.Image]:
+    """The real photos, decoded to RGB."""
+    return {name: Image.open(SKIMAGE_DATA / f).convert("RGB") for name, f in PHOTO_FILES.items()}
+
+
+@pytest.fixture(scope="session")
+def photo_jpegs(photos: dict[str, Image.Image]) -> dict[str, bytes]:
+    """The real photos as JPEG uploads, the way a phone or browser sends them."""
+    return {name: as_jpeg(image) for name, image in photos.items()}
+
+
+def write_seeded_weights(directory: Path, seed: int = TEST_SEED) -> Path:
+    """A randomly initialised ResNet-18 state_dict in the official file format and naming
+    (``resnet18-<first 8 hex of its SHA-256>.pth``), so the real loading path is exercised."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    state_dict = RESNET18.build_module().state_dict()
+    torch.random.set_rng_state(generator_state)
+    staging = directory / "staging.pth"
+    torch.save(state_dict, staging)
+    final = directory / f"resnet18-{sha256_of(staging)[:8]}.pth"
+    staging.rename(final)
+    return final
+
+
+@pytest.fixture(scope="session")
+def seeded_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_seeded_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="session")
+def settings(seeded_weights: Path) -> Settings:
+    return Settings(weights=seeded_weights, allow_download=False, device="cpu", torch_threads=2)
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> Iterator[Engine]:
+    """One real TorchScript engine for the whole session (tracing and warm-up take seconds)."""
+    engine = Engine.load(RESNET18, resolve(RESNET18, settings), settings)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def reference_model(seeded_weights: Path) -> torch.nn.Module:
+    """Plain eager torchvision ResNet-18 with the same weights, for parity checks."""
+    model = RESNET18.build_module()
+    model.load_state_dict(load_state_dict(seeded_weights, RESNET18))
+    return model.eval()
+
+
+async def open_client(app: object) -> AsyncIterator[httpx.AsyncClient]:
+    async with LifespanManager(app) as manager:  # type: ignore[arg-type]
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+            yield c
+
+
+@pytest.fixture
+async def client(settings: Settings, engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app around the shared engine, through httpx's ASGI transport."""
+    async for c in open_client(create_app(settings, engine=engine)):
+        yield c
