@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,10 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None:
             os.environ[f"RESNET_SERVE_{name.upper()}"] = str(value)
     settings = Settings()
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal with the handler
+    # it found installed. With this one in place that re-raise is a no-op: a drained server
+    # exits 0, as orchestrators expect of a clean stop.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(
         "resnet_serve.api:create_app",
         factory=True,

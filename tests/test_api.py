@@ -1,0 +1,262 @@
+"""End to end through the HTTP API with the real TorchScript ResNet-18."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from resnet_serve.api import create_app
+from resnet_serve.engine import Engine, Prediction
+from resnet_serve.preprocess import preprocess
+from resnet_serve.settings import Settings
+from resnet_serve.weights import RESNET18
+from tests.conftest import as_jpeg, encode, open_client
+
+
+def upload(data: bytes, name: str = "photo.jpg", ctype: str = "image/jpeg") -> dict[str, Any]:
+    return {"files": {"file": (name, data, ctype)}}
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code
+    assert body["error"]["message"] and "Traceback" not in body["error"]["message"]
+
+
+class WrappedEngine:
+    """The real engine with a delay and/or injected failures in front of it."""
+
+    def __init__(self, engine: Engine, delay: float = 0.0, failures: int = 0) -> None:
+        self.inner, self.delay, self.failures = engine, delay, failures
+        self.info = engine.info
+        self.batch_sizes: list[int] = []
+
+    async def predict(self, images: list[torch.Tensor]) -> list[Prediction]:
+        self.batch_sizes.append(len(images))
+        await asyncio.sleep(self.delay)
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("injected fault")
+        return await self.inner.predict(images)
+
+
+async def client_for(settings: Settings, engine: object) -> AsyncIterator[httpx.AsyncClient]:
+    async for c in open_client(create_app(settings, engine=engine)):  # type: ignore[arg-type]
+        yield c
+
+
+async def test_predict_a_real_photo(client: httpx.AsyncClient, photo_jpegs: dict[str, bytes], engine: Engine) -> None:
+    data = photo_jpegs["chelsea"]
+    response = await client.post("/predict", **upload(data, "cat.jpg"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert response.headers["X-Model-Weights"] == body["weights"] == "custom"
+    assert body["model"] == "resnet18" and body["batch_size"] == 1
+    assert body["image"] == {"format": "JPEG", "width": 451, "height": 300, "filename": "cat.jpg"}
+    for key in ("preprocess_time_ms", "queue_time_ms", "inference_time_ms", "total_time_ms"):
+        assert body[key] >= 0
+    assert body["total_time_ms"] >= body["inference_time_ms"]
+    predictions = body["predictions"]
+    assert [p["rank"] for p in predictions] == [1, 2, 3]
+    confidences = [p["confidence"] for p in predictions]
+    assert confidences == sorted(confidences, reverse=True)
+    # The answer is exactly what the model says for this image in-process.
+    expected = (await engine.predict([preprocess(data, RESNET18, max_pixels=10**9).tensor]))[0].probs
+    values, indices = expected.topk(3)
+    assert [p["class_id"] for p in predictions] == indices.tolist()
+    assert confidences == pytest.approx(values.tolist(), abs=1e-6)
+    assert predictions[0]["label"] == predictions[0]["label_en"] == RESNET18.categories[indices[0]]
+
+
+async def test_top_k_and_language(client: httpx.AsyncClient, photo_jpegs: dict[str, bytes]) -> None:
+    response = await client.post("/predict?top_k=20&lang=zh", **upload(photo_jpegs["coffee"]))
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 20
+    assert all(p["label"] == p["label_zh"] != p["label_en"] for p in predictions)
+    one = await client.post("/predict", params={"top_k": 1}, **upload(photo_jpegs["coffee"]))
+    assert len(one.json()["predictions"]) == 1
+
+
+async def test_the_raw_body_is_accepted_as_well(client: httpx.AsyncClient, photo_jpegs: dict[str, bytes]) -> None:
+    for ctype in ("image/jpeg", "application/octet-stream"):
+        response = await client.post("/predict", content=photo_jpegs["rocket"], headers={"content-type": ctype})
+        assert response.status_code == 200 and response.json()["image"]["filename"] is None
+
+
+async def test_32_concurrent_requests_each_get_their_own_answer(
+    client: httpx.AsyncClient, photos: dict[str, Image.Image], engine: Engine
+) -> None:
+    images = []
+    for image in photos.values():
+        images += [image, ImageOps.mirror(image), ImageOps.flip(image), image.rotate(90, expand=True)]
+    uploads = [as_jpeg(image) for image in images[:32]]
+    assert len(set(uploads)) == 32
+    responses = await asyncio.gather(*(client.post("/predict?top_k=5", **upload(u)) for u in uploads))
+    assert all(r.status_code == 200 for r in responses)
+    assert max(r.json()["batch_size"] for r in responses) > 1  # they really were batched
+    for data, response in zip(uploads, responses):
+        alone = (await engine.predict([preprocess(data, RESNET18, max_pixels=10**9).tensor]))[0].probs
+        values, indices = alone.topk(5)
+        got = response.json()["predictions"]
+        assert [p["class_id"] for p in got] == indices.tolist()
+        assert [p["confidence"] for p in got] == pytest.approx(values.tolist(), abs=1e-5)
+
+
+async def test_health_model_and_labels(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/health/live")).json()["status"] == "alive"
+    ready = await client.get("/health/ready")
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "weights": "custom", "detail": None}
+    model = (await client.get("/model")).json()
+    assert model["name"] == "resnet18" and model["device"] == "cpu" and model["precision"] == "fp32"
+    assert model["weights"] == "custom" and len(model["weights_sha256"]) == 64
+    assert (model["max_batch_size"], model["max_wait_ms"], model["dispatch"]) == (4, 50.0, "eager")
+    assert model["torch_version"].startswith("2.14.1")
+    labels = (await client.get("/labels")).json()
+    assert labels["count"] == 1000 and labels["labels"][281] == {"class_id": 281, "en": "tabby", "zh": "虎斑猫"}
+
+
+async def test_the_openapi_schema_documents_the_upload(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    operation = schema["paths"]["/predict"]["post"]
+    form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["properties"]["file"] == {"type": "string", "format": "binary"}
+    assert {"200", "400", "413", "415", "422", "503", "504"} <= set(operation["responses"])
+    assert (await client.get("/docs")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("request_args", "status", "code"),
+    [
+        ({"data": {"other": "x"}, "files": {"notfile": ("a.jpg", b"123", "image/jpeg")}}, 422, "missing_file"),
+        ({"files": [("file", ("a.jpg", b"1", "image/jpeg")), ("file", ("b.jpg", b"2", "image/jpeg"))]},
+         422, "missing_file"),
+        ({"content": b"", "headers": {"content-type": "image/jpeg"}}, 422, "missing_file"),
+        (upload(b"", "empty.jpg"), 400, "invalid_image"),
+        (upload(b"this is a text file renamed to jpg", "notes.jpg"), 415, "unsupported_media_type"),
+        (upload(bytes(range(256)) * 40, "noise.png", "image/png"), 415, "unsupported_media_type"),
+        ({"json": {"image": "base64?"}}, 415, "unsupported_media_type"),
+        ({"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data"}}, 400, "malformed_request"),
+    ],
+)
+async def test_bad_requests_get_clear_json_errors(
+    client: httpx.AsyncClient, request_args: dict[str, Any], status: int, code: str
+) -> None:
+    assert_error(await client.post("/predict", **request_args), status, code)
+
+
+async def test_truncated_and_corrupt_images_are_400(client: httpx.AsyncClient, photos: dict[str, Image.Image]) -> None:
+    jpeg = as_jpeg(photos["astronaut"])
+    assert_error(await client.post("/predict", **upload(jpeg[: len(jpeg) // 3])), 400, "invalid_image")
+    png = encode(photos["astronaut"], "PNG")
+    assert_error(await client.post("/predict", **upload(png[:5000], "a.png", "image/png")), 400, "invalid_image")
+
+
+@pytest.mark.parametrize("query", ["top_k=0", "top_k=21", "top_k=three", "lang=fr"])
+async def test_bad_parameters_are_422(client: httpx.AsyncClient, photo_jpegs: dict[str, bytes], query: str) -> None:
+    assert_error(await client.post(f"/predict?{query}", **upload(photo_jpegs["rocket"])), 422, "invalid_parameter")
+
+
+async def test_an_oversized_upload_is_cut_off_at_the_limit(client: httpx.AsyncClient) -> None:
+    sent = 0
+    chunk = b"\xff" * 65536
+
+    async def endless() -> AsyncIterator[bytes]:  # no Content-Length: the server must count
+        nonlocal sent
+        for _ in range(1000):  # 64 MB if read to the end
+            sent += len(chunk)
+            yield chunk
+
+    response = await client.post("/predict", content=endless(), headers={"content-type": "image/jpeg"})
+    assert_error(response, 413, "payload_too_large")
+    assert sent <= 10 * 1024 * 1024 + 2 * len(chunk)
+
+
+async def test_a_declared_oversized_multipart_upload_is_refused(client: httpx.AsyncClient) -> None:
+    big = b"\xff\xd8" + bytes(10 * 1024 * 1024 + 1)
+    assert_error(await client.post("/predict", **upload(big)), 413, "payload_too_large")
+
+
+async def test_unknown_routes_use_the_same_error_shape(client: httpx.AsyncClient) -> None:
+    assert_error(await client.get("/nope"), 404, "not_found")
+    assert_error(await client.get("/predict"), 405, "method_not_allowed")
+
+
+async def test_a_full_queue_answers_503_with_retry_after(settings: Settings, engine: Engine, photo_jpegs: dict[str, bytes]) -> None:
+    slow = WrappedEngine(engine, delay=0.5)
+    tight = settings.model_copy(update={"max_queue": 1, "max_batch_size": 1})
+    async for c in client_for(tight, slow):
+        responses = await asyncio.gather(*(c.post("/predict", **upload(photo_jpegs["rocket"])) for _ in range(5)))
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses.count(200) >= 2 and set(statuses) == {200, 503}
+        refused = next(r for r in responses if r.status_code == 503)
+        assert_error(refused, 503, "overloaded")
+        assert refused.headers["Retry-After"] == "1"
+
+
+async def test_past_the_deadline_the_answer_is_504(settings: Settings, engine: Engine, photo_jpegs: dict[str, bytes]) -> None:
+    slow = WrappedEngine(engine, delay=1.0)
+    hurried = settings.model_copy(update={"request_timeout_s": 0.3})
+    async for c in client_for(hurried, slow):
+        assert_error(await c.post("/predict", **upload(photo_jpegs["rocket"])), 504, "deadline_exceeded")
+
+
+async def test_a_failing_batch_is_a_500_and_the_service_keeps_serving(
+    settings: Settings, engine: Engine, photo_jpegs: dict[str, bytes]
+) -> None:
+    faulty = WrappedEngine(engine, failures=1)
+    async for c in client_for(settings, faulty):
+        assert_error(await c.post("/predict", **upload(photo_jpegs["rocket"])), 500, "inference_failed")
+        assert (await c.post("/predict", **upload(photo_jpegs["rocket"]))).status_code == 200
+
+
+async def test_starts_unready_then_warms_up_with_random_init_said_loudly(
+    tmp_path: object, photo_jpegs: dict[str, bytes]
+) -> None:
+    settings = Settings(weights_mode="random", allow_download=False, device="cpu", max_batch_size=2)
+    async for c in client_for(settings, None):
+        first = await c.get("/health/ready")
+        if first.status_code == 503:  # still compiling: predictions are refused, not queued
+            assert first.json()["status"] == "loading"
+            assert_error(await c.post("/predict", **upload(photo_jpegs["rocket"])), 503, "not_ready")
+            assert_error(await c.get("/model"), 503, "not_ready")
+        for _ in range(600):
+            if (await c.get("/health/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        ready = (await c.get("/health/ready")).json()
+        assert ready == {"status": "ready", "weights": "random-init", "detail": None}
+        response = await c.post("/predict", **upload(photo_jpegs["rocket"]))
+        assert response.status_code == 200
+        assert response.headers["X-Model-Weights"] == "random-init" == response.json()["weights"]
+        assert (await c.get("/model")).json()["weights"] == "random-init"
+
+
+def test_official_mode_without_the_file_refuses_to_start(tmp_path: object) -> None:
+    from asgi_lifespan import LifespanManager
+
+    from resnet_serve.errors import WeightsError
+
+    settings = Settings(weights_mode="official", allow_download=False, weights_dir=tmp_path)  # type: ignore[arg-type]
+
+    async def start() -> None:
+        async with LifespanManager(create_app(settings)):
+            pass
+
+    with pytest.raises(WeightsError, match="official"):
+        asyncio.run(start())
+
+
+async def test_a_png_upload_with_a_wrong_content_type_is_still_decoded(
+    client: httpx.AsyncClient, photos: dict[str, Image.Image]
+) -> None:
+    png = encode(photos["horse"], "PNG")
+    response = await client.post("/predict", **upload(png, "horse.jpg", "image/jpeg"))
+    assert response.status_code == 200 and response.json()["image"]["format"] == "PNG"

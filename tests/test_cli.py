@@ -1,0 +1,118 @@
+"""The command line: a real ``resnet-serve serve`` process over TCP, and the offline commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from resnet_serve.cli import main
+
+CLI = [sys.executable, "-m", "resnet_serve"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env_with(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_SERVE_")}
+    env.update({f"RESNET_SERVE_{k.upper()}": v for k, v in values.items()})
+    return env
+
+
+def wait_ready(base: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert process.poll() is None, "the server exited during start-up"
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server never became ready")
+
+
+@pytest.fixture
+def server(seeded_weights: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    env = env_with(weights=str(seeded_weights), allow_download="false", torch_threads="2")
+    log = (tmp_path / "server.log").open("wb")
+    process = subprocess.Popen([*CLI, "serve", "--port", str(port), "--device", "cpu"], env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
+        log.close()
+
+
+def test_serve_answers_over_tcp_and_exits_cleanly_on_sigterm(
+    server: tuple[str, subprocess.Popen[bytes]], photo_jpegs: dict[str, bytes]
+) -> None:
+    base, process = server
+    wait_ready(base, process)
+    with httpx.Client(base_url=base, timeout=30) as client:
+        response = client.post("/predict?top_k=5", files={"file": ("cat.jpg", photo_jpegs["chelsea"], "image/jpeg")})
+        assert response.status_code == 200
+        assert len(response.json()["predictions"]) == 5
+        assert client.get("/model").json()["device"] == "cpu"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+
+
+def test_serve_refuses_to_start_in_official_mode_without_the_weights(tmp_path: Path) -> None:
+    env = env_with(weights_mode="official", allow_download="false", weights_dir=str(tmp_path))
+    result = subprocess.run([*CLI, "serve", "--port", str(free_port())], env=env, capture_output=True, timeout=120)
+    assert result.returncode != 0
+    assert b"resnet18-f37072fd.pth" in result.stdout + result.stderr
+
+
+def test_predict_prints_a_top_k_table(
+    seeded_weights: Path, photo_jpegs: dict[str, bytes], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    image = tmp_path / "cat.jpg"
+    image.write_bytes(photo_jpegs["chelsea"])
+    (tmp_path / "notes.jpg").write_text("not an image")
+    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
+    assert main(["predict", str(image), str(tmp_path / "notes.jpg"), "--top-k", "4"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert lines[0] == str(image)
+    assert [line.split(".")[0].strip() for line in lines[1:]] == ["1", "2", "3", "4"]
+    assert "%" in lines[1] and "notes.jpg" in captured.err
+
+
+def test_info_reports_what_would_run(seeded_weights: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
+    assert main(["info"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["weights"] == "custom" and report["weights_path"] == str(seeded_weights)
+    assert report["torch"].startswith("2.14.1") and report["settings"]["max_batch_size"] == 4
+
+
+def test_download_weights_fails_clearly_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from resnet_serve import weights
+
+    unreachable = dataclasses.replace(weights.RESNET18, url="http://127.0.0.1:9/resnet18-f37072fd.pth")
+    monkeypatch.setattr(weights, "RESNET18", unreachable)
+    assert main(["download-weights", "--dir", str(tmp_path)]) == 2
+    assert "could not download" in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""The engine: device choice, the compiled graph's numbers, batching invariance, the thread."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from resnet_serve.engine import Engine, InferenceThread, ModelInfo, select_device, select_precision
+from resnet_serve.errors import InferenceFailed, NotReady
+from resnet_serve.weights import RESNET18, WeightsInfo
+
+
+def random_pixels(n: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=generator)
+
+
+def test_auto_picks_the_cpu_when_nothing_else_is_present() -> None:
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("an accelerator is present; this checks the CPU-only fallback")
+    assert select_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="no cuda device"):
+        select_device("cuda")
+
+
+def test_precision_defaults() -> None:
+    assert select_precision("auto", torch.device("cpu")) == "fp32"
+    assert select_precision("auto", torch.device("cuda")) == "fp16"
+    assert select_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(RuntimeError, match="fp16"):
+        select_precision("fp16", torch.device("cpu"))
+
+
+async def test_the_graph_normalises_like_torchvision_and_returns_probabilities(
+    engine: Engine, reference_model: nn.Module
+) -> None:
+    pixels = random_pixels(2)
+    mean = torch.tensor(RESNET18.mean).view(1, 3, 1, 1)
+    std = torch.tensor(RESNET18.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = torch.softmax(reference_model((pixels.float() / 255 - mean) / std), dim=1)
+    predictions = await engine.predict(list(pixels))
+    got = torch.stack([p.probs for p in predictions])
+    assert got.dtype == torch.float32 and got.shape == (2, 1000)
+    assert torch.allclose(got.sum(dim=1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+async def test_a_batched_answer_equals_the_single_answer(engine: Engine) -> None:
+    pixels = random_pixels(4, seed=1)
+    together = await engine.predict(list(pixels))
+    alone = [(await engine.predict([p]))[0] for p in pixels]
+    assert [p.batch_size for p in together] == [4] * 4 and alone[0].batch_size == 1
+    for batched, single in zip(together, alone):
+        assert torch.allclose(batched.probs, single.probs, atol=1e-5)
+
+
+def test_warmup_ran_every_batch_size(engine: Engine, settings: object) -> None:
+    assert sorted(engine.info.warmup_batch_ms) == list(range(1, 5))
+    assert engine.info.device == "cpu" and engine.info.precision == "fp32"
+
+
+class Fragile(nn.Module):
+    """Doubles its input, but raises on a batch whose first value is negative."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.flatten()[0] < 0:
+            raise ValueError("negative")
+        return x * 2
+
+
+def test_an_exception_fails_that_job_only_and_the_thread_lives_on() -> None:
+    thread = InferenceThread(Fragile(), torch.device("cpu"), threads=1)
+    bad = thread.submit(torch.tensor([-1.0]))
+    good = thread.submit(torch.tensor([3.0]))
+    with pytest.raises(ValueError):
+        bad.result(timeout=10)
+    assert good.result(timeout=10)[0].item() == 6.0
+    assert thread.alive
+    thread.close(timeout=10)
+    assert not thread.alive
+
+
+def test_close_finishes_queued_jobs_then_refuses_new_ones() -> None:
+    thread = InferenceThread(Fragile(), torch.device("cpu"), threads=1)
+    queued = [thread.submit(torch.tensor([float(i)])) for i in range(5)]
+    thread.close(timeout=10)
+    assert [f.result(timeout=1)[0].item() for f in queued] == [0.0, 2.0, 4.0, 6.0, 8.0]
+    with pytest.raises(NotReady):
+        thread.submit(torch.tensor([1.0])).result(timeout=1)
+
+
+async def test_predict_reports_a_model_failure_as_inference_failed() -> None:
+    info = ModelInfo("fragile", "cpu", "fp32", WeightsInfo("random-init", None, None), 1)
+    engine = Engine(Fragile(), info, crop_size=1)
+    try:
+        with pytest.raises(InferenceFailed):
+            await engine.predict([torch.tensor([-1.0])])
+        assert [p.probs.item() for p in await engine.predict([torch.tensor([2.0])])] == [4.0]
+    finally:
+        engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CI has none)")
+async def test_cuda_fp16_matches_cpu_fp32(settings: object, seeded_weights: object) -> None:
+    from resnet_serve.settings import Settings
+    from resnet_serve.weights import resolve
+
+    gpu_settings = Settings(weights=seeded_weights, device="cuda", allow_download=False)  # type: ignore[arg-type]
+    gpu = Engine.load(RESNET18, resolve(RESNET18, gpu_settings), gpu_settings)
+    cpu_settings = gpu_settings.model_copy(update={"device": "cpu"})
+    cpu = Engine.load(RESNET18, resolve(RESNET18, cpu_settings), cpu_settings)
+    try:
+        assert gpu.info.precision == "fp16" and gpu.info.device.startswith("cuda")
+        pixels = list(random_pixels(4, seed=2))
+        on_gpu, on_cpu = await gpu.predict(pixels), await cpu.predict(pixels)
+        for a, b in zip(on_gpu, on_cpu):
+            assert torch.allclose(a.probs, b.probs, atol=2e-3)
+    finally:
+        gpu.close()
+        cpu.close()
