@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install dev run test bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+BROWSER_PACKAGES := chromium fonts-wqy-microhei
+
+.PHONY: install dev browser run test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,10 +23,17 @@ $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
+# The web page is tested in Debian's Chromium (a CJK font so the Chinese UI renders).
+browser:
+	@dpkg -s $(BROWSER_PACKAGES) >/dev/null 2>&1 || { \
+	  echo "installing $(BROWSER_PACKAGES) for the browser tests"; \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES); }
+
 run: install
 	$(VENV)/bin/resnet-serve serve --host $(HOST) --port $(PORT)
 
-test: dev
+test: dev browser
 	$(PY) -m pytest
 
 bench: dev

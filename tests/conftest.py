@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -109,3 +115,46 @@ async def client(settings: Settings, engine: Engine) -> AsyncIterator[httpx.Asyn
     """The real app around the shared engine, through httpx's ASGI transport."""
     async for c in open_client(create_app(settings, engine=engine)):
         yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env_with(**values: str) -> dict[str, str]:
+    """This process's environment without RESNET_SERVE_* variables, plus ``values``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_SERVE_")}
+    env.update({f"RESNET_SERVE_{k.upper()}": v for k, v in values.items()})
+    return env
+
+
+def wait_ready(base: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert process.poll() is None, "the server exited during start-up"
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server never became ready")
+
+
+@contextlib.contextmanager
+def real_server(log: Path, **settings: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real ``resnet-serve serve`` process on a free loopback port (not waited for)."""
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "resnet_serve", "serve", "--port", str(port)],
+            env=env_with(**settings), stdout=out, stderr=subprocess.STDOUT,
+        )
+        try:
+            yield f"http://127.0.0.1:{port}", process
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(30)

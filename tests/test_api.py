@@ -260,3 +260,20 @@ async def test_a_png_upload_with_a_wrong_content_type_is_still_decoded(
     png = encode(photos["horse"], "PNG")
     response = await client.post("/predict", **upload(png, "horse.jpg", "image/jpeg"))
     assert response.status_code == 200 and response.json()["image"]["format"] == "PNG"
+
+
+async def test_a_client_that_disconnects_frees_its_queue_slot() -> None:
+    from resnet_serve.api import _await_result
+    from resnet_serve.batcher import Pending
+    from resnet_serve.errors import MalformedRequest
+
+    class GoneRequest:
+        async def receive(self) -> dict[str, str]:
+            await asyncio.sleep(0.01)
+            return {"type": "http.disconnect"}
+
+    loop = asyncio.get_running_loop()
+    pending: Pending[torch.Tensor, Prediction] = Pending(torch.zeros(1), loop.create_future(), 0.0, 1e12)
+    with pytest.raises(MalformedRequest, match="disconnected"):
+        await _await_result(pending, GoneRequest(), timeout_s=5)  # type: ignore[arg-type]
+    assert pending.future.cancelled()  # the batcher will drop it before inference

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,49 +14,16 @@ import httpx
 import pytest
 
 from resnet_serve.cli import main
+from tests.conftest import env_with, free_port, real_server, wait_ready
 
 CLI = [sys.executable, "-m", "resnet_serve"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def env_with(**values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_SERVE_")}
-    env.update({f"RESNET_SERVE_{k.upper()}": v for k, v in values.items()})
-    return env
-
-
-def wait_ready(base: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert process.poll() is None, "the server exited during start-up"
-        try:
-            if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server never became ready")
-
-
 @pytest.fixture
 def server(seeded_weights: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    env = env_with(weights=str(seeded_weights), allow_download="false", torch_threads="2")
-    log = (tmp_path / "server.log").open("wb")
-    process = subprocess.Popen([*CLI, "serve", "--port", str(port), "--device", "cpu"], env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield f"http://127.0.0.1:{port}", process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(30)
-        log.close()
+    with real_server(tmp_path / "server.log", weights=str(seeded_weights), allow_download="false",
+                     torch_threads="2", device="cpu") as running:
+        yield running
 
 
 def test_serve_answers_over_tcp_and_exits_cleanly_on_sigterm(

@@ -47,6 +47,7 @@ from resnet_serve.schemas import (
 )
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
 from resnet_serve.uploads import FILE_FIELD, read_upload
+from resnet_serve.web import mount_page
 from resnet_serve.weights import RESNET18, LoadedWeights, ModelSpec, WeightsInfo, resolve
 
 logger = logging.getLogger(__name__)
@@ -345,6 +346,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     async def labels() -> LabelsResponse:
         return labels_response
 
+    mount_page(app)
     return app
 
 

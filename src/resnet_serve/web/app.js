@@ -1,0 +1,215 @@
+// resnet-serve web page: pick, drop or paste images; each gets a card with its Top-K bars.
+// No framework and no network beyond this server. Server data is only ever set as textContent.
+"use strict";
+
+const TEXT = {
+  en: {
+    title: "What is in this picture?", topk: "Top", choose: "Choose images",
+    hint: "or drop them here, or paste from the clipboard",
+    random: "This server runs on random-init weights: its predictions are meaningless.",
+    connecting: "Connecting…", warming: "The model is warming up…",
+    status: (m) => `ResNet-18 on ${m.device} · ${m.precision} · batch ≤ ${m.max_batch_size} · ${m.dispatch} dispatch · weights: ${m.weights}`,
+    classifying: "Classifying…", inference: "inference", roundTrip: "round trip", batch: "batch",
+    preview: (name) => `Preview of ${name}`, langButton: "中文", langLabel: "切换到中文",
+    errors: {
+      not_image: "This file is not an image.",
+      too_large: (mb) => `This file is larger than the ${mb} MB limit.`,
+      payload_too_large: "The image is too large.",
+      unsupported_media_type: "This file is not an image format the server understands.",
+      invalid_image: "The image is damaged or empty.",
+      overloaded: "The server is busy. Please try again in a moment.",
+      not_ready: "The model is still loading. Please try again in a moment.",
+      deadline_exceeded: "The server took too long to answer. Please try again.",
+      upload_timeout: "The upload took too long.",
+      network: "Could not reach the server.",
+      other: "Something went wrong",
+    },
+  },
+  zh: {
+    title: "这张图片里是什么？", topk: "前", choose: "选择图片",
+    hint: "或拖放到这里，或从剪贴板粘贴",
+    random: "此服务使用随机初始化的权重：预测结果没有意义。",
+    connecting: "正在连接…", warming: "模型正在预热…",
+    status: (m) => `ResNet-18 · 设备 ${m.device} · 精度 ${m.precision} · 批大小 ≤ ${m.max_batch_size} · ${m.dispatch} 调度 · 权重：${m.weights}`,
+    classifying: "识别中…", inference: "推理", roundTrip: "往返", batch: "批",
+    preview: (name) => `${name} 的预览`, langButton: "English", langLabel: "Switch to English",
+    errors: {
+      not_image: "这个文件不是图片。",
+      too_large: (mb) => `文件超过 ${mb} MB 的上限。`,
+      payload_too_large: "图片太大。",
+      unsupported_media_type: "服务器无法识别这种文件格式。",
+      invalid_image: "图片已损坏或为空。",
+      overloaded: "服务器繁忙，请稍后再试。",
+      not_ready: "模型仍在加载，请稍后再试。",
+      deadline_exceeded: "服务器响应超时，请重试。",
+      upload_timeout: "上传超时。",
+      network: "无法连接到服务器。",
+      other: "出错了",
+    },
+  },
+};
+
+const state = {
+  lang: localStorage.getItem("resnet-serve-lang") || (navigator.language.startsWith("zh") ? "zh" : "en"),
+  topK: Number(localStorage.getItem("resnet-serve-topk") || 3),
+  model: null,
+  maxBytes: 10 * 1024 * 1024,
+  cards: [],
+};
+
+const $ = (id) => document.getElementById(id);
+const t = () => TEXT[state.lang];
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function applyLanguage() {
+  document.documentElement.lang = state.lang === "zh" ? "zh-CN" : "en";
+  for (const node of document.querySelectorAll("[data-i18n]")) {
+    const value = t()[node.dataset.i18n];
+    if (typeof value === "string") node.textContent = value;
+  }
+  const button = $("lang");
+  button.textContent = t().langButton;
+  button.setAttribute("aria-label", t().langLabel);
+  renderStatus();
+  state.cards.forEach(renderCard);
+}
+
+function renderStatus() {
+  const m = state.model;
+  $("status").textContent = m ? t().status(m) : t().connecting;
+  $("random-banner").hidden = !(m && m.weights === "random-init");
+}
+
+async function loadModel() {
+  try {
+    const response = await fetch("/model");
+    if (response.ok) {
+      state.model = await response.json();
+      state.maxBytes = state.model.max_upload_mb * 1024 * 1024;
+      renderStatus();
+      return;
+    }
+    $("status").textContent = t().warming;
+  } catch {
+    $("status").textContent = t().errors.network;
+  }
+  setTimeout(loadModel, 1000);
+}
+
+function errorText(card) {
+  const errors = t().errors;
+  if (card.error === "too_large") return errors.too_large(state.maxBytes / 1024 / 1024);
+  const known = errors[card.error];
+  return known || `${errors.other}: ${card.errorMessage || card.error}`;
+}
+
+function renderCard(card) {
+  const body = card.node.querySelector(".body");
+  body.replaceChildren(element("h2", "", card.name));
+  card.node.querySelector("img").alt = t().preview(card.name);
+  if (card.error) {
+    body.append(element("p", "error", errorText(card)));
+    return;
+  }
+  if (!card.result) {
+    body.append(element("p", "pending", t().classifying));
+    return;
+  }
+  const list = element("ol", "predictions");
+  for (const p of card.result.predictions) {
+    const item = element("li", "prediction");
+    const row = element("div", "row");
+    const pct = (p.confidence * 100).toFixed(1) + "%";
+    row.append(element("span", "label", state.lang === "zh" ? p.label_zh : p.label_en), element("span", "pct", pct));
+    const track = element("div", "track");
+    track.setAttribute("role", "img");
+    track.setAttribute("aria-label", pct);
+    const fill = element("div", "fill");
+    fill.style.width = `${Math.max(0.5, p.confidence * 100)}%`;
+    track.append(fill);
+    item.append(row, track);
+    list.append(item);
+  }
+  const r = card.result;
+  const times = element("p", "times",
+    `${t().inference} ${r.inference_time_ms.toFixed(1)} ms · ${t().roundTrip} ${card.roundTripMs.toFixed(0)} ms · ${t().batch} ${r.batch_size}`);
+  body.append(list, times);
+}
+
+async function classify(file) {
+  const card = { name: file.name || "pasted image", result: null, error: null, node: element("article", "card") };
+  const img = element("img");
+  if (file.type.startsWith("image/")) img.src = URL.createObjectURL(file);
+  else img.hidden = true;
+  card.node.append(img, element("div", "body"));
+  $("results").prepend(card.node);
+  state.cards.push(card);
+  if (!file.type.startsWith("image/")) card.error = "not_image";
+  else if (file.size > state.maxBytes) card.error = "too_large";
+  renderCard(card);
+  if (card.error) return;
+
+  const form = new FormData();
+  form.append("file", file, card.name);
+  const started = performance.now();
+  try {
+    const response = await fetch(`/predict?top_k=${state.topK}&lang=${state.lang}`, { method: "POST", body: form });
+    card.roundTripMs = performance.now() - started;
+    const body = await response.json().catch(() => null);
+    if (response.ok && body) card.result = body;
+    else {
+      card.error = (body && body.error && body.error.code) || `http_${response.status}`;
+      card.errorMessage = body && body.error ? body.error.message : response.statusText;
+    }
+  } catch {
+    card.error = "network";
+  }
+  renderCard(card);
+}
+
+function classifyAll(files) {
+  $("page-error").hidden = true;
+  for (const file of files) classify(file);
+}
+
+function setUp() {
+  $("topk").value = String(state.topK);
+  $("topk").addEventListener("change", (e) => {
+    state.topK = Number(e.target.value);
+    localStorage.setItem("resnet-serve-topk", String(state.topK));
+  });
+  $("lang").addEventListener("click", () => {
+    state.lang = state.lang === "zh" ? "en" : "zh";
+    localStorage.setItem("resnet-serve-lang", state.lang);
+    applyLanguage();
+  });
+  $("file").addEventListener("change", (e) => {
+    classifyAll([...e.target.files]);
+    e.target.value = "";
+  });
+  const drop = $("drop");
+  for (const type of ["dragenter", "dragover"]) {
+    drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    drop.addEventListener(type, () => drop.classList.remove("over"));
+  }
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    classifyAll([...e.dataTransfer.files]);
+  });
+  document.addEventListener("paste", (e) => {
+    const files = [...(e.clipboardData ? e.clipboardData.files : [])];
+    if (files.length) classifyAll(files);
+  });
+  applyLanguage();
+  loadModel();
+}
+
+document.addEventListener("DOMContentLoaded", setUp);

@@ -1,0 +1,158 @@
+"""The web page, in a real headless Chromium against a real server process."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.conftest import real_server, wait_ready
+
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A random-init server, so the page's warning banner is part of what is tested."""
+    log = tmp_path_factory.mktemp("web") / "server.log"
+    with real_server(log, weights_mode="random", allow_download="false", device="cpu") as (url, process):
+        wait_ready(url, process)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, base_url: str) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 860}, locale="en-US")
+    page = context.new_page()
+    page.goto(base_url)
+    expect(page.locator("#status")).to_contain_text("ResNet-18 on cpu")
+    yield page
+    context.close()
+
+
+@pytest.fixture
+def photo_files(photo_jpegs: dict[str, bytes], tmp_path: Path) -> dict[str, Path]:
+    files = {}
+    for name in ("chelsea", "coffee"):
+        files[name] = tmp_path / f"{name}.jpg"
+        files[name].write_bytes(photo_jpegs[name])
+    return files
+
+
+def card(page: Page, name: str):  # type: ignore[no-untyped-def]
+    return page.locator("article.card", has=page.locator("h2", has_text=name))
+
+
+def test_an_uploaded_photo_shows_the_apis_top3_as_bars(page: Page, base_url: str, photo_files: dict[str, Path]) -> None:
+    page.set_input_files("#file", str(photo_files["chelsea"]))
+    result = card(page, "chelsea.jpg")
+    expect(result.locator("li.prediction")).to_have_count(3)
+    shown = [(row.locator(".label").inner_text(), row.locator(".pct").inner_text())
+             for row in result.locator("li.prediction").all()]
+    api = httpx.post(f"{base_url}/predict", files={"file": ("c.jpg", photo_files["chelsea"].read_bytes(), "image/jpeg")})
+    expected = [(p["label_en"], f"{p['confidence'] * 100:.1f}%") for p in api.json()["predictions"]]
+    assert shown == expected
+    expect(result.locator(".times")).to_contain_text("inference")
+    expect(result.locator(".times")).to_contain_text("round trip")
+    expect(result.locator("img")).to_have_attribute("alt", "Preview of chelsea.jpg")
+    widths = [bar.evaluate("b => b.getBoundingClientRect().width") for bar in result.locator(".fill").all()]
+    assert widths == sorted(widths, reverse=True) and widths[0] > 0
+
+
+def test_chinese_names_and_interface_and_the_choice_is_remembered(page: Page, base_url: str, photo_files: dict[str, Path]) -> None:
+    page.set_input_files("#file", str(photo_files["coffee"]))
+    result = card(page, "coffee.jpg")
+    expect(result.locator("li.prediction")).to_have_count(3)
+    page.click("#lang")
+    expect(page.locator("h1")).to_have_text("这张图片里是什么？")
+    api = httpx.post(f"{base_url}/predict", files={"file": ("c.jpg", photo_files["coffee"].read_bytes(), "image/jpeg")})
+    zh = [p["label_zh"] for p in api.json()["predictions"]]
+    expect(result.locator(".label")).to_have_text(zh)
+    assert page.evaluate("document.documentElement.lang") == "zh-CN"
+    page.reload()
+    expect(page.locator("h1")).to_have_text("这张图片里是什么？")
+    page.click("#lang")  # back to English for the other tests
+    expect(page.locator("h1")).to_have_text("What is in this picture?")
+
+
+def test_a_non_image_gets_a_clear_message(page: Page, tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture")
+    disguised = tmp_path / "fake.jpg"
+    disguised.write_text("a text file renamed to .jpg")
+    page.set_input_files("#file", str(text))  # refused in the browser, before uploading
+    expect(card(page, "notes.txt").locator(".error")).to_have_text("This file is not an image.")
+    page.set_input_files("#file", str(disguised))  # refused by the server (415)
+    expect(card(page, "fake.jpg").locator(".error")).to_have_text(
+        "This file is not an image format the server understands."
+    )
+
+
+def test_two_images_at_once_make_two_cards(page: Page, photo_files: dict[str, Path]) -> None:
+    page.set_input_files("#file", [str(photo_files["chelsea"]), str(photo_files["coffee"])])
+    expect(page.locator("article.card")).to_have_count(2)
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        expect(card(page, name).locator("li.prediction")).to_have_count(3)
+
+
+def test_top_k_is_user_selectable(page: Page, photo_files: dict[str, Path]) -> None:
+    page.select_option("#topk", "5")
+    page.set_input_files("#file", str(photo_files["coffee"]))
+    expect(card(page, "coffee.jpg").locator("li.prediction")).to_have_count(5)
+    page.select_option("#topk", "3")
+
+
+def test_random_init_banner_and_status_line(page: Page) -> None:
+    expect(page.locator("#random-banner")).to_be_visible()
+    expect(page.locator("#random-banner")).to_contain_text("random-init")
+    expect(page.locator("#status")).to_contain_text("batch ≤ 4")
+
+
+def test_keyboard_reaches_the_file_picker_and_the_controls(page: Page) -> None:
+    focused = []
+    for _ in range(4):
+        page.keyboard.press("Tab")
+        focused.append(page.evaluate("document.activeElement.id"))
+    assert {"topk", "lang", "file"} <= set(focused)
+
+
+def test_screenshots_desktop_and_phone(browser: Browser, base_url: str, photo_files: dict[str, Path]) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    for name, viewport in {"desktop": {"width": 1280, "height": 860}, "phone": {"width": 390, "height": 844}}.items():
+        context = browser.new_context(viewport=viewport, device_scale_factor=1, locale="en-US")
+        page = context.new_page()
+        page.goto(base_url)
+        page.set_input_files("#file", [str(photo_files["chelsea"]), str(photo_files["coffee"])])
+        expect(page.locator("li.prediction")).to_have_count(6)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= viewport["width"], f"{name}: the page scrolls sideways ({width}px)"
+        page.screenshot(path=str(ARTIFACTS / f"web-{name}.png"), full_page=True)
+        context.close()
+        assert (ARTIFACTS / f"web-{name}.png").stat().st_size > 10_000
+
+
+def test_the_page_is_served_with_strict_headers(base_url: str) -> None:
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        response = httpx.get(base_url + path)
+        assert response.status_code == 200
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        csp = response.headers["Content-Security-Policy"]
+        assert "default-src 'self'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert httpx.get(base_url + "/health/live").headers["X-Content-Type-Options"] == "nosniff"
