@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from torch import nn
@@ -120,3 +122,31 @@ async def test_cuda_fp16_matches_cpu_fp32(settings: object, seeded_weights: obje
     finally:
         gpu.close()
         cpu.close()
+
+
+class Killer(nn.Module):
+    """Kills the thread that runs it (a BaseException, as a fault in the runtime would)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.flatten()[0] < 0:
+            raise SystemExit("injected fault")
+        return x * 2
+
+
+async def test_a_dead_inference_thread_fails_its_jobs_and_is_restarted() -> None:
+    info = ModelInfo("killer", "cpu", "fp32", WeightsInfo("random-init", None, None), 1)
+    engine = Engine(Killer(), info, crop_size=1)
+    try:
+        fatal = asyncio.ensure_future(engine.predict([torch.tensor([-1.0])]))
+        queued = asyncio.ensure_future(engine.predict([torch.tensor([5.0])]))
+        for outcome in await asyncio.gather(fatal, queued, return_exceptions=True):
+            assert isinstance(outcome, NotReady)  # 503, not a hang
+        for _ in range(100):
+            if not engine.alive:
+                break
+            await asyncio.sleep(0.01)
+        assert not engine.alive
+        assert [p.probs.item() for p in await engine.predict([torch.tensor([2.0])])] == [4.0]
+        assert engine.alive and engine.restarts == 1
+    finally:
+        engine.close()

@@ -15,7 +15,22 @@ def test_defaults_match_the_documented_design() -> None:
     assert (s.max_batch_size, s.max_wait_ms, s.dispatch) == (4, 50.0, "eager")
     assert (s.request_timeout_s, s.max_upload_mb, s.weights_mode) == (5.0, 10.0, "auto")
     assert s.max_upload_bytes == 10 * 1024 * 1024
-    assert s.queue_limit == 64
+    assert s.queue_limit() == 64  # before the model has been timed
+
+
+def test_the_queue_limit_follows_the_measured_batch_time_and_the_deadline() -> None:
+    s = Settings(request_timeout_s=5, max_batch_size=4)
+    assert s.queue_limit(batch_ms=125.0) == 80  # 2.5 s / 125 ms = 20 batches of 4
+    assert s.queue_limit(batch_ms=10_000.0) == 4  # never below one batch
+    assert s.queue_limit(batch_ms=0.001) == 4096  # and bounded above
+    assert Settings(max_queue=7).queue_limit(batch_ms=125.0) == 7
+
+
+def test_cors_origins_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESNET_SERVE_CORS_ORIGINS", "https://a.example, https://b.example")
+    assert Settings().cors_origins == ["https://a.example", "https://b.example"]
+    assert Settings(api_key="s3cret").api_key.get_secret_value() == "s3cret"  # type: ignore[union-attr]
+    assert "s3cret" not in repr(Settings(api_key="s3cret"))
 
 
 def test_values_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,7 +39,7 @@ def test_values_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("RESNET_SERVE_WEIGHTS", "/models/r18.pth")
     monkeypatch.setenv("RESNET_SERVE_MAX_QUEUE", "5")
     s = Settings()
-    assert (s.max_batch_size, s.dispatch, s.weights, s.queue_limit) == (8, "wait", Path("/models/r18.pth"), 5)
+    assert (s.max_batch_size, s.dispatch, s.weights, s.queue_limit()) == (8, "wait", Path("/models/r18.pth"), 5)
 
 
 @pytest.mark.parametrize(

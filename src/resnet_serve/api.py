@@ -17,23 +17,36 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import hmac
 import logging
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import torch
 import torchvision
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from resnet_serve.batcher import Batcher, Pending
 from resnet_serve.engine import Engine, Prediction
-from resnet_serve.errors import DeadlineExceeded, MalformedRequest, NotReady, ServeError, UploadTimeout
+from resnet_serve.errors import (
+    DeadlineExceeded,
+    MalformedRequest,
+    NotReady,
+    Overloaded,
+    ServeError,
+    Unauthorized,
+    UploadTimeout,
+)
 from resnet_serve.labels import Labels, Language, load_labels
+from resnet_serve.middleware import RequestLog, configure_logging
 from resnet_serve.preprocess import preprocess
 from resnet_serve.schemas import (
     ClassScore,
@@ -46,14 +59,13 @@ from resnet_serve.schemas import (
     PredictResponse,
 )
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
-from resnet_serve.uploads import FILE_FIELD, read_upload
+from resnet_serve.uploads import FILE_FIELD, discard_body, read_upload
 from resnet_serve.web import mount_page
 from resnet_serve.weights import RESNET18, LoadedWeights, ModelSpec, WeightsInfo, resolve
 
 logger = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "failed", "shutting_down"]
-SHUTDOWN_GRACE_S = 10.0
 
 UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
@@ -74,6 +86,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         400: "empty, truncated or corrupt image; malformed body",
+        401: "API key missing or wrong (only when RESNET_SERVE_API_KEY is set)",
         408: "the upload did not arrive in time",
         413: "the upload exceeds the byte limit or the image the pixel limit",
         415: "not an image in a supported format, or a body type we do not accept",
@@ -100,17 +113,20 @@ class Service:
         self.decode_pool = concurrent.futures.ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="resnet-serve-decode"
         )
+        self.queue_limit = settings.queue_limit()
+        self.in_flight = 0
         self._owns_engine = False
 
     def start(self, engine: Engine) -> None:
         """Put a warmed engine behind a batcher and declare the service ready."""
         s = self.settings
         self.engine, self.weights = engine, engine.info.weights
+        self.queue_limit = s.queue_limit(engine.info.warmup_batch_ms.get(s.max_batch_size))
         self.batcher = Batcher(
             engine.predict,
             max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms,
-            max_queue=s.queue_limit,
+            max_queue=self.queue_limit,
             dispatch=s.dispatch,
         )
         self.status = "ready"
@@ -132,13 +148,32 @@ class Service:
             self.start(engine)
             logger.info("ready: %s on %s (%s weights)", self.spec.name, engine.info.device, weights.info.source)
 
-    async def stop(self) -> None:
+    def begin_shutdown(self) -> None:
+        """Readiness false and new predictions refused; admitted requests carry on."""
+        if self.status != "shutting_down":
+            logger.info("shutting down: refusing new requests, finishing %d in flight", self.in_flight)
         self.status = "shutting_down"
+
+    async def stop(self) -> None:
+        self.begin_shutdown()
+        grace = self.settings.shutdown_grace_s
         if self.batcher is not None:
-            await self.batcher.close(grace_s=SHUTDOWN_GRACE_S)
+            await self.batcher.close(grace_s=grace)
         if self.engine is not None and self._owns_engine:
-            await asyncio.to_thread(self.engine.close, SHUTDOWN_GRACE_S)
+            await asyncio.to_thread(self.engine.close, grace)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def admission_limit(self) -> int:
+        """Requests allowed in flight at once: a full queue plus the batch being run."""
+        return self.queue_limit + self.settings.max_batch_size
+
+    def check_alive(self) -> bool:
+        """True when the model can serve; restarts a dead inference thread (next probe: ready)."""
+        if self.engine is None or self.engine.alive:
+            return True
+        self.engine.ensure_running()
+        return False
 
     def ready_batcher(self) -> Batcher[torch.Tensor, Prediction]:
         if self.status != "ready" or self.batcher is None:
@@ -210,6 +245,42 @@ def _scores(labels: Labels, probs: torch.Tensor, top_k: int, lang: Language) -> 
     ]
 
 
+def _api_key_dependency(settings: Settings) -> Callable[[Request], None]:
+    """A dependency that checks ``Authorization: Bearer`` or ``X-API-Key`` in constant time."""
+    expected = settings.api_key.get_secret_value().encode() if settings.api_key else None
+
+    def check(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("x-api-key", "")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token:
+            given = token.strip()
+        if not hmac.compare_digest(given.encode(), expected):
+            raise Unauthorized("missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def _flip_readiness_on_sigterm(service: Service) -> Callable[[], None]:
+    """Turn readiness false the moment SIGTERM arrives, then let uvicorn's own handler drain.
+
+    uvicorn installs its handler before the lifespan starts; this one runs first and chains to
+    it. Only the main thread may set signal handlers (tests may run the app elsewhere).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: object) -> None:
+        service.begin_shutdown()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
     """Build the app. Pass a warmed ``engine`` to share one model between apps (tests)."""
     settings = settings or Settings()
@@ -219,6 +290,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader: asyncio.Task[None] | None = None
+        restore_signal = _flip_readiness_on_sigterm(service)
         if engine is not None:
             service.start(engine)
         else:
@@ -230,6 +302,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                 service.status = "shutting_down"
                 await loader
             await service.stop()
+            restore_signal()
 
     app = FastAPI(
         title="resnet-serve",
@@ -240,12 +313,15 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.service = service
     for exc_type in (ServeError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, _handle_error)
+    configure_logging(settings.log_format)
+    check_api_key = _api_key_dependency(settings)
 
     @app.post(
         "/predict",
         response_model=PredictResponse,
         responses=ERROR_RESPONSES,
         openapi_extra=UPLOAD_BODY,
+        dependencies=[Depends(check_api_key)],
         summary="Classify one image",
         description=(
             f"Send the image as multipart/form-data field `{FILE_FIELD}` (or as the raw body). "
@@ -260,6 +336,24 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     ) -> PredictResponse:
         start = time.monotonic()
         batcher = service.ready_batcher()
+        if service.in_flight >= service.admission_limit:
+            await discard_body(request, max_bytes=settings.max_upload_bytes)
+            raise Overloaded(f"{service.in_flight} requests in flight; try again shortly",
+                             headers={"Retry-After": "1"})
+        service.in_flight += 1
+        try:
+            return await _classify(request, response, batcher, start, top_k, lang)
+        finally:
+            service.in_flight -= 1
+
+    async def _classify(
+        request: Request,
+        response: Response,
+        batcher: Batcher[torch.Tensor, Prediction],
+        start: float,
+        top_k: int,
+        lang: Language,
+    ) -> PredictResponse:
         deadline = start + settings.request_timeout_s
         try:
             async with asyncio.timeout(settings.request_timeout_s):
@@ -279,6 +373,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         prediction = await _await_result(pending, request, remaining)
         weights = service.weights.source if service.weights else "unknown"
         response.headers["X-Model-Weights"] = weights
+        request.state.batch_size = prediction.batch_size
         return PredictResponse(
             predictions=_scores(service.labels, prediction.probs, top_k, lang),
             image=ImageInfo(
@@ -305,8 +400,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     )
     async def ready() -> JSONResponse:
         source = service.weights.source if service.weights else None
-        body = HealthResponse(status=service.status, weights=source, detail=service.failure)
-        return JSONResponse(body.model_dump(), 200 if service.status == "ready" else 503)
+        status = service.status
+        if status == "ready" and not service.check_alive():
+            status = "restarting"
+        body = HealthResponse(status=status, weights=source, detail=service.failure)
+        return JSONResponse(body.model_dump(), 200 if status == "ready" else 503)
 
     @app.get("/model", response_model=ModelResponse, responses={503: {"model": ErrorResponse}})
     async def model_info() -> ModelResponse:
@@ -324,7 +422,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             dispatch=settings.dispatch,
-            max_queue=settings.queue_limit,
+            max_queue=service.queue_limit,
             request_timeout_s=settings.request_timeout_s,
             max_upload_mb=settings.max_upload_mb,
             num_classes=spec.num_classes,
@@ -347,6 +445,15 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         return labels_response
 
     mount_page(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-Model-Weights", "Retry-After"],
+        )
+    app.add_middleware(RequestLog)
     return app
 
 

@@ -36,7 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=args.log_level,
-        timeout_graceful_shutdown=int(settings.request_timeout_s * 2),
+        access_log=False,  # resnet_serve.access logs one line per request, with its ID
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
     )
     return 0
 

@@ -9,6 +9,9 @@ Concurrency contract:
   ``call_soon_threadsafe``. An exception fails only that job; the thread goes on.
 - ``close()`` puts a sentinel behind the jobs already queued, so they finish first; a job
   submitted after ``close()`` fails at once with ``NotReady``.
+- If the thread dies anyway (a ``BaseException``), a ``finally`` fails the job it held and every
+  queued job with ``NotReady`` (503), and ``Engine`` starts a new thread on the next batch;
+  ``alive`` is false in between, so readiness says 503.
 """
 
 from __future__ import annotations
@@ -135,22 +138,45 @@ class InferenceThread:
         self._threads = threads
         self._jobs: queue.Queue[_Job | object] = queue.Queue()
         self._closed = False
+        self._lock = threading.Lock()  # orders submit() against close and death
         self._thread = threading.Thread(target=self._run, name="resnet-serve-inference", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         torch.set_num_threads(self._threads)
+        job: _Job | None = None
+        try:
+            while True:
+                item = self._jobs.get()
+                if item is _STOP:
+                    return
+                assert isinstance(item, _Job)
+                job = item
+                if job.future.set_running_or_notify_cancel():
+                    try:
+                        job.future.set_result(self._forward(job.batch))
+                    except Exception as exc:  # the job fails; the thread lives on
+                        job.future.set_exception(exc)
+                job = None
+        except BaseException:
+            logger.critical("the inference thread died", exc_info=True)
+        finally:
+            self._fail_leftovers(job)
+
+    def _fail_leftovers(self, current: _Job | None) -> None:
+        """If the thread dies, no job it holds or that waits for it may hang."""
+        with self._lock:
+            self._closed = True
+        died = NotReady("the inference thread stopped; the request was not run")
+        if current is not None and not current.future.done():
+            current.future.set_exception(died)
         while True:
-            job = self._jobs.get()
-            if job is _STOP:
-                return
-            assert isinstance(job, _Job)
-            if not job.future.set_running_or_notify_cancel():
-                continue
             try:
-                job.future.set_result(self._forward(job.batch))
-            except BaseException as exc:  # the job fails; the thread lives on
-                job.future.set_exception(exc)
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Job) and item.future.set_running_or_notify_cancel():
+                item.future.set_exception(died)
 
     def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
@@ -161,10 +187,11 @@ class InferenceThread:
 
     def submit(self, batch: torch.Tensor) -> concurrent.futures.Future[tuple[torch.Tensor, float]]:
         future: concurrent.futures.Future[tuple[torch.Tensor, float]] = concurrent.futures.Future()
-        if self._closed:
-            future.set_exception(NotReady("the inference thread is shut down"))
-        else:
-            self._jobs.put(_Job(batch, future))
+        with self._lock:
+            if not self._closed:
+                self._jobs.put(_Job(batch, future))
+                return future
+        future.set_exception(NotReady("the inference thread is shut down"))
         return future
 
     @property
@@ -173,9 +200,10 @@ class InferenceThread:
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the jobs already queued, then stop the thread."""
-        if not self._closed:
-            self._closed = True
-            self._jobs.put(_STOP)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._jobs.put(_STOP)
         self._thread.join(timeout)
 
 
@@ -184,8 +212,21 @@ class Engine:
 
     def __init__(self, model: torch.jit.ScriptModule | nn.Module, info: ModelInfo, crop_size: int):
         self.info = info
+        self.restarts = 0
+        self._model = model
         self._crop_size = crop_size
-        self._thread = InferenceThread(model, torch.device(info.device), info.torch_threads)
+        self._closed = False
+        self._thread = self._start_thread()
+
+    def _start_thread(self) -> InferenceThread:
+        return InferenceThread(self._model, torch.device(self.info.device), self.info.torch_threads)
+
+    def ensure_running(self) -> None:
+        """Restart the inference thread if it died (its jobs were already failed with 503)."""
+        if not self._closed and not self._thread.alive:
+            self.restarts += 1
+            logger.error("the inference thread died; restarting it (restart %d)", self.restarts)
+            self._thread = self._start_thread()
 
     @classmethod
     def load(cls, spec: ModelSpec, weights: LoadedWeights, settings: Settings) -> Engine:
@@ -223,6 +264,7 @@ class Engine:
 
     async def predict(self, images: list[torch.Tensor]) -> list[Prediction]:
         """Stack ``images`` into one batch, run it on the inference thread, split the result."""
+        self.ensure_running()
         batch = torch.stack(images)
         try:
             probs, elapsed = await asyncio.wrap_future(self._thread.submit(batch))
@@ -235,4 +277,5 @@ class Engine:
         return [Prediction(probs=probs[i], inference_ms=elapsed, batch_size=n) for i in range(n)]
 
     def close(self, timeout: float | None = None) -> None:
+        self._closed = True
         self._thread.close(timeout)

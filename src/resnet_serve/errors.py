@@ -15,6 +15,13 @@ class ServeError(Exception):
         self.headers = headers or {}
 
 
+class Unauthorized(ServeError):
+    """The API key is missing or wrong (deliberately says no more)."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
 class MissingFile(ServeError):
     """The request carries no image (no ``file`` field, or more than one)."""
 

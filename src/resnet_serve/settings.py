@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 PrecisionName = Literal["auto", "fp32", "fp16", "bf16"]
 WeightsMode = Literal["auto", "official", "random"]
 DispatchPolicy = Literal["eager", "wait"]
+LogFormat = Literal["plain", "json"]
 
 MAX_TOP_K = 20
 DEFAULT_TOP_K = 3
@@ -50,19 +51,40 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(5.0, gt=0)
 
+    shutdown_grace_s: float = Field(10.0, ge=0, description="time queued requests get on SIGTERM")
+
     max_upload_mb: float = Field(10.0, gt=0)
     max_pixels: int = Field(50_000_000, ge=1)
     decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+
+    api_key: SecretStr | None = Field(None, description="if set, /predict needs it (Bearer or X-API-Key)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins allowed by CORS; empty: CORS off"
+    )
+    log_format: LogFormat = "plain"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
-    @property
-    def queue_limit(self) -> int:
+    def queue_limit(self, batch_ms: float | None = None) -> int:
         """Queued requests admitted before answering 503.
 
-        By default 16 batches' worth: enough to keep the model busy through a burst, small
-        enough that an admitted request still finishes well inside its deadline on CPU.
+        By default, as many as the model can finish in half the request deadline, given the
+        measured time of a full batch (``batch_ms``, from warm-up): a request admitted later
+        would likely time out anyway, so refusing it at once is kinder. Without a measurement,
+        16 full batches. Never fewer than one batch.
         """
-        return self.max_queue if self.max_queue is not None else 16 * self.max_batch_size
+        if self.max_queue is not None:
+            return self.max_queue
+        if not batch_ms:
+            return 16 * self.max_batch_size
+        batches = (self.request_timeout_s * 1000.0 / 2) / batch_ms
+        return max(self.max_batch_size, min(4096, int(batches * self.max_batch_size)))

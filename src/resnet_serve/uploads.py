@@ -149,3 +149,20 @@ async def read_upload(request: Request, *, max_bytes: int) -> Upload:
         f"Content-Type {content_type.decode('latin-1')!r} is not accepted: send multipart/form-data "
         f"with a '{FILE_FIELD}' part, or the image bytes as image/* or application/octet-stream"
     )
+
+
+async def discard_body(request: Request, *, max_bytes: int) -> None:
+    """Read and drop up to ``max_bytes`` of the body, so a refusal reaches the client cleanly.
+
+    A server that answers before the upload is consumed may reset the connection under a client
+    that is still sending; draining (without keeping the bytes) avoids that. Past the limit the
+    connection is closed instead.
+    """
+    seen = 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > max_bytes:
+                return
+    except ClientDisconnect:
+        return
