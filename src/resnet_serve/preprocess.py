@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +35,10 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # resize target so the antialiased resize that follows hides the difference.
 DRAFT_MARGIN = 4
 
+# Signatures of the formats we decode: bytes that start like this but fail are corrupt (400),
+# anything else is not an image we know (415).
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, IndexError, TypeError, EOFError)
@@ -48,6 +54,27 @@ class DecodedImage:
     height: int
 
 
+def _looks_like_an_image(data: bytes) -> bool:
+    return data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def check_png_crcs(data: bytes) -> None:
+    """Verify every PNG chunk's CRC, as libpng does; Pillow skips the IDAT ones."""
+    offset = len(_PNG_SIGNATURE)
+    while offset + 12 <= len(data):
+        (length,) = struct.unpack_from(">I", data, offset)
+        end = offset + 8 + length
+        if end + 4 > len(data):
+            return  # truncated: the decoder reports it
+        kind = data[offset + 4 : offset + 8]
+        (stored,) = struct.unpack_from(">I", data, end)
+        if zlib.crc32(data[offset + 4 : end]) != stored:
+            raise InvalidImage(f"the PNG is corrupt: chunk {kind.decode('latin-1')!r} has a bad CRC")
+        if kind == b"IEND":
+            return
+        offset = end + 4
+
+
 def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Identify the format from the bytes and check the pixel count before decoding."""
     if not data:
@@ -55,6 +82,8 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
+        if _looks_like_an_image(data):
+            raise InvalidImage("the image is corrupt: its header cannot be read") from None
         raise UnsupportedMediaType(
             "the upload is not an image in a supported format "
             "(JPEG, PNG, WebP, BMP, GIF, TIFF)"
@@ -106,15 +135,23 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def decode(data: bytes, spec: ModelSpec, *, max_pixels: int) -> Image.Image:
     """Decode to an upright RGB image (EXIF orientation applied; first frame of animations)."""
-    return _decode_opened(open_image(data, max_pixels=max_pixels), spec, max_pixels)
+    return _decode_opened(data, open_image(data, max_pixels=max_pixels), spec, max_pixels)[0]
 
 
-def _decode_opened(image: Image.Image, spec: ModelSpec, max_pixels: int) -> Image.Image:
+def _decode_opened(
+    data: bytes, image: Image.Image, spec: ModelSpec, max_pixels: int
+) -> tuple[Image.Image, tuple[int, int]]:
+    """The upright RGB image, and the upright size of the original (before draft scaling)."""
+    width, height = image.size
     try:
+        if image.format == "PNG":
+            check_png_crcs(data)
         _draft(image, spec.resize_size)
         image.load()
+        if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
         image = ImageOps.exif_transpose(image) or image
-        return _to_rgb(image)
+        return _to_rgb(image), (width, height)
     except Image.DecompressionBombError:
         raise PayloadTooLarge(f"the image has more than {max_pixels} pixels") from None
     except _DECODE_ERRORS as exc:
@@ -132,10 +169,8 @@ def preprocess(data: bytes, spec: ModelSpec, *, max_pixels: int) -> DecodedImage
     """The whole stage; runs in a worker thread (Pillow releases the GIL while decoding)."""
     try:
         image = open_image(data, max_pixels=max_pixels)
-        fmt, (width, height) = str(image.format), image.size
-        if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
-            width, height = height, width  # report the upright size a viewer shows
-        rgb = _decode_opened(image, spec, max_pixels)
+        fmt = str(image.format)
+        rgb, (width, height) = _decode_opened(data, image, spec, max_pixels)
         return DecodedImage(tensor=to_tensor(rgb, spec), format=fmt, width=width, height=height)
     except ServeError:
         raise
