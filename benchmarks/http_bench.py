@@ -149,7 +149,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def spawned_server(extra_env: dict[str, str]) -> Iterator[str]:
+def spawned_server(extra_env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Start ``resnet-serve serve`` on a free loopback port and wait until it is ready."""
     port = free_port()
     env = {**os.environ, **extra_env}
@@ -169,7 +169,7 @@ def spawned_server(extra_env: dict[str, str]) -> Iterator[str]:
             time.sleep(0.3)
         else:
             raise SystemExit("the server never became ready")
-        yield url
+        yield url, process
     finally:
         process.terminate()
         process.wait(60)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     images = folder_images(args.images) if args.images else default_images()
     baseline = in_process_ms(images, args.baseline_repeats) if args.baseline_repeats else None
     with contextlib.ExitStack() as stack:
-        url = stack.enter_context(spawned_server({})) if args.spawn else args.url
+        url = stack.enter_context(spawned_server({}))[0] if args.spawn else args.url
         asyncio.run(run_load(url, images, max(args.concurrency), args.warmup))
         results = [asyncio.run(run_load(url, images, c, args.duration)) for c in args.concurrency]
         model = httpx.get(f"{url}/model", timeout=10).json()

@@ -15,12 +15,13 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import http_bench  # noqa: E402
+import soak  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server_url(seeded_weights: Path) -> Iterator[str]:
     env = {"RESNET_SERVE_WEIGHTS": str(seeded_weights), "RESNET_SERVE_ALLOW_DOWNLOAD": "false"}
-    with http_bench.spawned_server(env) as url:
+    with http_bench.spawned_server(env) as (url, _):
         yield url
 
 
@@ -57,3 +58,15 @@ def test_the_locustfile_drives_the_service_headless(server_url: str, tmp_path: P
         rows = {row["Name"]: row for row in csv.DictReader(f)}
     assert int(rows["/predict"]["Request Count"]) > 0
     assert int(rows["/predict"]["Failure Count"]) == 0
+
+
+def test_soak_mixes_good_and_bad_traffic_and_reports_memory(server_url: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(soak, "RESULTS", tmp_path)
+    code = soak.main(["--url", server_url, "--duration", "3", "--concurrency", "4", "--bad", "0.5", "--out", "s"])
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert code == 0, report
+    statuses = report["statuses"]
+    assert statuses.get("good 200", 0) > 0
+    assert {k.split()[1] for k in statuses if k.startswith("bad")} <= {"400", "413", "415"}
+    assert report["good_p50_ms"] <= report["good_p99_ms"]
