@@ -76,7 +76,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-async def run_load(url: str, images: list[bytes], concurrency: int, duration: float) -> LoadResult:
+def unique(data: bytes) -> bytes:
+    """The same image with a random trailer: decoders ignore it, the result cache cannot hit."""
+    return data + os.urandom(16)
+
+
+async def run_load(url: str, images: list[bytes], concurrency: int, duration: float,
+                   repeat: bool = False) -> LoadResult:
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     batch_sizes: list[int] = []
@@ -87,7 +93,7 @@ async def run_load(url: str, images: list[bytes], concurrency: int, duration: fl
         async def worker(index: int) -> None:
             i = index
             while time.perf_counter() < end:
-                data = images[i % len(images)]
+                data = images[i % len(images)] if repeat else unique(images[i % len(images)])
                 i += 1
                 start = time.perf_counter()
                 try:

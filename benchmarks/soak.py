@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from http_bench import RESULTS, default_images, percentile, spawned_server  # noqa: E402
+from http_bench import RESULTS, default_images, percentile, spawned_server, unique  # noqa: E402
 
 
 def bad_inputs(photo: bytes) -> list[tuple[str, bytes]]:
@@ -60,7 +60,7 @@ async def soak(url: str, duration: float, concurrency: int, bad_share: float, se
         async def worker() -> None:
             while time.perf_counter() < end:
                 is_bad = rng.random() < bad_share
-                name, data = rng.choice(bad) if is_bad else ("good", rng.choice(images))
+                name, data = rng.choice(bad) if is_bad else ("good", unique(rng.choice(images)))
                 start = time.perf_counter()
                 try:
                     response = await client.post("/predict", files={"file": ("x.jpg", data, "image/jpeg")})

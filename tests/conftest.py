@@ -51,6 +51,19 @@ def encode(image: Image.Image, fmt: str, **save_args: object) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Compiled models built by in-process tests go to a temporary folder, not ~/.cache."""
+    folder = tmp_path_factory.mktemp("compiled")
+    previous = os.environ.get("RESNET_SERVE_COMPILED_CACHE_DIR")
+    os.environ["RESNET_SERVE_COMPILED_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["RESNET_SERVE_COMPILED_CACHE_DIR"]
+    else:
+        os.environ["RESNET_SERVE_COMPILED_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, Image.Image]:
     """The real photos, decoded to RGB."""
@@ -84,7 +97,8 @@ def seeded_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def settings(seeded_weights: Path) -> Settings:
-    return Settings(weights=seeded_weights, allow_download=False, device="cpu", torch_threads=2)
+    return Settings(weights=seeded_weights, allow_download=False, device="cpu", torch_threads=2,
+                    compiled_cache=False)
 
 
 @pytest.fixture(scope="session")
@@ -126,6 +140,7 @@ def free_port() -> int:
 def env_with(**values: str) -> dict[str, str]:
     """This process's environment without RESNET_SERVE_* variables, plus ``values``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_SERVE_")}
+    env["RESNET_SERVE_COMPILED_CACHE"] = "false"  # tests leave ~/.cache alone unless they ask
     env.update({f"RESNET_SERVE_{k.upper()}": v for k, v in values.items()})
     return env
 

@@ -277,3 +277,28 @@ async def test_a_client_that_disconnects_frees_its_queue_slot() -> None:
     with pytest.raises(MalformedRequest, match="disconnected"):
         await _await_result(pending, GoneRequest(), timeout_s=5)  # type: ignore[arg-type]
     assert pending.future.cancelled()  # the batcher will drop it before inference
+
+
+async def test_the_same_bytes_again_are_answered_from_the_cache(settings: Settings, engine: Engine,
+                                                                photo_jpegs: dict[str, bytes]) -> None:
+    counting = WrappedEngine(engine)
+    async for c in client_for(settings, counting):
+        first = (await c.post("/predict?top_k=5", **upload(photo_jpegs["coffee"]))).json()
+        again = (await c.post("/predict?top_k=2&lang=zh", **upload(photo_jpegs["coffee"], "other.jpg"))).json()
+        assert counting.batch_sizes == [1]  # the second request never reached the model
+        assert first["cached"] is False and again["cached"] is True
+        assert (again["batch_size"], again["inference_time_ms"], again["queue_time_ms"]) == (0, 0, 0)
+        assert [p["class_id"] for p in again["predictions"]] == [p["class_id"] for p in first["predictions"][:2]]
+        assert again["predictions"][0]["label"] == again["predictions"][0]["label_zh"]
+        assert again["image"] == {**first["image"], "filename": "other.jpg"}
+        other = (await c.post("/predict", **upload(photo_jpegs["coffee"] + b"\x00"))).json()
+        assert other["cached"] is False and counting.batch_sizes == [1, 1]
+
+
+async def test_a_cache_size_of_zero_turns_the_cache_off(settings: Settings, engine: Engine,
+                                                        photo_jpegs: dict[str, bytes]) -> None:
+    counting = WrappedEngine(engine)
+    async for c in client_for(settings.model_copy(update={"cache_size": 0}), counting):
+        for _ in range(2):
+            assert (await c.post("/predict", **upload(photo_jpegs["coffee"]))).json()["cached"] is False
+        assert counting.batch_sizes == [1, 1]

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from resnet_serve.engine import Engine, InferenceThread, ModelInfo, select_device, select_precision
+from resnet_serve.engine import (
+    CompileOptions,
+    Engine,
+    InferenceThread,
+    ModelInfo,
+    select_device,
+    select_precision,
+)
 from resnet_serve.errors import InferenceFailed, NotReady
-from resnet_serve.weights import RESNET18, WeightsInfo
+from resnet_serve.preprocess import preprocess
+from resnet_serve.quantize import CalibrationError, calibration_files
+from resnet_serve.settings import Settings
+from resnet_serve.weights import RESNET18, WeightsInfo, resolve
 
 
 def random_pixels(n: int, seed: int = 0) -> torch.Tensor:
@@ -150,3 +161,67 @@ async def test_a_dead_inference_thread_fails_its_jobs_and_is_restarted() -> None
         assert engine.alive and engine.restarts == 1
     finally:
         engine.close()
+
+
+def load(settings: Settings, **changes: object) -> Engine:
+    changed = settings.model_copy(update=changes)
+    return Engine.load(RESNET18, resolve(RESNET18, changed), changed)
+
+
+async def test_int8_is_calibrated_on_real_photos_and_tracks_fp32(
+    settings: Settings, engine: Engine, photo_jpegs: dict[str, bytes]
+) -> None:
+    int8 = load(settings, precision="int8", max_batch_size=2)
+    try:
+        assert int8.info.precision == "int8" and not int8.info.channels_last
+        pixels = [preprocess(data, RESNET18, max_pixels=10**9).tensor for data in photo_jpegs.values()]
+        quantized = torch.stack([p.probs for p in await int8.predict(pixels)])
+        reference = torch.stack([p.probs for p in await engine.predict(pixels)])
+        assert torch.allclose(quantized.sum(dim=1), torch.ones(len(pixels)), atol=1e-4)
+        assert torch.nn.functional.cosine_similarity(quantized, reference).min() > 0.99
+        overlap = [len(set(q.topk(5).indices.tolist()) & set(r.topk(5).indices.tolist()))
+                   for q, r in zip(quantized, reference)]
+        assert sum(overlap) / (5 * len(overlap)) >= 0.6
+    finally:
+        int8.close()
+
+
+def test_int8_refuses_a_gpu_and_needs_calibration_images(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="CPU only"):
+        select_precision("int8", torch.device("cuda"))
+    with pytest.raises(CalibrationError, match="no images"):
+        calibration_files(tmp_path)
+
+
+def test_a_calibration_folder_changes_the_cache_key(tmp_path: Path, photo_jpegs: dict[str, bytes]) -> None:
+    (tmp_path / "a.jpg").write_bytes(photo_jpegs["chelsea"])
+    weights = WeightsInfo("official", None, "ab" * 32)
+    default = CompileOptions(torch.device("cpu"), "int8", False)
+    mine = CompileOptions(torch.device("cpu"), "int8", False, calibration_dir=tmp_path)
+    names = {default.cache_name(RESNET18, weights), mine.cache_name(RESNET18, weights),
+             CompileOptions(torch.device("cpu"), "fp32", True).cache_name(RESNET18, weights),
+             CompileOptions(torch.device("cpu"), "fp32", False).cache_name(RESNET18, weights),
+             CompileOptions(torch.device("cpu"), "fp32", True).cache_name(RESNET18, WeightsInfo("custom", None, "cd" * 32))}
+    assert len(names) == 5
+
+
+async def test_the_compiled_model_is_cached_on_disk_and_reused(settings: Settings, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    cached = {"compiled_cache": True, "compiled_cache_dir": tmp_path, "max_batch_size": 1}
+    first = load(settings, **cached)
+    pixels = [random_pixels(1, seed=3)[0]]
+    expected = (await first.predict(pixels))[0].probs
+    first.close()
+    artefacts = list(tmp_path.glob("resnet18-fp32-cpu-*.pt"))
+    assert first.info.compiled_from == "compiled" and len(artefacts) == 1
+    second = load(settings, **cached)
+    try:
+        assert second.info.compiled_from == "cache"
+        assert torch.allclose((await second.predict(pixels))[0].probs, expected, atol=1e-6)
+    finally:
+        second.close()
+    artefacts[0].write_bytes(b"damaged")
+    with caplog.at_level("WARNING"):
+        third = load(settings, **cached)
+    third.close()
+    assert third.info.compiled_from == "compiled" and "unreadable compiled model" in caplog.text

@@ -193,7 +193,7 @@ def rss_mb(pid: int) -> float:
 @pytest.fixture
 def small_queue_server(seeded_weights: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     with real_server(tmp_path / "server.log", weights=str(seeded_weights), allow_download="false",
-                     max_queue="16", device="cpu") as (url, process):
+                     max_queue="16", device="cpu", cache_size="0") as (url, process):
         wait_ready(url, process)
         yield url, process
 

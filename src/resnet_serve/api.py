@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from resnet_serve.batcher import Batcher, Pending
+from resnet_serve.cache import CachedResult, ResultCache
 from resnet_serve.engine import Engine, Prediction
 from resnet_serve.errors import (
     DeadlineExceeded,
@@ -115,6 +116,7 @@ class Service:
         )
         self.queue_limit = settings.queue_limit()
         self.in_flight = 0
+        self.cache = ResultCache(settings.cache_size)
         self._owns_engine = False
 
     def start(self, engine: Engine) -> None:
@@ -360,6 +362,30 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                 upload = await read_upload(request, max_bytes=settings.max_upload_bytes)
         except TimeoutError:
             raise UploadTimeout("the upload did not complete within the request deadline") from None
+        weights = service.weights.source if service.weights else "unknown"
+        response.headers["X-Model-Weights"] = weights
+
+        def answer(result: CachedResult, *, preprocess_ms: float = 0.0, queue_ms: float = 0.0,
+                   inference_ms: float = 0.0, batch_size: int = 0, cached: bool = False) -> PredictResponse:
+            request.state.batch_size = batch_size
+            return PredictResponse(
+                predictions=_scores(service.labels, result.probs, top_k, lang),
+                image=ImageInfo(format=result.format, width=result.width, height=result.height,
+                                filename=upload.filename),
+                preprocess_time_ms=round(preprocess_ms, 3),
+                queue_time_ms=round(queue_ms, 3),
+                inference_time_ms=round(inference_ms, 3),
+                total_time_ms=round((time.monotonic() - start) * 1000.0, 3),
+                batch_size=batch_size,
+                cached=cached,
+                model=spec.name,
+                weights=weights,
+            )
+
+        key = service.cache.key(upload.data)
+        hit = service.cache.get(key)
+        if hit is not None:
+            return answer(hit, cached=True)
         decode_start = time.monotonic()
         decoded = await asyncio.get_running_loop().run_in_executor(
             service.decode_pool,
@@ -371,22 +397,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             raise DeadlineExceeded("the request deadline passed during pre-processing")
         pending = batcher.submit(decoded.tensor, timeout_s=remaining)
         prediction = await _await_result(pending, request, remaining)
-        weights = service.weights.source if service.weights else "unknown"
-        response.headers["X-Model-Weights"] = weights
-        request.state.batch_size = prediction.batch_size
-        return PredictResponse(
-            predictions=_scores(service.labels, prediction.probs, top_k, lang),
-            image=ImageInfo(
-                format=decoded.format, width=decoded.width, height=decoded.height, filename=upload.filename
-            ),
-            preprocess_time_ms=round(preprocess_ms, 3),
-            queue_time_ms=round(pending.queue_ms, 3),
-            inference_time_ms=round(prediction.inference_ms, 3),
-            total_time_ms=round((time.monotonic() - start) * 1000.0, 3),
-            batch_size=prediction.batch_size,
-            model=spec.name,
-            weights=weights,
-        )
+        result = CachedResult(prediction.probs.clone(), decoded.format, decoded.width, decoded.height)
+        service.cache.put(key, result)
+        return answer(result, preprocess_ms=preprocess_ms, queue_ms=pending.queue_ms,
+                      inference_ms=prediction.inference_ms, batch_size=prediction.batch_size)
 
     @app.get("/health/live", response_model=HealthResponse, summary="The process is up")
     async def live() -> HealthResponse:
@@ -418,6 +432,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             weights_path=str(weights.path) if weights.path else None,
             device=info.device,
             precision=info.precision,
+            channels_last=info.channels_last,
+            compiled_from=info.compiled_from,
+            start_s=info.start_s,
+            cache_size=settings.cache_size,
             torch_threads=info.torch_threads,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,

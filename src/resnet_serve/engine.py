@@ -18,26 +18,34 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
 import queue
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
+import torchvision
 from torch import nn
 
 from resnet_serve.errors import InferenceFailed, NotReady
 from resnet_serve.settings import Settings
-from resnet_serve.weights import LoadedWeights, ModelSpec, WeightsInfo
+from resnet_serve.quantize import calibration_files, calibration_fingerprint, load_calibration_batch, quantize_network
+from resnet_serve.weights import RANDOM_INIT_SEED, LoadedWeights, ModelSpec, WeightsInfo
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "fp16", "bf16"]
-_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32,
+}
 WARMUP_ROUNDS = 3
+# Bump when Classifier or compile_model change what they build: it invalidates cached artefacts.
+GRAPH_VERSION = 1
 
 
 def select_device(name: str) -> torch.device:
@@ -56,6 +64,8 @@ def select_precision(name: str, device: torch.device) -> Precision:
         return "fp16" if device.type == "cuda" else "fp32"
     if name == "fp16" and device.type == "cpu":
         raise RuntimeError("RESNET_SERVE_PRECISION=fp16 needs a CUDA or MPS device")
+    if name == "int8" and device.type != "cpu":
+        raise RuntimeError("RESNET_SERVE_PRECISION=int8 runs on the CPU only; use fp16 on a GPU")
     return name  # type: ignore[return-value]
 
 
@@ -78,18 +88,54 @@ class Classifier(nn.Module):
         return torch.softmax(self.net(x).float(), dim=1)
 
 
-def compile_model(
-    spec: ModelSpec, weights: LoadedWeights, device: torch.device, precision: Precision
-) -> torch.jit.ScriptModule:
-    """Build, load, trace and freeze the classifier on ``device``."""
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything that decides what ``compile_model`` builds (and so the cache key)."""
+
+    device: torch.device
+    precision: Precision
+    channels_last: bool
+    int8_backend: str = "x86"
+    calibration_dir: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CompileOptions:
+        device = select_device(settings.device)
+        precision = select_precision(settings.precision, device)
+        return cls(
+            device=device,
+            precision=precision,
+            channels_last=settings.channels_last and device.type in ("cpu", "cuda") and precision != "int8",
+            int8_backend=settings.int8_backend,
+            calibration_dir=settings.calibration_dir,
+        )
+
+    def cache_name(self, spec: ModelSpec, weights: WeightsInfo) -> str:
+        """A file name that changes whenever the compiled model would."""
+        parts = [
+            f"graph{GRAPH_VERSION}", torch.__version__, torchvision.__version__, self.device.type,
+            self.precision, f"cl{int(self.channels_last)}", weights.sha256 or f"random{RANDOM_INIT_SEED}",
+        ]
+        if self.precision == "int8":
+            files = calibration_files(self.calibration_dir)
+            parts += [self.int8_backend, calibration_fingerprint(files)]
+        key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+        return f"{spec.name}-{self.precision}-{self.device.type}-{key}.pt"
+
+
+def compile_model(spec: ModelSpec, weights: LoadedWeights, options: CompileOptions) -> torch.jit.ScriptModule:
+    """Build, load, (quantize,) trace and freeze the classifier on ``options.device``."""
+    device, precision = options.device, options.precision
     net = spec.build_module()
     net.load_state_dict(weights.state_dict)
     dtype = _DTYPES[precision]
-    channels_last = device.type in ("cpu", "cuda")
     net = net.to(device=device, dtype=dtype).eval()
-    if channels_last:
+    if precision == "int8":
+        calibration = load_calibration_batch(calibration_files(options.calibration_dir), spec)
+        net = quantize_network(net, spec, calibration, options.int8_backend)
+    if options.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    model = Classifier(net, spec, dtype, channels_last).to(device).eval()
+    model = Classifier(net, spec, dtype, options.channels_last).to(device).eval()
     example = torch.zeros(1, 3, spec.crop_size, spec.crop_size, dtype=torch.uint8, device=device)
     with torch.no_grad(), warnings.catch_warnings():
         # TorchScript is deprecated upstream in favour of torch.export; it is still the
@@ -97,6 +143,27 @@ def compile_model(
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
         traced = torch.jit.trace(model, example, check_trace=False)
         return torch.jit.freeze(traced)
+
+
+def load_or_compile(
+    spec: ModelSpec, weights: LoadedWeights, options: CompileOptions, cache: Path | None
+) -> tuple[torch.jit.ScriptModule, str]:
+    """The compiled model from ``cache`` if it is there, else compiled now (and cached)."""
+    if cache is not None and cache.is_file():
+        try:
+            return torch.jit.load(str(cache), map_location=options.device), "cache"
+        except Exception as exc:  # a stale or damaged artefact is rebuilt, not fatal
+            logger.warning("ignoring unreadable compiled model %s: %s", cache, exc)
+    model = compile_model(spec, weights, options)
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(".partial")
+            torch.jit.save(model, str(partial))
+            partial.replace(cache)
+        except OSError as exc:
+            logger.warning("could not cache the compiled model in %s: %s", cache, exc)
+    return model, "compiled"
 
 
 @dataclass(frozen=True)
@@ -108,7 +175,7 @@ class Prediction:
     batch_size: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelInfo:
     """What ``/model`` reports."""
 
@@ -117,6 +184,9 @@ class ModelInfo:
     precision: Precision
     weights: WeightsInfo
     torch_threads: int
+    channels_last: bool = False
+    compiled_from: str = "compiled"
+    start_s: float = 0.0
     warmup_batch_ms: dict[int, float] = field(default_factory=dict)
 
 
@@ -230,23 +300,28 @@ class Engine:
 
     @classmethod
     def load(cls, spec: ModelSpec, weights: LoadedWeights, settings: Settings) -> Engine:
-        """Compile the model for the configured device and precision, then warm it up."""
+        """Compile (or load from the on-disk cache) for the configured device and precision,
+        then warm up."""
         torch.set_num_threads(settings.torch_threads)
-        device = select_device(settings.device)
-        precision = select_precision(settings.precision, device)
+        options = CompileOptions.from_settings(settings)
+        if options.precision == "int8":
+            torch.backends.quantized.engine = options.int8_backend
         start = time.perf_counter()
-        model = compile_model(spec, weights, device, precision)
+        cache = settings.compiled_cache_dir / options.cache_name(spec, weights.info) if settings.compiled_cache else None
+        model, source = load_or_compile(spec, weights, options, cache)
         info = ModelInfo(
             name=spec.name,
-            device=str(device),
-            precision=precision,
+            device=str(options.device),
+            precision=options.precision,
             weights=weights.info,
             torch_threads=settings.torch_threads,
+            channels_last=options.channels_last,
+            compiled_from=source,
         )
         engine = cls(model, info, spec.crop_size)
-        logger.info("compiled %s on %s/%s in %.1fs", spec.name, device, precision,
-                    time.perf_counter() - start)
         engine.warmup(settings.max_batch_size)
+        info.start_s = round(time.perf_counter() - start, 3)
+        logger.info("%s %s on %s/%s; ready in %.1fs", source, spec.name, options.device, options.precision, info.start_s)
         return engine
 
     def warmup(self, max_batch_size: int) -> None:

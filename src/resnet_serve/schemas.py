@@ -41,6 +41,7 @@ class PredictResponse(BaseModel):
                     "inference_time_ms": 24.8,
                     "total_time_ms": 27.9,
                     "batch_size": 1,
+                    "cached": False,
                     "model": "resnet18",
                     "weights": "official",
                 }
@@ -54,7 +55,8 @@ class PredictResponse(BaseModel):
     queue_time_ms: float = Field(description="waiting for a batch to be dispatched")
     inference_time_ms: float = Field(description="the model's forward pass for the whole batch")
     total_time_ms: float = Field(description="server time from request to response")
-    batch_size: int = Field(description="how many requests shared the forward pass")
+    batch_size: int = Field(description="how many requests shared the forward pass (0 if cached)")
+    cached: bool = Field(False, description="answered from the result cache (same bytes seen before)")
     model: str
     weights: str = Field(description="official, custom or random-init (predictions meaningless)")
 
@@ -83,6 +85,10 @@ class ModelResponse(BaseModel):
     weights_path: str | None
     device: str
     precision: str
+    channels_last: bool
+    compiled_from: str = Field(description="compiled at start-up, or loaded from the on-disk cache")
+    start_s: float = Field(description="seconds to compile (or load) and warm up the model")
+    cache_size: int = Field(description="result cache entries (0: off)")
     torch_threads: int
     max_batch_size: int
     max_wait_ms: float

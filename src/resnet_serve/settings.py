@@ -14,7 +14,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
-PrecisionName = Literal["auto", "fp32", "fp16", "bf16"]
+PrecisionName = Literal["auto", "fp32", "fp16", "bf16", "int8"]
+Int8Backend = Literal["fbgemm", "onednn", "x86"]
 WeightsMode = Literal["auto", "official", "random"]
 DispatchPolicy = Literal["eager", "wait"]
 LogFormat = Literal["plain", "json"]
@@ -35,6 +36,12 @@ class Settings(BaseSettings):
     device: DeviceName = "auto"
     precision: PrecisionName = Field("auto", description="auto: fp16 on CUDA, fp32 elsewhere")
     torch_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    channels_last: bool = Field(True, description="NHWC memory layout on CPU and CUDA")
+    int8_backend: Int8Backend = "x86"
+    calibration_dir: Path | None = Field(None, description="photos for INT8 calibration")
+    compiled_cache: bool = Field(True, description="keep compiled models on disk between starts")
+    compiled_cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "resnet-serve")
+    cache_size: int = Field(1024, ge=0, description="LRU result cache entries; 0 turns it off")
 
     weights: Path | None = Field(None, description="explicit path to a ResNet-18 state_dict file")
     weights_dir: Path = Path("weights")
