@@ -1,12 +1,19 @@
 """Closed-loop HTTP load generator for resnet-serve.
 
 Each of C workers sends one real JPEG, waits for the answer, and sends the next, for D seconds.
-It reports throughput and latency percentiles per concurrency, plus the in-process time of
-decode + pre-process + one forward pass at batch 1 (measured first, with no server running),
-so the server's own overhead at idle can be read off one table.
+Every upload gets a random trailer, so the result cache never answers (``--repeat`` turns that
+off to measure the cache). It reports throughput and latency percentiles per concurrency, and
+the in-process figures for the same settings (measured first, with no server running): the time
+of decode + pre-process + one forward pass at batch 1, and the throughput of decode + inference
+in batches, so the server's own overhead reads off one table.
 
     python benchmarks/http_bench.py --spawn --concurrency 1 8 32 --duration 15
+    python benchmarks/http_bench.py --spawn --configs naive default fastest --concurrency 1 32
     python benchmarks/http_bench.py --url http://127.0.0.1:8000 --images ~/photos
+
+With several ``--configs`` the servers run one after another in the same invocation and the
+summary gives ratios (fastest/naive throughput, server/in-process), so drift on a shared machine
+largely cancels.
 
 Writes ``benchmarks/results/http_bench.json`` and ``.md`` (``--out`` changes the stem).
 """
@@ -33,6 +40,16 @@ from pathlib import Path
 import httpx
 
 RESULTS = Path(__file__).parent / "results"
+
+# Server configurations, as RESNET_SERVE_* overrides on top of the environment.
+CONFIGS: dict[str, dict[str, str]] = {
+    "env": {},
+    "default": {},
+    "naive": {"RESNET_SERVE_MAX_BATCH_SIZE": "1", "RESNET_SERVE_PRECISION": "fp32",
+              "RESNET_SERVE_CHANNELS_LAST": "false", "RESNET_SERVE_CACHE_SIZE": "0"},
+    "fastest": {"RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "onednn",
+                "RESNET_SERVE_MAX_BATCH_SIZE": "4"},
+}
 
 
 @dataclass
@@ -123,14 +140,16 @@ async def run_load(url: str, images: list[bytes], concurrency: int, duration: fl
     )
 
 
-def in_process_ms(images: list[bytes], repeats: int) -> dict[str, float]:
-    """p50 of decode+pre-process and of one batch-1 forward pass, in this process."""
+def in_process_ms(images: list[bytes], repeats: int, overrides: dict[str, str] | None = None) -> dict[str, float]:
+    """With no server: p50 of decode+pre-process and of a batch-1 forward pass, and the
+    throughput of decode + inference in full batches, for the given settings."""
     from resnet_serve.engine import Engine
     from resnet_serve.preprocess import preprocess
     from resnet_serve.settings import Settings
     from resnet_serve.weights import RESNET18, resolve
 
-    settings = Settings()
+    fields = {k.removeprefix("RESNET_SERVE_").lower(): v for k, v in (overrides or {}).items()}
+    settings = Settings(**fields)  # type: ignore[arg-type]
     engine = Engine.load(RESNET18, resolve(RESNET18, settings), settings)
     pre, infer = [], []
     try:
@@ -139,12 +158,23 @@ def in_process_ms(images: list[bytes], repeats: int) -> dict[str, float]:
             tensor = preprocess(images[i % len(images)], RESNET18, max_pixels=settings.max_pixels).tensor
             pre.append((time.perf_counter() - start) * 1000)
             infer.append(asyncio.run(engine.predict([tensor]))[0].inference_ms)
+        n = settings.max_batch_size
+        start = time.perf_counter()
+        done = 0
+        while done < repeats:
+            batch = [preprocess(images[(done + j) % len(images)], RESNET18, max_pixels=settings.max_pixels).tensor
+                     for j in range(n)]
+            asyncio.run(engine.predict(batch))
+            done += n
+        throughput = done / (time.perf_counter() - start)
     finally:
         engine.close()
     return {
         "preprocess_p50_ms": round(statistics.median(pre), 2),
         "inference_p50_ms": round(statistics.median(infer), 2),
         "total_p50_ms": round(statistics.median(p + i for p, i in zip(pre, infer)), 2),
+        "batched_images_per_s": round(throughput, 2),
+        "batch_size": n,
     }
 
 
@@ -196,9 +226,33 @@ def markdown(results: list[LoadResult], baseline: dict[str, float] | None) -> st
         lines.append("")
         lines.append(
             f"In-process, batch 1 (p50): decode+pre-process {baseline['preprocess_p50_ms']} ms, "
-            f"inference {baseline['inference_p50_ms']} ms, together {baseline['total_p50_ms']} ms."
+            f"inference {baseline['inference_p50_ms']} ms, together {baseline['total_p50_ms']} ms; "
+            f"decode + inference in batches of {baseline['batch_size']}: {baseline['batched_images_per_s']} img/s."
         )
     return "\n".join(lines)
+
+
+def ratios(runs: dict[str, dict[str, object]]) -> dict[str, float]:
+    """The comparisons the targets are stated in, from runs made in one invocation."""
+    def top(name: str) -> dict[str, object]:
+        return max(runs[name]["results"], key=lambda r: r["concurrency"])  # type: ignore[arg-type, return-value]
+
+    def at(name: str, c: int) -> dict[str, object] | None:
+        return next((r for r in runs[name]["results"] if r["concurrency"] == c), None)  # type: ignore[union-attr]
+
+    out: dict[str, float] = {}
+    if "fastest" in runs and "naive" in runs:
+        out["fastest_vs_naive_throughput"] = round(top("fastest")["throughput_rps"] / top("naive")["throughput_rps"], 2)  # type: ignore[operator]
+    for name, run in runs.items():
+        baseline = run.get("in_process")
+        if not baseline:
+            continue
+        out[f"{name}_server_vs_in_process_throughput"] = round(
+            top(name)["throughput_rps"] / baseline["batched_images_per_s"], 2)  # type: ignore[index, operator]
+        single = at(name, 1)
+        if single:
+            out[f"{name}_c1_p50_vs_in_process_single"] = round(single["p50_ms"] / baseline["total_p50_ms"], 2)  # type: ignore[index, operator]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="a running server")
     target.add_argument("--spawn", action="store_true", help="start `resnet-serve serve` (env settings apply)")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["env"],
+                        help="server configurations to run one after another (with --spawn)")
+    parser.add_argument("--repeat", action="store_true", help="send identical bytes (measures the cache)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per concurrency level")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
@@ -214,28 +271,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="http_bench", help="file stem under benchmarks/results/")
     args = parser.parse_args(argv)
 
+    if args.url and args.configs != ["env"]:
+        parser.error("--configs needs --spawn: each configuration is a server of its own")
     images = folder_images(args.images) if args.images else default_images()
-    baseline = in_process_ms(images, args.baseline_repeats) if args.baseline_repeats else None
-    with contextlib.ExitStack() as stack:
-        url = stack.enter_context(spawned_server({}))[0] if args.spawn else args.url
-        asyncio.run(run_load(url, images, max(args.concurrency), args.warmup))
-        results = [asyncio.run(run_load(url, images, c, args.duration)) for c in args.concurrency]
-        model = httpx.get(f"{url}/model", timeout=10).json()
-
+    runs: dict[str, dict[str, object]] = {}
+    for name in args.configs:
+        overrides = CONFIGS[name]
+        baseline = in_process_ms(images, args.baseline_repeats, overrides) if args.baseline_repeats else None
+        with contextlib.ExitStack() as stack:
+            url = stack.enter_context(spawned_server(overrides))[0] if args.spawn else args.url
+            asyncio.run(run_load(url, images, max(args.concurrency), args.warmup, args.repeat))
+            results = [asyncio.run(run_load(url, images, c, args.duration, args.repeat)) for c in args.concurrency]
+            model = httpx.get(f"{url}/model", timeout=10).json()
+        runs[name] = {
+            "overrides": overrides,
+            "server": {k: model[k] for k in ("device", "precision", "channels_last", "max_batch_size",
+                                              "max_wait_ms", "dispatch", "torch_threads", "cache_size", "weights")},
+            "in_process": baseline,
+            "results": [asdict(r) for r in results],
+        }
+    summary = ratios(runs)
+    sections = []
+    for name, run in runs.items():
+        server = run["server"]
+        sections.append(f"**{name}** ({', '.join(f'{k}={v}' for k, v in server.items())})\n\n"  # type: ignore[union-attr]
+                        + markdown([LoadResult(**r) for r in run["results"]], run["in_process"]))  # type: ignore[arg-type, union-attr]
+    if summary:
+        sections.append("Ratios: " + ", ".join(f"{k} = {v}" for k, v in summary.items()))
+    text = "\n\n".join(sections)
+    print(text)
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "python": platform.python_version()},
-        "server": {k: model[k] for k in ("device", "precision", "max_batch_size", "max_wait_ms", "dispatch",
-                                          "torch_threads", "weights")},
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "in_process": baseline,
-        "results": [asdict(r) for r in results],
+        "runs": runs,
+        "ratios": summary,
     }
-    table = markdown(results, baseline)
-    print(table)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{args.out}.md").write_text(table + "\n")
+    (RESULTS / f"{args.out}.md").write_text(text + "\n")
     return 0
 
 

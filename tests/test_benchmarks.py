@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import subprocess
@@ -32,11 +33,11 @@ def test_http_bench_writes_a_table_and_json(server_url: str, tmp_path: Path, mon
                             "--warmup", "0.5", "--baseline-repeats", "0", "--out", "t"])
     assert code == 0
     report = json.loads((tmp_path / "t.json").read_text())
-    results = report["results"]
+    results = report["runs"]["env"]["results"]
     assert [r["concurrency"] for r in results] == [1, 4]
     assert all(set(r["statuses"]) == {"200"} and r["requests"] > 0 for r in results)
     assert all(r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] for r in results)
-    assert report["server"]["weights"] == "custom"
+    assert report["runs"]["env"]["server"]["weights"] == "custom"
     assert "| 4 |" in capsys.readouterr().out
 
 
@@ -70,3 +71,55 @@ def test_soak_mixes_good_and_bad_traffic_and_reports_memory(server_url: str, tmp
     assert statuses.get("good 200", 0) > 0
     assert {k.split()[1] for k in statuses if k.startswith("bad")} <= {"400", "413", "415"}
     assert report["good_p50_ms"] <= report["good_p99_ms"]
+
+
+def test_accuracy_counts_top1_and_top5_on_a_class_folder(
+    tmp_path: Path, photo_jpegs: dict[str, bytes], engine: object, seeded_weights: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import accuracy
+
+    from resnet_serve.preprocess import preprocess
+    from resnet_serve.weights import RESNET18
+
+    names = list(photo_jpegs)
+    predictions = asyncio.run(engine.predict(  # type: ignore[attr-defined]
+        [preprocess(photo_jpegs[n], RESNET18, max_pixels=10**9).tensor for n in names]))
+    data = tmp_path / "val"
+    expected_top1 = expected_top5 = 0
+    for i, (name, prediction) in enumerate(zip(names, predictions)):
+        best = prediction.probs.topk(5).indices.tolist()
+        label = best[0] if i % 2 == 0 else (best[0] + 500) % 1000  # half labelled as the model says
+        expected_top1 += label == best[0]
+        expected_top5 += label in best
+        folder = data / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.jpg").write_bytes(photo_jpegs[name])
+    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
+    monkeypatch.setenv("RESNET_SERVE_ALLOW_DOWNLOAD", "false")
+    assert accuracy.main(["--data", str(data), "--precisions", "fp32", "--batch-size", "4",
+                          "--results-dir", str(tmp_path / "out")]) == 0
+    (row,) = json.loads((tmp_path / "out" / "accuracy.json").read_text())["results"]
+    assert row["images"] == len(names) and row["weights"] == "custom"
+    assert row["top1"] == pytest.approx(100 * expected_top1 / len(names), abs=1e-3)
+    assert row["top5"] == pytest.approx(100 * expected_top5 / len(names), abs=1e-3)
+
+
+def test_accuracy_refuses_an_incomplete_set_of_wordnet_folders(tmp_path: Path) -> None:
+    import accuracy
+
+    (tmp_path / "n01440764").mkdir()
+    with pytest.raises(SystemExit, match="all 1000"):
+        accuracy.labelled_files(tmp_path)
+
+
+def test_ratios_compare_configurations_from_one_run() -> None:
+    def run(rps1: float, rps32: float, p50: float, single: float, batched: float) -> dict[str, object]:
+        return {"in_process": {"total_p50_ms": single, "batched_images_per_s": batched},
+                "results": [{"concurrency": 1, "throughput_rps": rps1, "p50_ms": p50},
+                            {"concurrency": 32, "throughput_rps": rps32, "p50_ms": 900.0}]}
+
+    summary = http_bench.ratios({"naive": run(20, 25, 50, 40, 26), "fastest": run(60, 100, 15, 12, 110)})
+    assert summary["fastest_vs_naive_throughput"] == 4.0
+    assert summary["fastest_server_vs_in_process_throughput"] == 0.91
+    assert summary["fastest_c1_p50_vs_in_process_single"] == 1.25

@@ -80,3 +80,38 @@ def test_download_weights_fails_clearly_offline(tmp_path: Path, capsys: pytest.C
     monkeypatch.setattr(weights, "RESNET18", unreachable)
     assert main(["download-weights", "--dir", str(tmp_path)]) == 2
     assert "could not download" in capsys.readouterr().err
+
+
+def test_export_writes_torchscript_and_onnx_that_load_and_agree(
+    seeded_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
+    assert main(["export", "--format", "torchscript", "--output", str(tmp_path / "m.pt")]) == 0
+    assert main(["export", "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 0
+    assert "custom weights" in capsys.readouterr().out
+    pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))(pixels)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_probs,) = session.run(None, {"pixels": pixels.numpy()})
+    assert scripted.shape == (2, 1000)
+    assert np.allclose(onnx_probs, scripted.numpy(), atol=1e-5)
+
+
+def test_quantize_calibrates_caches_and_reports_agreement(
+    seeded_weights: Path, photo_jpegs: dict[str, bytes], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    photos = tmp_path / "calibration"
+    photos.mkdir()
+    for name, data in photo_jpegs.items():
+        (photos / f"{name}.jpg").write_bytes(data)
+    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
+    monkeypatch.setenv("RESNET_SERVE_COMPILED_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["quantize", "--calibration-dir", str(photos), "--output", str(tmp_path / "int8.pt")]) == 0
+    out = capsys.readouterr().out
+    assert f"calibrated on {len(photo_jpegs)} images" in out and "top-5 overlap" in out
+    assert list((tmp_path / "cache").glob("resnet18-int8-cpu-*.pt")) and (tmp_path / "int8.pt").is_file()

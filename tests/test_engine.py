@@ -225,3 +225,17 @@ async def test_the_compiled_model_is_cached_on_disk_and_reused(settings: Setting
         third = load(settings, **cached)
     third.close()
     assert third.info.compiled_from == "compiled" and "unreadable compiled model" in caplog.text
+
+
+async def test_the_onnxruntime_runtime_matches_torchscript(settings: Settings, engine: Engine, tmp_path: Path) -> None:
+    ort = load(settings, runtime="onnxruntime", compiled_cache_dir=tmp_path, max_batch_size=2)
+    try:
+        pixels = list(random_pixels(3, seed=4))
+        ours = torch.stack([p.probs for p in await ort.predict(pixels)])
+        reference = torch.stack([p.probs for p in await engine.predict(pixels)])
+        assert torch.allclose(ours, reference, atol=1e-5)
+        assert list(tmp_path.glob("*.onnx"))
+    finally:
+        ort.close()
+    with pytest.raises(RuntimeError, match="FP32 on the CPU"):
+        load(settings, runtime="onnxruntime", precision="int8")

@@ -83,6 +83,68 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from resnet_serve.engine import CompileOptions, load_or_compile
+    from resnet_serve.weights import RESNET18, resolve
+
+    overrides = {"precision": args.precision} if args.precision else {}
+    settings = Settings().model_copy(update=overrides)
+    weights = resolve(RESNET18, settings)
+    if args.format == "onnx":
+        from resnet_serve.ort import export_onnx
+
+        path = export_onnx(RESNET18, weights, args.output)
+    else:
+        options = CompileOptions.from_settings(settings)
+        model, _ = load_or_compile(RESNET18, weights, options, None)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        torch.jit.save(model, str(args.output))
+        path = args.output
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {weights.info.source} weights)")
+    print("input: uint8 [N, 3, 224, 224] RGB pixels; output: float32 [N, 1000] probabilities")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from resnet_serve.engine import CompileOptions, load_or_compile
+    from resnet_serve.quantize import calibration_files, load_calibration_batch
+    from resnet_serve.weights import RESNET18, resolve
+
+    update: dict[str, object] = {"precision": "int8", "device": "cpu"}
+    if args.calibration_dir:
+        update["calibration_dir"] = args.calibration_dir
+    if args.backend:
+        update["int8_backend"] = args.backend
+    settings = Settings().model_copy(update=update)
+    weights = resolve(RESNET18, settings)
+    int8_options = CompileOptions.from_settings(settings)
+    cache = settings.compiled_cache_dir / int8_options.cache_name(RESNET18, weights.info)
+    torch.backends.quantized.engine = int8_options.int8_backend
+    int8, _ = load_or_compile(RESNET18, weights, int8_options, cache)
+    fp32, _ = load_or_compile(RESNET18, weights, CompileOptions(torch.device("cpu"), "fp32", True), None)
+    files = calibration_files(settings.calibration_dir)
+    batch = load_calibration_batch(files, RESNET18)
+    with torch.inference_mode():
+        q, f = int8(batch), fp32(batch)
+    top1 = (q.argmax(1) == f.argmax(1)).float().mean().item()
+    top5 = sum(len(set(a.topk(5).indices.tolist()) & set(b.topk(5).indices.tolist())) for a, b in zip(q, f))
+    print(f"INT8 ({int8_options.int8_backend}) calibrated on {len(files)} images; cached as {cache}")
+    print(f"agreement with FP32 on those images: top-1 {top1:.1%}, top-5 overlap {top5 / (5 * len(q)):.1%}")
+    if weights.info.is_random:
+        print("note: random-init weights; agreement on real weights must be measured with them")
+    print(f"serve it with: RESNET_SERVE_PRECISION=int8"
+          + (f" RESNET_SERVE_CALIBRATION_DIR={args.calibration_dir}" if args.calibration_dir else "")
+          + " resnet-serve serve")
+    if args.output:
+        torch.jit.save(int8, str(args.output))
+        print(f"wrote {args.output}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     import torch
     import torchvision
@@ -116,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, help="processes, each with its own model")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    serve.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    serve.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16", "int8"])
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_serve)
 
@@ -129,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     download = commands.add_parser("download-weights", help="fetch and verify the official weights")
     download.add_argument("--dir", type=Path, default=Path("weights"))
     download.set_defaults(run=_download)
+
+    export = commands.add_parser("export", help="write a deployable TorchScript or ONNX model")
+    export.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    export.add_argument("--output", type=Path, required=True)
+    export.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"])
+    export.set_defaults(run=_export)
+
+    quantize = commands.add_parser("quantize", help="calibrate and cache the INT8 model (CPU)")
+    quantize.add_argument("--calibration-dir", type=Path, help="photos (default: scikit-image's samples)")
+    quantize.add_argument("--backend", choices=["x86", "fbgemm", "onednn"])
+    quantize.add_argument("--output", type=Path, help="also write the INT8 TorchScript file here")
+    quantize.set_defaults(run=_quantize)
 
     info = commands.add_parser("info", help="versions, device and the weights that would load")
     info.set_defaults(run=_info)

@@ -145,6 +145,22 @@ def compile_model(spec: ModelSpec, weights: LoadedWeights, options: CompileOptio
         return torch.jit.freeze(traced)
 
 
+def _onnxruntime_model(
+    spec: ModelSpec, weights: LoadedWeights, options: CompileOptions, settings: Settings, name: str
+) -> tuple[nn.Module, str]:
+    """The ONNX Runtime alternative: FP32 on the CPU, exported once and cached like the rest."""
+    from resnet_serve.ort import OrtModel, export_onnx
+
+    if options.device.type != "cpu" or options.precision != "fp32":
+        raise RuntimeError("RESNET_SERVE_RUNTIME=onnxruntime runs FP32 on the CPU only")
+    path = settings.compiled_cache_dir / name.replace(".pt", ".onnx")
+    source = "cache"
+    if not (settings.compiled_cache and path.is_file()):
+        export_onnx(spec, weights, path)
+        source = "compiled"
+    return OrtModel(path, settings.torch_threads), source  # type: ignore[return-value]
+
+
 def load_or_compile(
     spec: ModelSpec, weights: LoadedWeights, options: CompileOptions, cache: Path | None
 ) -> tuple[torch.jit.ScriptModule, str]:
@@ -307,8 +323,12 @@ class Engine:
         if options.precision == "int8":
             torch.backends.quantized.engine = options.int8_backend
         start = time.perf_counter()
-        cache = settings.compiled_cache_dir / options.cache_name(spec, weights.info) if settings.compiled_cache else None
-        model, source = load_or_compile(spec, weights, options, cache)
+        name = options.cache_name(spec, weights.info)
+        if settings.runtime == "onnxruntime":
+            model, source = _onnxruntime_model(spec, weights, options, settings, name)
+        else:
+            cache = settings.compiled_cache_dir / name if settings.compiled_cache else None
+            model, source = load_or_compile(spec, weights, options, cache)
         info = ModelInfo(
             name=spec.name,
             device=str(options.device),

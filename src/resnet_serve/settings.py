@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     device: DeviceName = "auto"
     precision: PrecisionName = Field("auto", description="auto: fp16 on CUDA, fp32 elsewhere")
     torch_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    runtime: Literal["torchscript", "onnxruntime"] = Field(
+        "torchscript", description="onnxruntime needs the 'onnx' extra; CPU, fp32"
+    )
     channels_last: bool = Field(True, description="NHWC memory layout on CPU and CUDA")
     int8_backend: Int8Backend = "x86"
     calibration_dir: Path | None = Field(None, description="photos for INT8 calibration")

@@ -1,0 +1,187 @@
+"""Engine benchmark: each precision/runtime at batch sizes 1-32, in a fresh process each.
+
+For every configuration: p50 latency and images/s per batch size, peak RSS, model file size,
+cold start (compile, INT8 calibration included) and warm start (load from the compiled-model
+cache), plus the INT8 models' agreement with FP32 (Top-1 agreement, Top-5 overlap) on real
+photos. Writes ``benchmarks/results/engine_bench.{json,md,png}``.
+
+    python benchmarks/engine_bench.py                      # CPU configurations
+    python benchmarks/engine_bench.py --configs fp16-cuda --batch-sizes 1 8 32 64 128 256
+
+Weights follow the usual resolution (official file if present); speed does not depend on them,
+agreement figures do, and are labelled with the weights used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+CONFIGS: dict[str, dict[str, str]] = {
+    "fp32": {"RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_CHANNELS_LAST": "false", "RESNET_SERVE_DEVICE": "cpu"},
+    "fp32-cl": {"RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_DEVICE": "cpu"},
+    "int8-x86": {"RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "x86", "RESNET_SERVE_DEVICE": "cpu"},
+    "int8-fbgemm": {"RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "fbgemm", "RESNET_SERVE_DEVICE": "cpu"},
+    "int8-onednn": {"RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "onednn", "RESNET_SERVE_DEVICE": "cpu"},
+    "onnxruntime": {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_DEVICE": "cpu"},
+    "fp16-cuda": {"RESNET_SERVE_PRECISION": "fp16", "RESNET_SERVE_DEVICE": "cuda"},
+    "fp32-cuda": {"RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_DEVICE": "cuda"},
+}
+CPU_CONFIGS = ["fp32", "fp32-cl", "int8-x86", "int8-fbgemm", "int8-onednn", "onnxruntime"]
+
+
+def photo_batch() -> object:
+    """Real photos (scikit-image's) pre-processed like the service does."""
+    import skimage
+    import torch
+
+    from resnet_serve.preprocess import preprocess
+    from resnet_serve.weights import RESNET18
+
+    data = Path(skimage.__file__).parent / "data"
+    names = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png",
+             "motorcycle_right.png", "horse.png", "retina.jpg", "hubble_deep_field.jpg", "ihc.png"]
+    return torch.stack([preprocess((data / n).read_bytes(), RESNET18, max_pixels=10**9).tensor for n in names])
+
+
+def run_one(batch_sizes: list[int], repeats: int) -> dict[str, object]:
+    """Measure the configuration in this process's environment (called in a child process)."""
+    import torch
+
+    from resnet_serve.engine import Engine
+    from resnet_serve.settings import Settings
+    from resnet_serve.weights import RESNET18, resolve
+
+    cache_dir = Path(os.environ["RESNET_SERVE_COMPILED_CACHE_DIR"])
+    settings = Settings(max_batch_size=1)
+    weights = resolve(RESNET18, settings)
+    cold = Engine.load(RESNET18, weights, settings)
+    cold.close()
+    warm = Engine.load(RESNET18, weights, settings)
+    artefacts = [p for p in cache_dir.iterdir() if p.suffix in (".pt", ".onnx")]
+    photos = photo_batch()
+    results = []
+    for n in batch_sizes:
+        batch = list(photos.repeat((n + len(photos) - 1) // len(photos), 1, 1, 1)[:n])  # type: ignore[attr-defined]
+        for _ in range(3):
+            asyncio.run(warm.predict(batch))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            asyncio.run(warm.predict(batch))
+            times.append(time.perf_counter() - start)
+        p50 = statistics.median(times)
+        results.append({"batch_size": n, "p50_ms": round(p50 * 1000, 2), "images_per_s": round(n / p50, 1)})
+    top5 = [p.probs.topk(5).indices.tolist() for p in asyncio.run(warm.predict(list(photos)))]  # type: ignore[call-overload]
+    info = warm.info
+    warm.close()
+    return {
+        "device": info.device, "precision": info.precision, "channels_last": info.channels_last,
+        "weights": info.weights.source, "torch_threads": torch.get_num_threads(),
+        "cold_start_s": cold.info.start_s, "warm_start_s": info.start_s, "warm_from": info.compiled_from,
+        "model_file_mb": round(sum(p.stat().st_size for p in artefacts) / 1e6, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "results": results, "top5": top5,
+    }
+
+
+def agreement(candidate: list[list[int]], reference: list[list[int]]) -> dict[str, float]:
+    top1 = sum(c[0] == r[0] for c, r in zip(candidate, reference)) / len(reference)
+    top5 = sum(len(set(c) & set(r)) for c, r in zip(candidate, reference)) / (5 * len(reference))
+    return {"top1_agreement": round(top1, 3), "top5_overlap": round(top5, 3)}
+
+
+def markdown(report: dict[str, dict[str, object]], batch_sizes: list[int]) -> str:
+    head = "| config | " + " | ".join(f"b={n} ms (img/s)" for n in batch_sizes)
+    head += " | cold start s | warm start s | file MB | peak RSS MB | vs FP32 (top-1 / top-5) |"
+    lines = [head, "|---" * (len(batch_sizes) + 6) + "|"]
+    for name, r in report.items():
+        if "error" in r:
+            lines.append(f"| {name} | {r['error']} |")
+            continue
+        cells = [f"{x['p50_ms']} ({x['images_per_s']})" for x in r["results"]]  # type: ignore[union-attr]
+        agree = r.get("agreement")
+        agree_text = f"{agree['top1_agreement']:.0%} / {agree['top5_overlap']:.0%}" if agree else "-"  # type: ignore[index]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['cold_start_s']} | {r['warm_start_s']} | "
+                     f"{r['model_file_mb']} | {r['peak_rss_mb']} | {agree_text} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, dict[str, object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in report.items():
+        if "results" in r:
+            xs = [x["batch_size"] for x in r["results"]]  # type: ignore[union-attr]
+            ys = [x["images_per_s"] for x in r["results"]]  # type: ignore[union-attr]
+            ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images / s")
+    ax.set_title(f"ResNet-18 engine throughput ({os.cpu_count()} CPUs, {platform.machine()})")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=CPU_CONFIGS, choices=list(CONFIGS))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default="engine_bench")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        print(json.dumps(run_one(args.batch_sizes, args.repeats)))
+        return 0
+    report: dict[str, dict[str, object]] = {}
+    for name in args.configs:
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, **CONFIGS[name], "RESNET_SERVE_COMPILED_CACHE_DIR": cache,
+                   "RESNET_SERVE_ALLOW_DOWNLOAD": os.environ.get("RESNET_SERVE_ALLOW_DOWNLOAD", "false")}
+            child = subprocess.run(
+                [sys.executable, __file__, "--one", "--batch-sizes", *map(str, args.batch_sizes),
+                 "--repeats", str(args.repeats)],
+                env=env, capture_output=True, text=True,
+            )
+        if child.returncode != 0:
+            report[name] = {"error": child.stderr.strip().splitlines()[-1] if child.stderr else "failed"}
+        else:
+            report[name] = json.loads(child.stdout.strip().splitlines()[-1])
+        print(f"{name}: {'ok' if 'results' in report[name] else report[name]['error']}", file=sys.stderr)
+    reference = next((r["top5"] for n, r in report.items() if n.startswith("fp32") and "top5" in r), None)
+    for name, r in report.items():
+        if reference is not None and "top5" in r and not name.startswith("fp32"):
+            r["agreement"] = agreement(r["top5"], reference)  # type: ignore[arg-type]
+    table = markdown(report, args.batch_sizes)
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({**meta, "configs": report}, indent=2) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(table + "\n")
+    plot(report, RESULTS / f"{args.out}.png")
+    return 0 if all("results" in r for r in report.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
