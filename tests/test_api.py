@@ -302,3 +302,32 @@ async def test_a_cache_size_of_zero_turns_the_cache_off(settings: Settings, engi
         for _ in range(2):
             assert (await c.post("/predict", **upload(photo_jpegs["coffee"]))).json()["cached"] is False
         assert counting.batch_sizes == [1, 1]
+
+
+async def test_metrics_expose_requests_batches_queue_and_cache(client: httpx.AsyncClient,
+                                                               photo_jpegs: dict[str, bytes]) -> None:
+    def sample(text: str, name: str, **labels: str) -> float:
+        wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        for line in text.splitlines():
+            if line.startswith(name) and (not labels or "{" + wanted + "}" in line or wanted in line):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = (await client.get("/metrics")).text
+    await client.post("/predict", **upload(photo_jpegs["horse"] + b"metrics"))
+    await client.post("/predict", **upload(photo_jpegs["horse"] + b"metrics"))  # a cache hit
+    await client.post("/predict?top_k=99", **upload(photo_jpegs["horse"]))
+    response = await client.get("/metrics")
+    after = response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    ok = 'resnet_serve_requests_total{method="POST",route="/predict",status="200"}'
+    bad = 'resnet_serve_requests_total{method="POST",route="/predict",status="422"}'
+    assert sample(after, ok) - sample(before, ok) == 2
+    assert sample(after, bad) - sample(before, bad) == 1
+    assert sample(after, "resnet_serve_batch_size_count") - sample(before, "resnet_serve_batch_size_count") == 1
+    assert sample(after, "resnet_serve_inference_seconds_count") > sample(before, "resnet_serve_inference_seconds_count")
+    assert sample(after, "resnet_serve_queue_wait_seconds_count") > sample(before, "resnet_serve_queue_wait_seconds_count")
+    hits = 'resnet_serve_cache_lookups_total{result="hit"}'
+    assert sample(after, hits) - sample(before, hits) == 1
+    assert 'resnet_serve_model_info{device="cpu",model="resnet18",precision="fp32",runtime="torchscript",weights="custom"} 1.0' in after
+    assert "resnet_serve_queue_depth" in after and "resnet_serve_request_duration_seconds_bucket" in after

@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,3 +116,24 @@ def test_quantize_calibrates_caches_and_reports_agreement(
     out = capsys.readouterr().out
     assert f"calibrated on {len(photo_jpegs)} images" in out and "top-5 overlap" in out
     assert list((tmp_path / "cache").glob("resnet18-int8-cpu-*.pt")) and (tmp_path / "int8.pt").is_file()
+
+
+def test_two_workers_serve_and_metrics_add_up_across_them(
+    seeded_weights: Path, tmp_path: Path, photo_jpegs: dict[str, bytes]
+) -> None:
+    with real_server(tmp_path / "server.log", weights=str(seeded_weights), allow_download="false",
+                     workers="2", torch_threads="1", cache_size="0") as (url, process):
+        wait_ready(url, process, timeout=240)
+        with httpx.Client(base_url=url, timeout=60, headers={"Connection": "close"}) as client:
+            streak, deadline = 0, time.monotonic() + 240
+            while streak < 20 and time.monotonic() < deadline:  # new connections reach both workers
+                streak = streak + 1 if client.get("/health/ready").status_code == 200 else 0
+            assert streak == 20, "a worker never became ready"
+            for _ in range(8):
+                response = client.post("/predict", files={"file": ("a.jpg", photo_jpegs["rocket"], "image/jpeg")})
+                assert response.status_code == 200
+            text = client.get("/metrics").text
+        line = next(line for line in text.splitlines()
+                    if line.startswith('resnet_serve_requests_total{method="POST",route="/predict",status="200"}'))
+        assert float(line.rsplit(" ", 1)[1]) == 8
+        assert "resnet_serve_batch_size_count 8.0" in text

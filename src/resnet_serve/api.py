@@ -47,6 +47,7 @@ from resnet_serve.errors import (
     UploadTimeout,
 )
 from resnet_serve.labels import Labels, Language, load_labels
+from resnet_serve import metrics
 from resnet_serve.middleware import RequestLog, configure_logging
 from resnet_serve.preprocess import preprocess
 from resnet_serve.schemas import (
@@ -124,8 +125,10 @@ class Service:
         s = self.settings
         self.engine, self.weights = engine, engine.info.weights
         self.queue_limit = s.queue_limit(engine.info.warmup_batch_ms.get(s.max_batch_size))
+        info = engine.info
+        metrics.MODEL_INFO.labels(info.name, info.device, info.precision, info.weights.source, s.runtime).set(1)
         self.batcher = Batcher(
-            engine.predict,
+            self._run_batch,
             max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms,
             max_queue=self.queue_limit,
@@ -149,6 +152,15 @@ class Service:
         if self.status == "loading":
             self.start(engine)
             logger.info("ready: %s on %s (%s weights)", self.spec.name, engine.info.device, weights.info.source)
+
+    async def _run_batch(self, images: list[torch.Tensor]) -> list[Prediction]:
+        """The batcher's handler: the engine's forward pass, observed."""
+        assert self.engine is not None and self.batcher is not None
+        metrics.QUEUE_DEPTH.set(self.batcher.depth)
+        metrics.BATCH_SIZE.observe(len(images))
+        predictions = await self.engine.predict(images)
+        metrics.INFERENCE_SECONDS.observe(predictions[0].inference_ms / 1000.0)
+        return predictions
 
     def begin_shutdown(self) -> None:
         """Readiness false and new predictions refused; admitted requests carry on."""
@@ -343,10 +355,12 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             raise Overloaded(f"{service.in_flight} requests in flight; try again shortly",
                              headers={"Retry-After": "1"})
         service.in_flight += 1
+        metrics.IN_FLIGHT.inc()
         try:
             return await _classify(request, response, batcher, start, top_k, lang)
         finally:
             service.in_flight -= 1
+            metrics.IN_FLIGHT.dec()
 
     async def _classify(
         request: Request,
@@ -384,6 +398,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
         key = service.cache.key(upload.data)
         hit = service.cache.get(key)
+        if settings.cache_size:
+            metrics.CACHE_LOOKUPS.labels("hit" if hit is not None else "miss").inc()
         if hit is not None:
             return answer(hit, cached=True)
         decode_start = time.monotonic()
@@ -396,7 +412,9 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         if remaining <= 0:
             raise DeadlineExceeded("the request deadline passed during pre-processing")
         pending = batcher.submit(decoded.tensor, timeout_s=remaining)
+        metrics.QUEUE_DEPTH.set(batcher.depth)
         prediction = await _await_result(pending, request, remaining)
+        metrics.QUEUE_WAIT_SECONDS.observe(pending.queue_ms / 1000.0)
         result = CachedResult(prediction.probs.clone(), decoded.format, decoded.width, decoded.height)
         service.cache.put(key, result)
         return answer(result, preprocess_ms=preprocess_ms, queue_ms=pending.queue_ms,
@@ -457,6 +475,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             for i, (en, zh) in enumerate(zip(service.labels.en, service.labels.zh))
         ],
     )
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/labels", response_model=LabelsResponse, summary="All class names, English and Chinese")
     async def labels() -> LabelsResponse:

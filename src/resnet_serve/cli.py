@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,10 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None:
             os.environ[f"RESNET_SERVE_{name.upper()}"] = str(value)
     settings = Settings()
+    if settings.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Each worker is its own process; /metrics must add them up (prometheus-client's
+        # multiprocess mode). The folder must exist, and be empty, before the workers start.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="resnet-serve-metrics-")
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal with the handler
     # it found installed. With this one in place that re-raise is a no-op: a drained server
     # exits 0, as orchestrators expect of a clean stop.

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import queue
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -88,6 +90,15 @@ class Classifier(nn.Module):
         return torch.softmax(self.net(x).float(), dim=1)
 
 
+@contextlib.contextmanager
+def torchscript_quietly() -> Iterator[None]:
+    """TorchScript is deprecated upstream in favour of torch.export; it is still the format
+    this service ships (the design asks for it), so its notices are not news here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        yield
+
+
 @dataclass(frozen=True)
 class CompileOptions:
     """Everything that decides what ``compile_model`` builds (and so the cache key)."""
@@ -137,10 +148,7 @@ def compile_model(spec: ModelSpec, weights: LoadedWeights, options: CompileOptio
         net = net.to(memory_format=torch.channels_last)
     model = Classifier(net, spec, dtype, options.channels_last).to(device).eval()
     example = torch.zeros(1, 3, spec.crop_size, spec.crop_size, dtype=torch.uint8, device=device)
-    with torch.no_grad(), warnings.catch_warnings():
-        # TorchScript is deprecated upstream in favour of torch.export; it is still the
-        # format this service ships (the design asks for it), so its notice is not news here.
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+    with torch.no_grad(), torchscript_quietly():
         traced = torch.jit.trace(model, example, check_trace=False)
         return torch.jit.freeze(traced)
 
@@ -167,7 +175,8 @@ def load_or_compile(
     """The compiled model from ``cache`` if it is there, else compiled now (and cached)."""
     if cache is not None and cache.is_file():
         try:
-            return torch.jit.load(str(cache), map_location=options.device), "cache"
+            with torchscript_quietly():
+                return torch.jit.load(str(cache), map_location=options.device), "cache"
         except Exception as exc:  # a stale or damaged artefact is rebuilt, not fatal
             logger.warning("ignoring unreadable compiled model %s: %s", cache, exc)
     model = compile_model(spec, weights, options)
@@ -175,7 +184,8 @@ def load_or_compile(
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             partial = cache.with_suffix(".partial")
-            torch.jit.save(model, str(partial))
+            with torchscript_quietly():
+                torch.jit.save(model, str(partial))
             partial.replace(cache)
         except OSError as exc:
             logger.warning("could not cache the compiled model in %s: %s", cache, exc)

@@ -1,4 +1,4 @@
-"""Request IDs and the one log line per request, as a pure ASGI middleware (no body buffering).
+"""Request IDs, the one log line per request and the request metrics, as a pure ASGI middleware.
 
 Every response carries ``X-Request-ID``: the caller's, if it is a sane token, else a new one.
 The ID is in a context variable while the request runs, so every log record made on its behalf
@@ -17,6 +17,7 @@ import uuid
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from resnet_serve.metrics import REQUEST_SECONDS, REQUESTS, route_of
 from resnet_serve.settings import LogFormat
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -94,7 +95,11 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            latency_ms = round((time.perf_counter() - start) * 1000, 2)
+            seconds = time.perf_counter() - start
+            route = route_of(scope)
+            REQUESTS.labels(route, scope["method"], str(status)).inc()
+            REQUEST_SECONDS.labels(route).observe(seconds)
+            latency_ms = round(seconds * 1000, 2)
             batch = state.get("batch_size")
             client = scope.get("client")
             access_logger.info(
