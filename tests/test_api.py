@@ -263,9 +263,9 @@ async def test_a_png_upload_with_a_wrong_content_type_is_still_decoded(
 
 
 async def test_a_client_that_disconnects_frees_its_queue_slot() -> None:
-    from resnet_serve.api import _await_result
     from resnet_serve.batcher import Pending
     from resnet_serve.errors import MalformedRequest
+    from resnet_serve.service import _await_result
 
     class GoneRequest:
         async def receive(self) -> dict[str, str]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from starlette.requests import Request
 
@@ -109,8 +111,9 @@ def test_the_api_honours_its_own_openapi_schema(seeded_weights: Path, tmp_path: 
         wait_ready(url, process)
         result = subprocess.run(
             [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(SCHEMATHESIS_CONFIG),
-             "run", f"{url}/openapi.json", "--checks", "all", "--max-examples", "50", "--seed", "1"],
+             "run", f"{url}/openapi.json", "--max-examples", "50", "--seed", "1"],
             capture_output=True, text=True, timeout=600,
         )
     assert result.returncode == 0, result.stdout[-4000:]
-    assert "5 selected / 5 total" in result.stdout
+    selected = re.search(r"(\d+) selected / (\d+) total", result.stdout)
+    assert selected and selected.group(1) == selected.group(2) and int(selected.group(1)) >= 10

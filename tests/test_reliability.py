@@ -28,7 +28,14 @@ from pydantic import SecretStr
 from resnet_serve.api import create_app
 from resnet_serve.engine import Engine
 from resnet_serve.settings import Settings
-from tests.conftest import SKIMAGE_DATA, as_jpeg, encode, open_client, real_server, wait_ready
+from tests.conftest import (
+    SKIMAGE_DATA,
+    as_jpeg,
+    encode,
+    open_client,
+    real_server,
+    wait_ready,
+)
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 

@@ -15,8 +15,6 @@ requests drain, then the inference thread stops.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
 import hmac
 import logging
 import signal
@@ -34,24 +32,21 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from resnet_serve.batcher import Batcher, Pending
-from resnet_serve.cache import CachedResult, ResultCache
-from resnet_serve.engine import Engine, Prediction
+from resnet_serve import metrics
+from resnet_serve.engine import Engine
 from resnet_serve.errors import (
-    DeadlineExceeded,
-    MalformedRequest,
-    NotReady,
     Overloaded,
     ServeError,
     Unauthorized,
     UploadTimeout,
 )
 from resnet_serve.labels import Labels, Language, load_labels
-from resnet_serve import metrics
 from resnet_serve.middleware import RequestLog, configure_logging
-from resnet_serve.preprocess import preprocess
 from resnet_serve.schemas import (
+    BatchItem,
+    BatchResponse,
     ClassScore,
+    ErrorDetail,
     ErrorResponse,
     HealthResponse,
     ImageInfo,
@@ -60,15 +55,41 @@ from resnet_serve.schemas import (
     ModelResponse,
     PredictResponse,
 )
+from resnet_serve.service import Classified, Service
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
-from resnet_serve.uploads import FILE_FIELD, discard_body, read_upload
+from resnet_serve.uploads import (
+    BATCH_FIELD,
+    FILE_FIELD,
+    MAX_BATCH_FILES,
+    Upload,
+    discard_body,
+    read_uploads,
+)
+from resnet_serve.v2 import v2_router
 from resnet_serve.web import mount_page
-from resnet_serve.weights import RESNET18, LoadedWeights, ModelSpec, WeightsInfo, resolve
+from resnet_serve.weights import (
+    RESNET18,
+    resolve,
+)
 
 logger = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "failed", "shutting_down"]
 
+BATCH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [BATCH_FIELD],
+                    "properties": {BATCH_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            }
+        },
+    }
+}
 UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -100,102 +121,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class Service:
-    """One app's runtime state: the model, its batcher, its decode pool and its readiness."""
-
-    def __init__(self, settings: Settings, spec: ModelSpec, labels: Labels) -> None:
-        self.settings = settings
-        self.spec = spec
-        self.labels = labels
-        self.status: Status = "loading"
-        self.failure: str | None = None
-        self.weights: WeightsInfo | None = None
-        self.engine: Engine | None = None
-        self.batcher: Batcher[torch.Tensor, Prediction] | None = None
-        self.decode_pool = concurrent.futures.ThreadPoolExecutor(
-            settings.decode_threads, thread_name_prefix="resnet-serve-decode"
-        )
-        self.queue_limit = settings.queue_limit()
-        self.in_flight = 0
-        self.cache = ResultCache(settings.cache_size)
-        self._owns_engine = False
-
-    def start(self, engine: Engine) -> None:
-        """Put a warmed engine behind a batcher and declare the service ready."""
-        s = self.settings
-        self.engine, self.weights = engine, engine.info.weights
-        self.queue_limit = s.queue_limit(engine.info.warmup_batch_ms.get(s.max_batch_size))
-        info = engine.info
-        metrics.MODEL_INFO.labels(info.name, info.device, info.precision, info.weights.source, s.runtime).set(1)
-        self.batcher = Batcher(
-            self._run_batch,
-            max_batch_size=s.max_batch_size,
-            max_wait_ms=s.max_wait_ms,
-            max_queue=self.queue_limit,
-            dispatch=s.dispatch,
-        )
-        self.status = "ready"
-
-    def begin_loading(self, weights: LoadedWeights) -> asyncio.Task[None]:
-        """Compile and warm the model in the background; /health/ready says 503 meanwhile."""
-        self.weights = weights.info
-        return asyncio.create_task(self._load(weights), name="resnet-serve-load")
-
-    async def _load(self, weights: LoadedWeights) -> None:
-        try:
-            engine = await asyncio.to_thread(Engine.load, self.spec, weights, self.settings)
-        except Exception as exc:
-            logger.exception("the model failed to load")
-            self.status, self.failure = "failed", f"{type(exc).__name__}: {exc}"
-            return
-        self._owns_engine = True
-        if self.status == "loading":
-            self.start(engine)
-            logger.info("ready: %s on %s (%s weights)", self.spec.name, engine.info.device, weights.info.source)
-
-    async def _run_batch(self, images: list[torch.Tensor]) -> list[Prediction]:
-        """The batcher's handler: the engine's forward pass, observed."""
-        assert self.engine is not None and self.batcher is not None
-        metrics.QUEUE_DEPTH.set(self.batcher.depth)
-        metrics.BATCH_SIZE.observe(len(images))
-        predictions = await self.engine.predict(images)
-        metrics.INFERENCE_SECONDS.observe(predictions[0].inference_ms / 1000.0)
-        return predictions
-
-    def begin_shutdown(self) -> None:
-        """Readiness false and new predictions refused; admitted requests carry on."""
-        if self.status != "shutting_down":
-            logger.info("shutting down: refusing new requests, finishing %d in flight", self.in_flight)
-        self.status = "shutting_down"
-
-    async def stop(self) -> None:
-        self.begin_shutdown()
-        grace = self.settings.shutdown_grace_s
-        if self.batcher is not None:
-            await self.batcher.close(grace_s=grace)
-        if self.engine is not None and self._owns_engine:
-            await asyncio.to_thread(self.engine.close, grace)
-        self.decode_pool.shutdown(wait=False, cancel_futures=True)
-
-    @property
-    def admission_limit(self) -> int:
-        """Requests allowed in flight at once: a full queue plus the batch being run."""
-        return self.queue_limit + self.settings.max_batch_size
-
-    def check_alive(self) -> bool:
-        """True when the model can serve; restarts a dead inference thread (next probe: ready)."""
-        if self.engine is None or self.engine.alive:
-            return True
-        self.engine.ensure_running()
-        return False
-
-    def ready_batcher(self) -> Batcher[torch.Tensor, Prediction]:
-        if self.status != "ready" or self.batcher is None:
-            detail = self.failure if self.status == "failed" else f"the service is {self.status}"
-            raise NotReady(detail, headers={"Retry-After": "1"})
-        return self.batcher
-
-
 def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
 
@@ -208,6 +133,8 @@ async def _handle_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, ServeError):
         if exc.status_code >= 500:
             logger.warning("%s %s -> %d %s", request.method, request.url.path, exc.status_code, exc.message)
+        if request.url.path.startswith("/v2/"):  # the Open Inference Protocol's error shape
+            return JSONResponse({"error": exc.message}, exc.status_code, headers=exc.headers)
         return _error_response(exc.status_code, exc.code, exc.message, exc.headers)
     if isinstance(exc, RequestValidationError):
         problems = "; ".join(
@@ -219,29 +146,6 @@ async def _handle_error(request: Request, exc: Exception) -> JSONResponse:
         return _error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return _error_response(500, "internal_error", "an internal error occurred")
-
-
-async def _client_gone(request: Request) -> None:
-    """Return once the client disconnects (the body has been read, so only that can arrive)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _await_result(pending: Pending[torch.Tensor, Prediction], request: Request, timeout_s: float) -> Prediction:
-    """Wait for the batch result; give up (and free the slot) on deadline or disconnect."""
-    watcher = asyncio.ensure_future(_client_gone(request))
-    try:
-        done, _ = await asyncio.wait(
-            (pending.future, watcher), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        watcher.cancel()
-    if pending.future.done():
-        return pending.future.result()
-    pending.future.cancel()
-    if watcher in done:
-        raise MalformedRequest("the client disconnected before the result was ready")
-    raise DeadlineExceeded("no result within the request deadline")
 
 
 def _scores(labels: Labels, probs: torch.Tensor, top_k: int, lang: Language) -> list[ClassScore]:
@@ -330,6 +234,35 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     configure_logging(settings.log_format)
     check_api_key = _api_key_dependency(settings)
 
+    def answer(classified: Classified, filename: str | None, start: float, top_k: int, lang: Language) -> PredictResponse:
+        result = classified.result
+        return PredictResponse(
+            predictions=_scores(service.labels, result.probs, top_k, lang),
+            image=ImageInfo(format=result.format, width=result.width, height=result.height, filename=filename),
+            preprocess_time_ms=round(classified.preprocess_ms, 3),
+            queue_time_ms=round(classified.queue_ms, 3),
+            inference_time_ms=round(classified.inference_ms, 3),
+            total_time_ms=round((time.monotonic() - start) * 1000.0, 3),
+            batch_size=classified.batch_size,
+            cached=classified.cached,
+            model=spec.name,
+            weights=service.weights.source if service.weights else "unknown",
+        )
+
+    async def read_within_deadline(request: Request, max_files: int) -> list[Upload]:
+        try:
+            async with asyncio.timeout(settings.request_timeout_s):
+                return await read_uploads(request, max_bytes=settings.max_upload_bytes, max_files=max_files)
+        except TimeoutError:
+            raise UploadTimeout("the upload did not complete within the request deadline") from None
+
+    async def refuse_if_full(request: Request, count: int = 1) -> None:
+        """Admission is decided before anything is decoded; the refused upload is drained."""
+        if service.in_flight + count > service.admission_limit:
+            await discard_body(request, max_bytes=settings.max_upload_bytes * count)
+            raise Overloaded(f"{service.in_flight} requests in flight; try again shortly",
+                             headers={"Retry-After": "1"})
+
     @app.post(
         "/predict",
         response_model=PredictResponse,
@@ -349,76 +282,59 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         lang: Language = Query("en", description="language of `label`: en or zh"),
     ) -> PredictResponse:
         start = time.monotonic()
-        batcher = service.ready_batcher()
-        if service.in_flight >= service.admission_limit:
-            await discard_body(request, max_bytes=settings.max_upload_bytes)
-            raise Overloaded(f"{service.in_flight} requests in flight; try again shortly",
-                             headers={"Retry-After": "1"})
-        service.in_flight += 1
-        metrics.IN_FLIGHT.inc()
-        try:
-            return await _classify(request, response, batcher, start, top_k, lang)
-        finally:
-            service.in_flight -= 1
-            metrics.IN_FLIGHT.dec()
+        service.ready_batcher()
+        await refuse_if_full(request)
+        with service.admitted():
+            (upload,) = await read_within_deadline(request, max_files=1)
+            classified = await service.classify(upload.data, start + settings.request_timeout_s, request)
+        response.headers["X-Model-Weights"] = service.weights.source if service.weights else "unknown"
+        request.state.batch_size = classified.batch_size
+        return answer(classified, upload.filename, start, top_k, lang)
 
-    async def _classify(
+    @app.post(
+        "/predict/batch",
+        response_model=BatchResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=BATCH_BODY,
+        dependencies=[Depends(check_api_key)],
+        summary="Classify several images in one request",
+        description=(
+            f"Send up to {MAX_BATCH_FILES} images as repeated multipart fields `{BATCH_FIELD}`. Each "
+            "image is answered on its own: a bad one gets its error, the others their predictions."
+        ),
+    )
+    async def predict_batch(
         request: Request,
         response: Response,
-        batcher: Batcher[torch.Tensor, Prediction],
-        start: float,
-        top_k: int,
-        lang: Language,
-    ) -> PredictResponse:
-        deadline = start + settings.request_timeout_s
-        try:
-            async with asyncio.timeout(settings.request_timeout_s):
-                upload = await read_upload(request, max_bytes=settings.max_upload_bytes)
-        except TimeoutError:
-            raise UploadTimeout("the upload did not complete within the request deadline") from None
-        weights = service.weights.source if service.weights else "unknown"
-        response.headers["X-Model-Weights"] = weights
-
-        def answer(result: CachedResult, *, preprocess_ms: float = 0.0, queue_ms: float = 0.0,
-                   inference_ms: float = 0.0, batch_size: int = 0, cached: bool = False) -> PredictResponse:
-            request.state.batch_size = batch_size
-            return PredictResponse(
-                predictions=_scores(service.labels, result.probs, top_k, lang),
-                image=ImageInfo(format=result.format, width=result.width, height=result.height,
-                                filename=upload.filename),
-                preprocess_time_ms=round(preprocess_ms, 3),
-                queue_time_ms=round(queue_ms, 3),
-                inference_time_ms=round(inference_ms, 3),
-                total_time_ms=round((time.monotonic() - start) * 1000.0, 3),
-                batch_size=batch_size,
-                cached=cached,
-                model=spec.name,
-                weights=weights,
+        top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="how many classes"),
+        lang: Language = Query("en", description="language of `label`: en or zh"),
+    ) -> BatchResponse:
+        start = time.monotonic()
+        service.ready_batcher()
+        await refuse_if_full(request)
+        with service.admitted():
+            try:
+                async with asyncio.timeout(settings.request_timeout_s):
+                    uploads = await read_uploads(request, max_bytes=settings.max_upload_bytes,
+                                                 max_files=MAX_BATCH_FILES, field=BATCH_FIELD)
+            except TimeoutError:
+                raise UploadTimeout("the upload did not complete within the request deadline") from None
+            deadline = start + settings.request_timeout_s
+            outcomes = await asyncio.gather(
+                *(service.classify(u.data, deadline, request) for u in uploads), return_exceptions=True
             )
-
-        key = service.cache.key(upload.data)
-        hit = service.cache.get(key)
-        if settings.cache_size:
-            metrics.CACHE_LOOKUPS.labels("hit" if hit is not None else "miss").inc()
-        if hit is not None:
-            return answer(hit, cached=True)
-        decode_start = time.monotonic()
-        decoded = await asyncio.get_running_loop().run_in_executor(
-            service.decode_pool,
-            functools.partial(preprocess, upload.data, spec, max_pixels=settings.max_pixels),
-        )
-        preprocess_ms = (time.monotonic() - decode_start) * 1000.0
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded("the request deadline passed during pre-processing")
-        pending = batcher.submit(decoded.tensor, timeout_s=remaining)
-        metrics.QUEUE_DEPTH.set(batcher.depth)
-        prediction = await _await_result(pending, request, remaining)
-        metrics.QUEUE_WAIT_SECONDS.observe(pending.queue_ms / 1000.0)
-        result = CachedResult(prediction.probs.clone(), decoded.format, decoded.width, decoded.height)
-        service.cache.put(key, result)
-        return answer(result, preprocess_ms=preprocess_ms, queue_ms=pending.queue_ms,
-                      inference_ms=prediction.inference_ms, batch_size=prediction.batch_size)
+        items = []
+        for index, (upload, outcome) in enumerate(zip(uploads, outcomes)):
+            if isinstance(outcome, ServeError):
+                error = ErrorDetail(code=outcome.code, message=outcome.message)
+                items.append(BatchItem(index=index, filename=upload.filename, status=outcome.status_code, error=error))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                items.append(BatchItem(index=index, filename=upload.filename, status=200,
+                                       result=answer(outcome, upload.filename, start, top_k, lang)))
+        response.headers["X-Model-Weights"] = service.weights.source if service.weights else "unknown"
+        return BatchResponse(results=items, total_time_ms=round((time.monotonic() - start) * 1000.0, 3))
 
     @app.get("/health/live", response_model=HealthResponse, summary="The process is up")
     async def live() -> HealthResponse:
@@ -485,6 +401,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     async def labels() -> LabelsResponse:
         return labels_response
 
+    app.include_router(v2_router(service, check_api_key))
     mount_page(app)
     if settings.cors_origins:
         app.add_middleware(

@@ -32,7 +32,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
-from resnet_serve.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded, ServeError
+from resnet_serve.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    NotReady,
+    Overloaded,
+    ServeError,
+)
 
 logger = logging.getLogger(__name__)
 

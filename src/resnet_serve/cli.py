@@ -141,7 +141,7 @@ def _quantize(args: argparse.Namespace) -> int:
     print(f"agreement with FP32 on those images: top-1 {top1:.1%}, top-5 overlap {top5 / (5 * len(q)):.1%}")
     if weights.info.is_random:
         print("note: random-init weights; agreement on real weights must be measured with them")
-    print(f"serve it with: RESNET_SERVE_PRECISION=int8"
+    print("serve it with: RESNET_SERVE_PRECISION=int8"
           + (f" RESNET_SERVE_CALIBRATION_DIR={args.calibration_dir}" if args.calibration_dir else "")
           + " resnet-serve serve")
     if args.output:

@@ -35,8 +35,13 @@ import torchvision
 from torch import nn
 
 from resnet_serve.errors import InferenceFailed, NotReady
+from resnet_serve.quantize import (
+    calibration_files,
+    calibration_fingerprint,
+    load_calibration_batch,
+    quantize_network,
+)
 from resnet_serve.settings import Settings
-from resnet_serve.quantize import calibration_files, calibration_fingerprint, load_calibration_batch, quantize_network
 from resnet_serve.weights import RANDOM_INIT_SEED, LoadedWeights, ModelSpec, WeightsInfo
 
 logger = logging.getLogger(__name__)

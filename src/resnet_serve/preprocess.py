@@ -22,7 +22,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from resnet_serve.errors import InvalidImage, PayloadTooLarge, ServeError, UnsupportedMediaType
+from resnet_serve.errors import (
+    InvalidImage,
+    PayloadTooLarge,
+    ServeError,
+    UnsupportedMediaType,
+)
 from resnet_serve.weights import ModelSpec
 
 logger = logging.getLogger(__name__)

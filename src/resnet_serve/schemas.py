@@ -70,6 +70,19 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class BatchItem(BaseModel):
+    index: int = Field(description="position of the file in the request")
+    filename: str | None
+    status: int = Field(description="the HTTP status this file alone would have had")
+    result: PredictResponse | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem]
+    total_time_ms: float
+
+
 class HealthResponse(BaseModel):
     status: str = Field(description="alive, ready, loading, failed or shutting_down")
     weights: str | None = None

@@ -25,6 +25,8 @@ from resnet_serve.errors import (
 )
 
 FILE_FIELD = "file"
+BATCH_FIELD = "files"
+MAX_BATCH_FILES = 32
 # Room for multipart boundaries, part headers and small form fields next to the file.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -40,10 +42,12 @@ def _too_large(limit: int) -> PayloadTooLarge:
 
 
 class _FileCollector:
-    """python-multipart callbacks that keep the ``file`` part's bytes and count the rest."""
+    """python-multipart callbacks that keep the ``field`` parts' bytes and count the rest."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, field: str, max_bytes: int, max_files: int) -> None:
+        self.field = field
         self.max_bytes = max_bytes
+        self.max_files = max_files
         self.files: list[Upload] = []
         self._data: bytearray | None = None
         self._filename: str | None = None
@@ -67,10 +71,12 @@ class _FileCollector:
 
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
-        if options.get(b"name", b"").decode("latin-1") != FILE_FIELD:
+        if options.get(b"name", b"").decode("latin-1") != self.field:
             return
-        if self.files or self._data is not None:
-            raise MissingFile(f"send exactly one '{FILE_FIELD}' part; this request has several")
+        if len(self.files) >= self.max_files:
+            if self.max_files == 1:
+                raise MissingFile(f"send exactly one '{self.field}' part; this request has several")
+            raise MissingFile(f"send at most {self.max_files} '{self.field}' parts")
         self._data = bytearray()
         raw_name = options.get(b"filename")
         self._filename = raw_name.decode("utf-8", "replace") if raw_name is not None else None
@@ -102,8 +108,8 @@ class _FileCollector:
         }
 
 
-async def _read_multipart(request: Request, boundary: bytes, max_bytes: int) -> Upload:
-    collector = _FileCollector(max_bytes)
+async def _read_multipart(request: Request, boundary: bytes, max_bytes: int, field: str, max_files: int) -> list[Upload]:
+    collector = _FileCollector(field, max_bytes, max_files)
     parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
     try:
         async for chunk in request.stream():
@@ -112,27 +118,42 @@ async def _read_multipart(request: Request, boundary: bytes, max_bytes: int) -> 
     except MultipartParseError as exc:
         raise MalformedRequest(f"the multipart body is malformed ({exc})") from None
     if not collector.files:
-        raise MissingFile(f"the multipart body has no '{FILE_FIELD}' part")
-    return collector.files[0]
+        raise MissingFile(f"the multipart body has no '{field}' part")
+    return collector.files
+
+
+async def read_body(request: Request, *, max_bytes: int) -> bytes:
+    """The whole body, counted as it arrives: past ``max_bytes`` the request is refused."""
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise _too_large(max_bytes)
+    except ClientDisconnect:
+        raise MalformedRequest("the client disconnected during the upload") from None
+    return bytes(body)
 
 
 async def _read_raw(request: Request, max_bytes: int) -> Upload:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise _too_large(max_bytes)
+    body = await read_body(request, max_bytes=max_bytes)
     if not body:
         raise MissingFile(
             f"no image: send multipart/form-data with a '{FILE_FIELD}' part, or the image bytes"
         )
-    return Upload(bytes(body), None)
+    return Upload(body, None)
 
 
 async def read_upload(request: Request, *, max_bytes: int) -> Upload:
-    """The uploaded image's bytes, or a ``ServeError`` that says what is wrong with the request."""
+    """The one uploaded image's bytes, or a ``ServeError`` that says what is wrong."""
+    (upload,) = await read_uploads(request, max_bytes=max_bytes, max_files=1)
+    return upload
+
+
+async def read_uploads(request: Request, *, max_bytes: int, max_files: int, field: str = FILE_FIELD) -> list[Upload]:
+    """Up to ``max_files`` images, each at most ``max_bytes``; a raw body counts as one image."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD:
+    if declared is not None and declared.isdigit() and int(declared) > max_files * (max_bytes + MULTIPART_OVERHEAD):
         raise _too_large(max_bytes)
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     try:
@@ -140,14 +161,14 @@ async def read_upload(request: Request, *, max_bytes: int) -> Upload:
             boundary = options.get(b"boundary")
             if not boundary:
                 raise MalformedRequest("the multipart Content-Type has no boundary")
-            return await _read_multipart(request, boundary, max_bytes)
+            return await _read_multipart(request, boundary, max_bytes, field, max_files)
         if content_type in (b"", b"application/octet-stream") or content_type.startswith(b"image/"):
-            return await _read_raw(request, max_bytes)
+            return [await _read_raw(request, max_bytes)]
     except ClientDisconnect:
         raise MalformedRequest("the client disconnected during the upload") from None
     raise UnsupportedMediaType(
         f"Content-Type {content_type.decode('latin-1')!r} is not accepted: send multipart/form-data "
-        f"with a '{FILE_FIELD}' part, or the image bytes as image/* or application/octet-stream"
+        f"with a '{field}' part, or the image bytes as image/* or application/octet-stream"
     )
 
 
