@@ -98,30 +98,79 @@ def unique(data: bytes) -> bytes:
     return data + os.urandom(16)
 
 
+class RawConnection:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams: the load generator shares the
+    machine with the server, so every microsecond it spends is taken from what it measures."""
+
+    BOUNDARY = b"resnetservebench"
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    def request(self, image: bytes) -> bytes:
+        body = (b"--" + self.BOUNDARY + b'\r\nContent-Disposition: form-data; name="file"; filename="i.jpg"\r\n'
+                b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--" + self.BOUNDARY + b"--\r\n")
+        head = (f"POST /predict HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+                f"Content-Type: multipart/form-data; boundary={self.BOUNDARY.decode()}\r\n\r\n").encode()
+        return head + body
+
+    async def post(self, image: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(self.request(image))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        lowered = head.lower()
+        start = lowered.index(b"content-length:") + 15
+        length = int(lowered[start : lowered.index(b"\r\n", start)])
+        body = await self.reader.readexactly(length)
+        if b"connection: close" in lowered:
+            await self.close()
+        return status, body
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 async def run_load(url: str, images: list[bytes], concurrency: int, duration: float,
-                   repeat: bool = False) -> LoadResult:
+                   repeat: bool = False, client: str = "raw") -> LoadResult:
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     batch_sizes: list[int] = []
+    host, port = url.removeprefix("http://").rsplit(":", 1)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
         end = time.perf_counter() + duration
 
+        async def send(connection: RawConnection, data: bytes) -> tuple[int, bytes]:
+            if client == "raw":
+                return await asyncio.wait_for(connection.post(data), 30)
+            response = await http.post("/predict", files={"file": ("image.jpg", data, "image/jpeg")})
+            return response.status_code, response.content
+
         async def worker(index: int) -> None:
+            connection = RawConnection(host, int(port))
             i = index
             while time.perf_counter() < end:
                 data = images[i % len(images)] if repeat else unique(images[i % len(images)])
                 i += 1
                 start = time.perf_counter()
                 try:
-                    response = await client.post("/predict", files={"file": ("image.jpg", data, "image/jpeg")})
-                except httpx.HTTPError as exc:
+                    status, body = await send(connection, data)
+                except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
                     statuses[type(exc).__name__] += 1
+                    await connection.close()
                     continue
                 latencies.append((time.perf_counter() - start) * 1000)
-                statuses[str(response.status_code)] += 1
-                if response.status_code == 200:
-                    batch_sizes.append(response.json()["batch_size"])
+                statuses[str(status)] += 1
+                if status == 200:
+                    batch_sizes.append(json.loads(body)["batch_size"])
+            await connection.close()
 
         began = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
@@ -263,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["env"],
                         help="server configurations to run one after another (with --spawn)")
     parser.add_argument("--repeat", action="store_true", help="send identical bytes (measures the cache)")
+    parser.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                        help="raw: a lean keep-alive HTTP/1.1 client (default); httpx: the usual client")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per concurrency level")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
@@ -280,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         baseline = in_process_ms(images, args.baseline_repeats, overrides) if args.baseline_repeats else None
         with contextlib.ExitStack() as stack:
             url = stack.enter_context(spawned_server(overrides))[0] if args.spawn else args.url
-            asyncio.run(run_load(url, images, max(args.concurrency), args.warmup, args.repeat))
-            results = [asyncio.run(run_load(url, images, c, args.duration, args.repeat)) for c in args.concurrency]
+            asyncio.run(run_load(url, images, max(args.concurrency), args.warmup, args.repeat, args.client))
+            results = [asyncio.run(run_load(url, images, c, args.duration, args.repeat, args.client))
+                       for c in args.concurrency]
             model = httpx.get(f"{url}/model", timeout=10).json()
         runs[name] = {
             "overrides": overrides,
@@ -304,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "python": platform.python_version()},
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "client": args.client,
         "runs": runs,
         "ratios": summary,
     }

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import httpx
 
+from resnet_serve.client import AsyncClient, ClientError
+
 sys.path.insert(0, str(Path(__file__).parent))
 from http_bench import RESULTS, default_images, percentile, spawned_server, unique  # noqa: E402
 
@@ -54,7 +56,7 @@ async def soak(url: str, duration: float, concurrency: int, bad_share: float, se
     rng = random.Random(seed)
     statuses: Counter[str] = Counter()
     good_latencies: list[float] = []
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+    async with AsyncClient(url, timeout=30) as client:
         end = time.perf_counter() + duration
 
         async def worker() -> None:
@@ -62,11 +64,14 @@ async def soak(url: str, duration: float, concurrency: int, bad_share: float, se
                 is_bad = rng.random() < bad_share
                 name, data = rng.choice(bad) if is_bad else ("good", unique(rng.choice(images)))
                 start = time.perf_counter()
+                kind = "bad" if is_bad else "good"
                 try:
-                    response = await client.post("/predict", files={"file": ("x.jpg", data, "image/jpeg")})
-                    key = f"{'bad' if is_bad else 'good'} {response.status_code}"
+                    await client.predict(data, filename=f"{name}.jpg")
+                    key = f"{kind} 200"
+                except ClientError as exc:
+                    key = f"{kind} {exc.status}"
                 except httpx.HTTPError as exc:
-                    key = f"{'bad' if is_bad else 'good'} {type(exc).__name__}"
+                    key = f"{kind} {type(exc).__name__}"
                 statuses[key] += 1
                 if not is_bad and key == "good 200":
                     good_latencies.append((time.perf_counter() - start) * 1000)

@@ -39,6 +39,9 @@ def test_http_bench_writes_a_table_and_json(server_url: str, tmp_path: Path, mon
     assert all(r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] for r in results)
     assert report["runs"]["env"]["server"]["weights"] == "custom"
     assert "| 4 |" in capsys.readouterr().out
+    assert http_bench.main(["--url", server_url, "--concurrency", "2", "--duration", "1", "--warmup", "0.2",
+                            "--baseline-repeats", "0", "--client", "httpx", "--out", "h"]) == 0
+    assert set(json.loads((tmp_path / "h.json").read_text())["runs"]["env"]["results"][0]["statuses"]) == {"200"}
 
 
 def test_percentile() -> None:

@@ -231,7 +231,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.service = service
     for exc_type in (ServeError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, _handle_error)
-    configure_logging(settings.log_format)
+    configure_logging(settings.log_format, settings.log_level)
     check_api_key = _api_key_dependency(settings)
 
     def answer(classified: Classified, filename: str | None, start: float, top_k: int, lang: Language) -> PredictResponse:

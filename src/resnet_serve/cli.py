@@ -21,7 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     # Workers are separate processes that build their own Settings, so flags travel as env.
-    for name in ("host", "port", "workers", "device", "precision"):
+    for name in ("host", "port", "workers", "device", "precision", "log_level"):
         value = getattr(args, name)
         if value is not None:
             os.environ[f"RESNET_SERVE_{name.upper()}"] = str(value)
@@ -40,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
-        log_level=args.log_level,
+        log_level=settings.log_level,
         access_log=False,  # resnet_serve.access logs one line per request, with its ID
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
     )
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="processes, each with its own model")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     serve.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16", "int8"])
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)
 
     predict = commands.add_parser("predict", help="classify image files offline")

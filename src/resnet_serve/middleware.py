@@ -50,10 +50,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(log_format: LogFormat, level: int = logging.INFO) -> None:
+def configure_logging(log_format: LogFormat, level: str = "info") -> None:
     """Give the ``resnet_serve`` loggers one handler (also in each uvicorn worker process)."""
     root = logging.getLogger("resnet_serve")
-    if getattr(root, "_resnet_serve_configured", None) == log_format:
+    if getattr(root, "_resnet_serve_configured", None) == (log_format, level):
         return
     handler = logging.StreamHandler()
     handler.addFilter(_RequestIdFilter())
@@ -62,9 +62,9 @@ def configure_logging(log_format: LogFormat, level: int = logging.INFO) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
     root.handlers = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper())
     root.propagate = False
-    root._resnet_serve_configured = log_format  # type: ignore[attr-defined]
+    root._resnet_serve_configured = (log_format, level)  # type: ignore[attr-defined]
 
 
 class RequestLog:

@@ -72,6 +72,7 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated origins allowed by CORS; empty: CORS off"
     )
     log_format: LogFormat = "plain"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("cors_origins", mode="before")
     @classmethod

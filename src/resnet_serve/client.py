@@ -1,0 +1,129 @@
+"""A small typed client for resnet-serve, sync and async, on httpx.
+
+    from resnet_serve.client import Client
+    with Client("http://127.0.0.1:8000") as client:
+        answer = client.predict("cat.jpg", top_k=5, lang="zh")
+        print(answer.predictions[0].label, answer.predictions[0].confidence)
+
+Errors from the service raise ``ClientError`` with its status, code and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from resnet_serve.schemas import (
+    BatchResponse,
+    LabelsResponse,
+    ModelResponse,
+    PredictResponse,
+)
+
+Image = bytes | str | Path
+
+
+class ClientError(Exception):
+    """A non-2xx answer, with the service's error code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+def _image(image: Image, filename: str | None) -> tuple[str, bytes, str]:
+    if isinstance(image, bytes):
+        return (filename or "image", image, "application/octet-stream")
+    path = Path(image)
+    return (filename or path.name, path.read_bytes(), "application/octet-stream")
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.is_success:
+        return response
+    try:
+        error = response.json()["error"]
+        code, message = (error["code"], error["message"]) if isinstance(error, dict) else ("error", str(error))
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", response.text[:200]
+    raise ClientError(response.status_code, code, message)
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+class Client:
+    """Blocking client."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+                 timeout: float = 30.0, **httpx_options: Any) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=_headers(api_key), **httpx_options)
+
+    def predict(self, image: Image, *, top_k: int = 3, lang: str = "en", filename: str | None = None) -> PredictResponse:
+        response = self._http.post("/predict", params={"top_k": top_k, "lang": lang},
+                                   files={"file": _image(image, filename)})
+        return PredictResponse.model_validate(_checked(response).json())
+
+    def predict_batch(self, images: Sequence[Image], *, top_k: int = 3, lang: str = "en") -> BatchResponse:
+        files = [("files", _image(image, None)) for image in images]
+        response = self._http.post("/predict/batch", params={"top_k": top_k, "lang": lang}, files=files)
+        return BatchResponse.model_validate(_checked(response).json())
+
+    def ready(self) -> bool:
+        return self._http.get("/health/ready").status_code == 200
+
+    def model(self) -> ModelResponse:
+        return ModelResponse.model_validate(_checked(self._http.get("/model")).json())
+
+    def labels(self) -> LabelsResponse:
+        return LabelsResponse.model_validate(_checked(self._http.get("/labels")).json())
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The same, for asyncio."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+                 timeout: float = 30.0, **httpx_options: Any) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=_headers(api_key), **httpx_options)
+
+    async def predict(self, image: Image, *, top_k: int = 3, lang: str = "en",
+                      filename: str | None = None) -> PredictResponse:
+        response = await self._http.post("/predict", params={"top_k": top_k, "lang": lang},
+                                         files={"file": _image(image, filename)})
+        return PredictResponse.model_validate(_checked(response).json())
+
+    async def predict_batch(self, images: Sequence[Image], *, top_k: int = 3, lang: str = "en") -> BatchResponse:
+        files = [("files", _image(image, None)) for image in images]
+        response = await self._http.post("/predict/batch", params={"top_k": top_k, "lang": lang}, files=files)
+        return BatchResponse.model_validate(_checked(response).json())
+
+    async def ready(self) -> bool:
+        return (await self._http.get("/health/ready")).status_code == 200
+
+    async def model(self) -> ModelResponse:
+        return ModelResponse.model_validate(_checked(await self._http.get("/model")).json())
+
+    async def labels(self) -> LabelsResponse:
+        return LabelsResponse.model_validate(_checked(await self._http.get("/labels")).json())
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
