@@ -6,9 +6,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-BROWSER_PACKAGES := chromium fonts-wqy-microhei
+SYSTEM_PACKAGES := chromium fonts-wqy-microhei docker-compose
 
-.PHONY: install dev browser run test bench clean
+.PHONY: install dev system-deps run test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,17 +23,18 @@ $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
-# The web page is tested in Debian's Chromium (a CJK font so the Chinese UI renders).
-browser:
-	@dpkg -s $(BROWSER_PACKAGES) >/dev/null 2>&1 || { \
-	  echo "installing $(BROWSER_PACKAGES) for the browser tests"; \
+# Debian packages the tests use: Chromium for the web page (with a CJK font so the Chinese UI
+# renders) and docker-compose to validate docker-compose.yml (no Docker engine is needed).
+system-deps:
+	@dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || { \
+	  echo "installing $(SYSTEM_PACKAGES) for the tests"; \
 	  $(SUDO) apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES); }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES); }
 
 run: install
 	$(VENV)/bin/resnet-serve serve --host $(HOST) --port $(PORT)
 
-test: dev browser
+test: dev system-deps
 	$(PY) -m pytest
 
 bench: dev

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import os
 import platform
@@ -38,6 +37,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from images import default_images, folder_images  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -63,27 +65,6 @@ class LoadResult:
     p99_ms: float
     statuses: dict[str, int]
     mean_batch_size: float
-
-
-def default_images() -> list[bytes]:
-    """Real photos from scikit-image (a dev dependency), as JPEGs."""
-    import skimage
-    from PIL import Image
-
-    data = Path(skimage.__file__).parent / "data"
-    images = []
-    for name in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png"):
-        buffer = io.BytesIO()
-        Image.open(data / name).convert("RGB").save(buffer, "JPEG", quality=90)
-        images.append(buffer.getvalue())
-    return images
-
-
-def folder_images(folder: Path) -> list[bytes]:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
-    if not files:
-        raise SystemExit(f"no images in {folder}")
-    return [p.read_bytes() for p in files]
 
 
 def percentile(values: list[float], q: float) -> float:

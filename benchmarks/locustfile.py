@@ -16,7 +16,7 @@ from pathlib import Path
 from locust import HttpUser, constant, task
 
 sys.path.insert(0, str(Path(__file__).parent))
-from http_bench import default_images, folder_images  # noqa: E402
+from images import default_images, folder_images  # noqa: E402
 
 _folder = os.environ.get("RESNET_SERVE_BENCH_IMAGES")
 IMAGES = folder_images(Path(_folder)) if _folder else default_images()

@@ -28,7 +28,8 @@ import httpx
 from resnet_serve.client import AsyncClient, ClientError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from http_bench import RESULTS, default_images, percentile, spawned_server, unique  # noqa: E402
+from http_bench import RESULTS, percentile, spawned_server, unique  # noqa: E402
+from images import default_images  # noqa: E402
 
 
 def bad_inputs(photo: bytes) -> list[tuple[str, bytes]]:

@@ -40,12 +40,11 @@ from resnet_serve.errors import (
     Unauthorized,
     UploadTimeout,
 )
-from resnet_serve.labels import Labels, Language, load_labels
+from resnet_serve.labels import Language, load_labels
 from resnet_serve.middleware import RequestLog, configure_logging
 from resnet_serve.schemas import (
     BatchItem,
     BatchResponse,
-    ClassScore,
     ErrorDetail,
     ErrorResponse,
     HealthResponse,
@@ -54,6 +53,7 @@ from resnet_serve.schemas import (
     LabelsResponse,
     ModelResponse,
     PredictResponse,
+    class_scores,
 )
 from resnet_serve.service import Classified, Service
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
@@ -128,7 +128,7 @@ def _error_response(status: int, code: str, message: str, headers: dict[str, str
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
-async def _handle_error(request: Request, exc: Exception) -> JSONResponse:
+async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     """The one place where errors become HTTP status codes and JSON."""
     if isinstance(exc, ServeError):
         if exc.status_code >= 500:
@@ -146,21 +146,6 @@ async def _handle_error(request: Request, exc: Exception) -> JSONResponse:
         return _error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return _error_response(500, "internal_error", "an internal error occurred")
-
-
-def _scores(labels: Labels, probs: torch.Tensor, top_k: int, lang: Language) -> list[ClassScore]:
-    values, indices = torch.topk(probs, top_k)
-    return [
-        ClassScore(
-            rank=rank,
-            class_id=class_id,
-            label=labels.name(class_id, lang),
-            label_en=labels.en[class_id],
-            label_zh=labels.zh[class_id],
-            confidence=confidence,
-        )
-        for rank, (confidence, class_id) in enumerate(zip(values.tolist(), indices.tolist()), start=1)
-    ]
 
 
 def _api_key_dependency(settings: Settings) -> Callable[[Request], None]:
@@ -230,14 +215,14 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     )
     app.state.service = service
     for exc_type in (ServeError, RequestValidationError, StarletteHTTPException, Exception):
-        app.add_exception_handler(exc_type, _handle_error)
+        app.add_exception_handler(exc_type, handle_error)
     configure_logging(settings.log_format, settings.log_level)
     check_api_key = _api_key_dependency(settings)
 
     def answer(classified: Classified, filename: str | None, start: float, top_k: int, lang: Language) -> PredictResponse:
         result = classified.result
         return PredictResponse(
-            predictions=_scores(service.labels, result.probs, top_k, lang),
+            predictions=class_scores(service.labels, result.probs, top_k, lang),
             image=ImageInfo(format=result.format, width=result.width, height=result.height, filename=filename),
             preprocess_time_ms=round(classified.preprocess_ms, 3),
             queue_time_ms=round(classified.queue_ms, 3),

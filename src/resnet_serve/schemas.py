@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from resnet_serve.labels import Labels, Language
 
 
 class ClassScore(BaseModel):
@@ -125,3 +128,19 @@ class LabelEntry(BaseModel):
 class LabelsResponse(BaseModel):
     count: int
     labels: list[LabelEntry]
+
+
+def class_scores(labels: Labels, probs: torch.Tensor, top_k: int, lang: Language) -> list[ClassScore]:
+    """The ``top_k`` classes of one probability vector, ranked, named in both languages."""
+    values, indices = torch.topk(probs, top_k)
+    return [
+        ClassScore(
+            rank=rank,
+            class_id=class_id,
+            label=labels.name(class_id, lang),
+            label_en=labels.en[class_id],
+            label_zh=labels.zh[class_id],
+            confidence=confidence,
+        )
+        for rank, (confidence, class_id) in enumerate(zip(values.tolist(), indices.tolist()), start=1)
+    ]

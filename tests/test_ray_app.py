@@ -1,0 +1,69 @@
+"""The Ray Serve application on a local single-node Ray cluster, through Ray's HTTP proxy."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+import yaml
+from ray import serve
+
+from resnet_serve.engine import Engine
+from resnet_serve.preprocess import preprocess
+from resnet_serve.weights import RESNET18
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def ray_url(seeded_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from resnet_serve.ray_app import build_app
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        overrides = {"weights": str(seeded_weights), "allow_download": False, "torch_threads": 1,
+                     "compiled_cache": False, "max_batch_size": 4}
+        serve.run(build_app(overrides), name="resnet-serve", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_predictions_through_rays_proxy_match_the_engine(ray_url: str, photo_jpegs: dict[str, bytes],
+                                                          engine: Engine) -> None:
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=ray_url, timeout=60) as client:
+            return await asyncio.gather(*(
+                client.post("/predict?top_k=3", files={"file": (f"{n}.jpg", photo_jpegs[n], "image/jpeg")})
+                for n in photo_jpegs))
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    for name, response in zip(photo_jpegs, responses):
+        body = response.json()
+        assert body["weights"] == "custom" and body["model"] == "resnet18"
+        expected = asyncio.run(engine.predict([preprocess(photo_jpegs[name], RESNET18, max_pixels=10**9).tensor]))
+        assert [p["class_id"] for p in body["predictions"]] == expected[0].probs.topk(3).indices.tolist()
+    assert max(r.json()["batch_size"] for r in responses) > 1  # Ray's batcher grouped them
+    assert httpx.get(f"{ray_url}/health/ready").json()["status"] == "ready"
+
+
+def test_errors_keep_our_json_shape_behind_ray(ray_url: str) -> None:
+    response = httpx.post(f"{ray_url}/predict", files={"file": ("a.txt", b"not an image", "text/plain")})
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_the_serve_config_names_this_application() -> None:
+    config = yaml.safe_load((Path(__file__).parent.parent / "deploy" / "ray" / "serve_config.yaml").read_text())
+    (application,) = config["applications"]
+    assert application["import_path"] == "resnet_serve.ray_app:app"
+    (deployment,) = application["deployments"]
+    assert deployment["name"] == "ResnetServe" and deployment["autoscaling_config"]["max_replicas"] >= 2
