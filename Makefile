@@ -8,7 +8,7 @@ PORT ?= 8000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := chromium fonts-wqy-microhei docker-compose
 
-.PHONY: install dev system-deps run test bench clean
+.PHONY: install dev system-deps lint run test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,10 @@ system-deps:
 run: install
 	$(VENV)/bin/resnet-serve serve --host $(HOST) --port $(PORT)
 
-test: dev system-deps
+lint: dev
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: dev system-deps lint
 	$(PY) -m pytest
 
 bench: dev

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torchvision
@@ -73,8 +73,6 @@ from resnet_serve.weights import (
 )
 
 logger = logging.getLogger(__name__)
-
-Status = Literal["loading", "ready", "failed", "shutting_down"]
 
 BATCH_BODY: dict[str, Any] = {
     "requestBody": {
@@ -234,10 +232,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             weights=service.weights.source if service.weights else "unknown",
         )
 
-    async def read_within_deadline(request: Request, max_files: int) -> list[Upload]:
+    async def read_within_deadline(request: Request, max_files: int, field: str = FILE_FIELD) -> list[Upload]:
         try:
             async with asyncio.timeout(settings.request_timeout_s):
-                return await read_uploads(request, max_bytes=settings.max_upload_bytes, max_files=max_files)
+                return await read_uploads(request, max_bytes=settings.max_upload_bytes, max_files=max_files,
+                                          field=field)
         except TimeoutError:
             raise UploadTimeout("the upload did not complete within the request deadline") from None
 
@@ -298,12 +297,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         service.ready_batcher()
         await refuse_if_full(request)
         with service.admitted():
-            try:
-                async with asyncio.timeout(settings.request_timeout_s):
-                    uploads = await read_uploads(request, max_bytes=settings.max_upload_bytes,
-                                                 max_files=MAX_BATCH_FILES, field=BATCH_FIELD)
-            except TimeoutError:
-                raise UploadTimeout("the upload did not complete within the request deadline") from None
+            uploads = await read_within_deadline(request, MAX_BATCH_FILES, BATCH_FIELD)
             deadline = start + settings.request_timeout_s
             outcomes = await asyncio.gather(
                 *(service.classify(u.data, deadline, request) for u in uploads), return_exceptions=True
