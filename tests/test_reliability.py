@@ -164,7 +164,17 @@ async def test_request_ids_are_generated_or_propagated_and_logged(
     assert (line.method, line.path, line.status, line.batch_size) == ("POST", "/predict", 200, 1)
 
 
-async def test_sigterm_flips_readiness_at_once_and_refuses_new_work(settings: Settings, engine: Engine) -> None:
+@pytest.fixture
+def default_sigterm() -> Iterator[None]:
+    """Start from the default SIGTERM action (other libraries, e.g. Ray, install their own)."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+async def test_sigterm_flips_readiness_at_once_and_refuses_new_work(
+    settings: Settings, engine: Engine, default_sigterm: None
+) -> None:
     async for c in open_client(create_app(settings, engine=engine)):
         handler = signal.getsignal(signal.SIGTERM)
         assert callable(handler) and handler not in (signal.SIG_DFL, signal.SIG_IGN)
