@@ -65,6 +65,8 @@ class LoadResult:
     p99_ms: float
     statuses: dict[str, int]
     mean_batch_size: float
+    server_p50_ms: float = float("nan")
+    cached_share: float = 0.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -123,6 +125,8 @@ async def run_load(url: str, images: list[bytes], concurrency: int, duration: fl
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     batch_sizes: list[int] = []
+    server_ms: list[float] = []
+    cached = 0
     host, port = url.removeprefix("http://").rsplit(":", 1)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
@@ -150,7 +154,11 @@ async def run_load(url: str, images: list[bytes], concurrency: int, duration: fl
                 latencies.append((time.perf_counter() - start) * 1000)
                 statuses[str(status)] += 1
                 if status == 200:
-                    batch_sizes.append(json.loads(body)["batch_size"])
+                    nonlocal cached
+                    answer = json.loads(body)
+                    batch_sizes.append(answer["batch_size"])
+                    server_ms.append(answer["total_time_ms"])
+                    cached += answer.get("cached", False)
             await connection.close()
 
         began = time.perf_counter()
@@ -167,6 +175,8 @@ async def run_load(url: str, images: list[bytes], concurrency: int, duration: fl
         p99_ms=round(percentile(latencies, 99), 2),
         statuses=dict(statuses),
         mean_batch_size=round(statistics.fmean(batch_sizes), 2) if batch_sizes else 0.0,
+        server_p50_ms=round(percentile(server_ms, 50), 3),
+        cached_share=round(cached / ok, 3) if ok else 0.0,
     )
 
 
@@ -243,14 +253,14 @@ def spawned_server(extra_env: dict[str, str]) -> Iterator[tuple[str, subprocess.
 
 def markdown(results: list[LoadResult], baseline: dict[str, float] | None) -> str:
     lines = [
-        "| concurrency | requests | throughput (img/s) | p50 (ms) | p90 (ms) | p99 (ms) | mean batch | statuses |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| concurrency | requests | throughput (img/s) | p50 (ms) | p90 (ms) | p99 (ms) | server p50 (ms) | mean batch | cached | statuses |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         statuses = ", ".join(f"{k}: {v}" for k, v in sorted(r.statuses.items()))
         lines.append(
             f"| {r.concurrency} | {r.requests} | {r.throughput_rps} | {r.p50_ms} | {r.p90_ms} | "
-            f"{r.p99_ms} | {r.mean_batch_size} | {statuses} |"
+            f"{r.p99_ms} | {r.server_p50_ms} | {r.mean_batch_size} | {r.cached_share:.0%} | {statuses} |"
         )
     if baseline:
         lines.append("")
