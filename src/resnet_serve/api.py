@@ -1,15 +1,13 @@
-"""The HTTP API: routes, the one error handler, and the service's start-up and shutdown.
+"""The HTTP API: our routes, the one error handler, and the service's start-up and shutdown.
 
-Request path for ``POST /predict`` (each step's time is reported in the response):
-    read the body in memory (``uploads``) → decode/resize/crop in a worker thread
-    (``preprocess``) → queue (``batcher``) → one forward pass per batch on the inference
-    thread (``engine``) → Top-K and labels, on the event loop.
+The request path every endpoint shares (cache → decode → batcher → inference thread) lives in
+``service``; the Open Inference Protocol's routes in ``v2``; the page at ``/`` in ``web``.
 
 Start-up: the weights are resolved before the server accepts requests, so
 ``RESNET_SERVE_WEIGHTS_MODE=official`` without the official file stops the process; compiling
 and warming the model then runs in the background while ``/health/live`` answers and
-``/health/ready`` says 503. Shutdown: readiness turns false, new requests get 503, queued
-requests drain, then the inference thread stops.
+``/health/ready`` says 503. Shutdown (SIGTERM): readiness turns false at once, new requests get
+503, admitted ones finish within the grace period, then the inference thread stops.
 """
 
 from __future__ import annotations
