@@ -274,6 +274,19 @@ def test_a_slow_1gb_upload_is_cut_off_at_the_limit(small_queue_server: tuple[str
     assert sent < 32 * 1024 * 1024  # cut off near 10 MB, not read to the end
 
 
+async def all_accepted(client: httpx.AsyncClient, count: int) -> None:
+    """Wait until ``count`` predictions are in flight or answered, per the server's metrics."""
+    for _ in range(600):
+        text = (await client.get("/metrics")).text
+        values = {line.split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith(("resnet_serve_in_flight ", "resnet_serve_requests_total{"))}
+        done = values.get('resnet_serve_requests_total{method="POST",route="/predict",status="200"}', 0.0)
+        if values.get("resnet_serve_in_flight", 0.0) + done >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the requests never reached the server")
+
+
 def test_sigterm_mid_load_finishes_every_accepted_request_and_exits_0(
     seeded_weights: Path, tmp_path: Path, photo_jpegs: dict[str, bytes]
 ) -> None:
@@ -291,7 +304,7 @@ def test_sigterm_mid_load_finishes_every_accepted_request_and_exits_0(
                         return type(exc).__name__
 
                 tasks = [asyncio.create_task(one(name)) for name in list(photo_jpegs) * 2]
-                await asyncio.sleep(0.15)  # all sent, a few answered, most still queued
+                await all_accepted(client, len(tasks))  # every request is in the server's hands
                 os.kill(process.pid, signal.SIGTERM)
                 return await asyncio.gather(*tasks)
 
