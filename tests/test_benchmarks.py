@@ -15,6 +15,7 @@ import pytest
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import burst  # noqa: E402
 import http_bench  # noqa: E402
 import soak  # noqa: E402
 
@@ -126,3 +127,14 @@ def test_ratios_compare_configurations_from_one_run() -> None:
     assert summary["fastest_vs_naive_throughput"] == 4.0
     assert summary["fastest_server_vs_in_process_throughput"] == 0.91
     assert summary["fastest_c1_p50_vs_in_process_single"] == 1.25
+
+
+def test_burst_reports_only_200s_and_503s(tmp_path: Path, seeded_weights: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(burst, "RESULTS", tmp_path)
+    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
+    monkeypatch.setenv("RESNET_SERVE_ALLOW_DOWNLOAD", "false")
+    assert burst.main(["--requests", "60", "--max-queue", "2", "--out", "b"]) == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert set(report["statuses"]) == {"200", "503"} and sum(report["statuses"].values()) == 60
+    assert report["rss_mb_before"] > 0 and report["rss_mb_after"] > 0

@@ -201,12 +201,12 @@ class Service:
         Readiness is checked when a request is admitted, not here: a request admitted before
         SIGTERM still runs while the service drains."""
         self._running_batcher()
-        key = self.cache.key(data)
-        hit = self.cache.get(key)
-        if self.settings.cache_size:
+        key = self.cache.key(data) if self.settings.cache_size else None  # no hashing when off
+        if key is not None:
+            hit = self.cache.get(key)
             metrics.CACHE_LOOKUPS.labels("hit" if hit is not None else "miss").inc()
-        if hit is not None:
-            return Classified(hit, cached=True)
+            if hit is not None:
+                return Classified(hit, cached=True)
         decode_start = time.monotonic()
         decoded = await asyncio.get_running_loop().run_in_executor(
             self.decode_pool, functools.partial(preprocess, data, self.spec, max_pixels=self.settings.max_pixels)
