@@ -13,6 +13,7 @@ and warming the model then runs in the background while ``/health/live`` answers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import signal
@@ -33,7 +34,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from resnet_serve import metrics
 from resnet_serve.engine import Engine
 from resnet_serve.errors import (
-    Overloaded,
     ServeError,
     Unauthorized,
     UploadTimeout,
@@ -46,12 +46,10 @@ from resnet_serve.schemas import (
     ErrorDetail,
     ErrorResponse,
     HealthResponse,
-    ImageInfo,
     LabelEntry,
     LabelsResponse,
     ModelResponse,
     PredictResponse,
-    class_scores,
 )
 from resnet_serve.service import Classified, Service
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
@@ -215,20 +213,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     configure_logging(settings.log_format, settings.log_level)
     check_api_key = _api_key_dependency(settings)
 
+    def weights_source() -> str:
+        return service.weights.source if service.weights else "unknown"
+
     def answer(classified: Classified, filename: str | None, start: float, top_k: int, lang: Language) -> PredictResponse:
-        result = classified.result
-        return PredictResponse(
-            predictions=class_scores(service.labels, result.probs, top_k, lang),
-            image=ImageInfo(format=result.format, width=result.width, height=result.height, filename=filename),
-            preprocess_time_ms=round(classified.preprocess_ms, 3),
-            queue_time_ms=round(classified.queue_ms, 3),
-            inference_time_ms=round(classified.inference_ms, 3),
-            total_time_ms=round((time.monotonic() - start) * 1000.0, 3),
-            batch_size=classified.batch_size,
-            cached=classified.cached,
-            model=spec.name,
-            weights=service.weights.source if service.weights else "unknown",
-        )
+        return classified.response(service.labels, spec.name, weights_source(), filename, start, top_k, lang)
 
     async def read_within_deadline(request: Request, max_files: int, field: str = FILE_FIELD) -> list[Upload]:
         try:
@@ -238,12 +227,16 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         except TimeoutError:
             raise UploadTimeout("the upload did not complete within the request deadline") from None
 
-    async def refuse_if_full(request: Request, count: int = 1) -> None:
-        """Admission is decided before anything is decoded; the refused upload is drained."""
-        if service.in_flight + count > service.admission_limit:
-            await discard_body(request, max_bytes=settings.max_upload_bytes * count)
-            raise Overloaded(f"{service.in_flight} requests in flight; try again shortly",
-                             headers={"Retry-After": "1"})
+    @contextlib.asynccontextmanager
+    async def admitted_upload(request: Request) -> AsyncIterator[None]:
+        """The gate of an upload endpoint: ready, and a free slot, decided before anything is
+        read or decoded; a refused upload is drained so the client reads a clean 503."""
+        service.ready_batcher()
+        if not service.has_room():
+            await discard_body(request, max_bytes=settings.max_upload_bytes)
+            raise service.overloaded()
+        with service.admitted():
+            yield
 
     @app.post(
         "/predict",
@@ -264,12 +257,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         lang: Language = Query("en", description="language of `label`: en or zh"),
     ) -> PredictResponse:
         start = time.monotonic()
-        service.ready_batcher()
-        await refuse_if_full(request)
-        with service.admitted():
+        async with admitted_upload(request):
             (upload,) = await read_within_deadline(request, max_files=1)
             classified = await service.classify(upload.data, start + settings.request_timeout_s, request)
-        response.headers["X-Model-Weights"] = service.weights.source if service.weights else "unknown"
+        response.headers["X-Model-Weights"] = weights_source()
         request.state.batch_size = classified.batch_size
         return answer(classified, upload.filename, start, top_k, lang)
 
@@ -292,9 +283,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         lang: Language = Query("en", description="language of `label`: en or zh"),
     ) -> BatchResponse:
         start = time.monotonic()
-        service.ready_batcher()
-        await refuse_if_full(request)
-        with service.admitted():
+        async with admitted_upload(request):
             uploads = await read_within_deadline(request, MAX_BATCH_FILES, BATCH_FIELD)
             deadline = start + settings.request_timeout_s
             outcomes = await asyncio.gather(
@@ -310,7 +299,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             else:
                 items.append(BatchItem(index=index, filename=upload.filename, status=200,
                                        result=answer(outcome, upload.filename, start, top_k, lang)))
-        response.headers["X-Model-Weights"] = service.weights.source if service.weights else "unknown"
+        response.headers["X-Model-Weights"] = weights_source()
         return BatchResponse(results=items, total_time_ms=round((time.monotonic() - start) * 1000.0, 3))
 
     @app.get("/health/live", response_model=HealthResponse, summary="The process is up")

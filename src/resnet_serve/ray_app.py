@@ -24,16 +24,13 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from resnet_serve.api import handle_error
+from resnet_serve.cache import CachedResult
 from resnet_serve.engine import Engine, Prediction
 from resnet_serve.errors import ServeError
 from resnet_serve.labels import Language, load_labels
 from resnet_serve.preprocess import preprocess
-from resnet_serve.schemas import (
-    HealthResponse,
-    ImageInfo,
-    PredictResponse,
-    class_scores,
-)
+from resnet_serve.schemas import HealthResponse, PredictResponse
+from resnet_serve.service import Classified
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
 from resnet_serve.uploads import read_upload
 from resnet_serve.weights import RESNET18, resolve
@@ -77,18 +74,10 @@ class ResnetServe:
         decoded = await asyncio.to_thread(preprocess, upload.data, self.spec, max_pixels=self.settings.max_pixels)
         preprocess_ms = (time.monotonic() - start) * 1000.0
         prediction = await self._infer(decoded.tensor)
-        return PredictResponse(
-            predictions=class_scores(self.labels, prediction.probs, top_k, lang),
-            image=ImageInfo(format=decoded.format, width=decoded.width, height=decoded.height,
-                            filename=upload.filename),
-            preprocess_time_ms=round(preprocess_ms, 3),
-            queue_time_ms=0.0,
-            inference_time_ms=round(prediction.inference_ms, 3),
-            total_time_ms=round((time.monotonic() - start) * 1000.0, 3),
-            batch_size=prediction.batch_size,
-            model=self.spec.name,
-            weights=self.weights.source,
-        )
+        result = CachedResult(prediction.probs, decoded.format, decoded.width, decoded.height)
+        classified = Classified(result, preprocess_ms, 0.0, prediction.inference_ms, prediction.batch_size)
+        return classified.response(self.labels, self.spec.name, self.weights.source, upload.filename,
+                                   start, top_k, lang)
 
     @api.get("/health/ready", response_model=HealthResponse)
     async def ready(self) -> HealthResponse:

@@ -30,8 +30,9 @@ from resnet_serve.batcher import Batcher, Pending
 from resnet_serve.cache import CachedResult, ResultCache
 from resnet_serve.engine import Engine, Prediction
 from resnet_serve.errors import DeadlineExceeded, MalformedRequest, NotReady, Overloaded
-from resnet_serve.labels import Labels
+from resnet_serve.labels import Labels, Language
 from resnet_serve.preprocess import preprocess
+from resnet_serve.schemas import ImageInfo, PredictResponse, class_scores
 from resnet_serve.settings import Settings
 from resnet_serve.weights import LoadedWeights, ModelSpec, WeightsInfo
 
@@ -84,6 +85,23 @@ class Classified:
     inference_ms: float = 0.0
     batch_size: int = 0
     cached: bool = False
+
+    def response(self, labels: Labels, model: str, weights: str, filename: str | None, start: float,
+                 top_k: int, lang: Language) -> PredictResponse:
+        """The ``/predict`` answer (also Ray Serve's), timed from ``start`` (monotonic)."""
+        result = self.result
+        return PredictResponse(
+            predictions=class_scores(labels, result.probs, top_k, lang),
+            image=ImageInfo(format=result.format, width=result.width, height=result.height, filename=filename),
+            preprocess_time_ms=round(self.preprocess_ms, 3),
+            queue_time_ms=round(self.queue_ms, 3),
+            inference_time_ms=round(self.inference_ms, 3),
+            total_time_ms=round((time.monotonic() - start) * 1000.0, 3),
+            batch_size=self.batch_size,
+            cached=self.cached,
+            model=model,
+            weights=weights,
+        )
 
 
 class Service:
@@ -181,12 +199,17 @@ class Service:
         self.engine.ensure_running()
         return False
 
+    def has_room(self, count: int = 1) -> bool:
+        return self.in_flight + count <= self.admission_limit
+
+    def overloaded(self) -> Overloaded:
+        return Overloaded(f"{self.in_flight} requests in flight; try again shortly", headers={"Retry-After": "1"})
+
     @contextlib.contextmanager
     def admitted(self, count: int = 1) -> Iterator[None]:
         """Hold ``count`` in-flight slots, or raise 503 at once if there are not enough."""
-        if self.in_flight + count > self.admission_limit:
-            raise Overloaded(f"{self.in_flight} requests in flight; try again shortly",
-                             headers={"Retry-After": "1"})
+        if not self.has_room(count):
+            raise self.overloaded()
         self.in_flight += count
         metrics.IN_FLIGHT.inc(count)
         try:
@@ -200,7 +223,6 @@ class Service:
 
         Readiness is checked when a request is admitted, not here: a request admitted before
         SIGTERM still runs while the service drains."""
-        self._running_batcher()
         key = self.cache.key(data) if self.settings.cache_size else None  # no hashing when off
         if key is not None:
             hit = self.cache.get(key)
@@ -230,9 +252,9 @@ class Service:
         metrics.QUEUE_DEPTH.set(batcher.depth)
         prediction = await _await_result(pending, request, remaining)
         metrics.QUEUE_WAIT_SECONDS.observe(pending.queue_ms / 1000.0)
-        result = CachedResult(prediction.probs.clone(), fmt, width, height)
-        if key is not None:
-            self.cache.put(key, result)
+        result = CachedResult(prediction.probs, fmt, width, height)
+        if key is not None:  # a copy, so the cache does not keep the whole batch's tensor alive
+            self.cache.put(key, CachedResult(prediction.probs.clone(), fmt, width, height))
         return Classified(result, preprocess_ms, pending.queue_ms, prediction.inference_ms, prediction.batch_size)
 
     def _running_batcher(self) -> Batcher[torch.Tensor, Prediction]:
