@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -26,6 +25,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe, one_line  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -35,11 +37,12 @@ CONFIGS: dict[str, dict[str, str]] = {
     "int8-x86": {"RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "x86", "RESNET_SERVE_DEVICE": "cpu"},
     "int8-fbgemm": {"RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "fbgemm", "RESNET_SERVE_DEVICE": "cpu"},
     "int8-onednn": {"RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "onednn", "RESNET_SERVE_DEVICE": "cpu"},
+    "bf16-cl": {"RESNET_SERVE_PRECISION": "bf16", "RESNET_SERVE_DEVICE": "cpu"},
     "onnxruntime": {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_DEVICE": "cpu"},
     "fp16-cuda": {"RESNET_SERVE_PRECISION": "fp16", "RESNET_SERVE_DEVICE": "cuda"},
     "fp32-cuda": {"RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_DEVICE": "cuda"},
 }
-CPU_CONFIGS = ["fp32", "fp32-cl", "int8-x86", "int8-fbgemm", "int8-onednn", "onnxruntime"]
+CPU_CONFIGS = ["fp32", "fp32-cl", "bf16-cl", "int8-x86", "int8-fbgemm", "int8-onednn", "onnxruntime"]
 
 
 def photo_batch() -> object:
@@ -72,18 +75,24 @@ def run_one(batch_sizes: list[int], repeats: int) -> dict[str, object]:
     warm = Engine.load(RESNET18, weights, settings)
     artefacts = [p for p in cache_dir.iterdir() if p.suffix in (".pt", ".onnx")]
     photos = photo_batch()
-    results = []
-    for n in batch_sizes:
-        batch = list(photos.repeat((n + len(photos) - 1) // len(photos), 1, 1, 1)[:n])  # type: ignore[attr-defined]
-        for _ in range(3):
-            asyncio.run(warm.predict(batch))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            asyncio.run(warm.predict(batch))
-            times.append(time.perf_counter() - start)
-        p50 = statistics.median(times)
-        results.append({"batch_size": n, "p50_ms": round(p50 * 1000, 2), "images_per_s": round(n / p50, 1)})
+
+    async def measure() -> list[dict[str, float]]:
+        """On one event loop, as in the server: each call goes through the inference thread."""
+        results = []
+        for n in batch_sizes:
+            batch = list(photos.repeat((n + len(photos) - 1) // len(photos), 1, 1, 1)[:n])  # type: ignore[attr-defined]
+            for _ in range(3):
+                await warm.predict(batch)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                await warm.predict(batch)
+                times.append(time.perf_counter() - start)
+            p50 = statistics.median(times)
+            results.append({"batch_size": n, "p50_ms": round(p50 * 1000, 2), "images_per_s": round(n / p50, 1)})
+        return results
+
+    results = asyncio.run(measure())
     top5 = [p.probs.topk(5).indices.tolist() for p in asyncio.run(warm.predict(list(photos)))]  # type: ignore[call-overload]
     info = warm.info
     warm.close()
@@ -134,7 +143,7 @@ def plot(report: dict[str, dict[str, object]], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("images / s")
-    ax.set_title(f"ResNet-18 engine throughput ({os.cpu_count()} CPUs, {platform.machine()})")
+    ax.set_title(f"ResNet-18 engine throughput ({one_line(describe())})", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -172,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in report.items():
         if reference is not None and "top5" in r and not name.startswith("fp32"):
             r["agreement"] = agreement(r["top5"], reference)  # type: ignore[arg-type]
-    table = markdown(report, args.batch_sizes)
+    machine = describe()
+    table = markdown(report, args.batch_sizes) + f"\n\nMachine: {one_line(machine)}."
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    meta = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+    meta = {"machine": machine,
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
     (RESULTS / f"{args.out}.json").write_text(json.dumps({**meta, "configs": report}, indent=2) + "\n")
     (RESULTS / f"{args.out}.md").write_text(table + "\n")

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from images import default_images, folder_images  # noqa: E402
+from machine import describe, one_line  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -191,22 +191,27 @@ def in_process_ms(images: list[bytes], repeats: int, overrides: dict[str, str] |
     fields = {k.removeprefix("RESNET_SERVE_").lower(): v for k, v in (overrides or {}).items()}
     settings = Settings(**fields)  # type: ignore[arg-type]
     engine = Engine.load(RESNET18, resolve(RESNET18, settings), settings)
-    pre, infer = [], []
-    try:
+    n = settings.max_batch_size
+
+    async def measure() -> tuple[list[float], list[float], float]:
+        """On one event loop, as in the server; decode and inference take turns (no overlap)."""
+        pre, infer = [], []
         for i in range(repeats):
             start = time.perf_counter()
             tensor = preprocess(images[i % len(images)], RESNET18, max_pixels=settings.max_pixels).tensor
             pre.append((time.perf_counter() - start) * 1000)
-            infer.append(asyncio.run(engine.predict([tensor]))[0].inference_ms)
-        n = settings.max_batch_size
+            infer.append((await engine.predict([tensor]))[0].inference_ms)
         start = time.perf_counter()
         done = 0
         while done < repeats:
             batch = [preprocess(images[(done + j) % len(images)], RESNET18, max_pixels=settings.max_pixels).tensor
                      for j in range(n)]
-            asyncio.run(engine.predict(batch))
+            await engine.predict(batch)
             done += n
-        throughput = done / (time.perf_counter() - start)
+        return pre, infer, done / (time.perf_counter() - start)
+
+    try:
+        pre, infer, throughput = asyncio.run(measure())
     finally:
         engine.close()
     return {
@@ -295,27 +300,13 @@ def ratios(runs: dict[str, dict[str, object]]) -> dict[str, float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--url", help="a running server")
-    target.add_argument("--spawn", action="store_true", help="start `resnet-serve serve` (env settings apply)")
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["env"],
-                        help="server configurations to run one after another (with --spawn)")
-    parser.add_argument("--repeat", action="store_true", help="send identical bytes (measures the cache)")
-    parser.add_argument("--client", choices=["raw", "httpx"], default="raw",
-                        help="raw: a lean keep-alive HTTP/1.1 client (default); httpx: the usual client")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds per concurrency level")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
-    parser.add_argument("--images", type=Path, help="a folder of JPEG/PNG files (default: scikit-image photos)")
-    parser.add_argument("--baseline-repeats", type=int, default=50, help="0 skips the in-process baseline")
-    parser.add_argument("--out", default="http_bench", help="file stem under benchmarks/results/")
-    args = parser.parse_args(argv)
+def median_ratios(per_round: list[dict[str, float]]) -> dict[str, float]:
+    """Each ratio's median over interleaved rounds: one noisy round cannot decide a target."""
+    return {key: round(statistics.median(r[key] for r in per_round), 2) for key in per_round[0]}
 
-    if args.url and args.configs != ["env"]:
-        parser.error("--configs needs --spawn: each configuration is a server of its own")
-    images = folder_images(args.images) if args.images else default_images()
+
+def measure_round(args: argparse.Namespace, images: list[bytes]) -> dict[str, dict[str, object]]:
+    """Each configuration once: its in-process baseline, then its server under load."""
     runs: dict[str, dict[str, object]] = {}
     for name in args.configs:
         overrides = CONFIGS[name]
@@ -333,22 +324,58 @@ def main(argv: list[str] | None = None) -> int:
             "in_process": baseline,
             "results": [asdict(r) for r in results],
         }
-    summary = ratios(runs)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running server")
+    target.add_argument("--spawn", action="store_true", help="start `resnet-serve serve` (env settings apply)")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["env"],
+                        help="server configurations to run one after another (with --spawn)")
+    parser.add_argument("--repeat", action="store_true", help="send identical bytes (measures the cache)")
+    parser.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                        help="raw: a lean keep-alive HTTP/1.1 client (default); httpx: the usual client")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per concurrency level")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
+    parser.add_argument("--images", type=Path, help="a folder of JPEG/PNG files (default: scikit-image photos)")
+    parser.add_argument("--baseline-repeats", type=int, default=50, help="0 skips the in-process baseline")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every configuration this many times, interleaved; ratios are medians")
+    parser.add_argument("--out", default="http_bench", help="file stem under benchmarks/results/")
+    args = parser.parse_args(argv)
+
+    if args.url and args.configs != ["env"]:
+        parser.error("--configs needs --spawn: each configuration is a server of its own")
+    images = folder_images(args.images) if args.images else default_images()
+    rounds = [measure_round(args, images) for _ in range(args.rounds)]
+    per_round = [ratios(runs) for runs in rounds]
+    summary = median_ratios(per_round)
     sections = []
-    for name, run in runs.items():
-        server = run["server"]
-        sections.append(f"**{name}** ({', '.join(f'{k}={v}' for k, v in server.items())})\n\n"  # type: ignore[union-attr]
-                        + markdown([LoadResult(**r) for r in run["results"]], run["in_process"]))  # type: ignore[arg-type, union-attr]
+    for i, runs in enumerate(rounds, 1):
+        if len(rounds) > 1:
+            sections.append(f"### Round {i} of {len(rounds)}")
+        for name, run in runs.items():
+            server = run["server"]
+            sections.append(f"**{name}** ({', '.join(f'{k}={v}' for k, v in server.items())})\n\n"  # type: ignore[union-attr]
+                            + markdown([LoadResult(**r) for r in run["results"]], run["in_process"]))  # type: ignore[arg-type, union-attr]
     if summary:
-        sections.append("Ratios: " + ", ".join(f"{k} = {v}" for k, v in summary.items()))
+        label = "Ratios" if len(rounds) == 1 else f"Ratios (median of {len(rounds)} rounds)"
+        lines = [f"- {k} = {v}" + (f" (rounds: {', '.join(str(r[k]) for r in per_round)})" if len(rounds) > 1 else "")
+                 for k, v in summary.items()]
+        sections.append(f"{label}:\n\n" + "\n".join(lines))
+    machine = describe()
+    sections.append(f"Machine: {one_line(machine)}; client: {args.client}.")
     text = "\n\n".join(sections)
     print(text)
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "client": args.client,
-        "runs": runs,
+        "rounds": rounds,
+        "ratios_per_round": per_round,
         "ratios": summary,
     }
     RESULTS.mkdir(exist_ok=True)

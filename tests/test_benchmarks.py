@@ -16,6 +16,7 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import burst  # noqa: E402
+import engine_bench  # noqa: E402
 import http_bench  # noqa: E402
 import soak  # noqa: E402
 
@@ -34,15 +35,18 @@ def test_http_bench_writes_a_table_and_json(server_url: str, tmp_path: Path, mon
                             "--warmup", "0.5", "--baseline-repeats", "0", "--out", "t"])
     assert code == 0
     report = json.loads((tmp_path / "t.json").read_text())
-    results = report["runs"]["env"]["results"]
+    (runs,) = report["rounds"]
+    results = runs["env"]["results"]
     assert [r["concurrency"] for r in results] == [1, 4]
     assert all(set(r["statuses"]) == {"200"} and r["requests"] > 0 for r in results)
     assert all(r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] for r in results)
-    assert report["runs"]["env"]["server"]["weights"] == "custom"
+    assert runs["env"]["server"]["weights"] == "custom"
+    assert report["machine"]["cpus"] >= 1 and isinstance(report["machine"]["isa"], list)
     assert "| 4 |" in capsys.readouterr().out
     assert http_bench.main(["--url", server_url, "--concurrency", "2", "--duration", "1", "--warmup", "0.2",
-                            "--baseline-repeats", "0", "--client", "httpx", "--out", "h"]) == 0
-    assert set(json.loads((tmp_path / "h.json").read_text())["runs"]["env"]["results"][0]["statuses"]) == {"200"}
+                            "--baseline-repeats", "0", "--client", "httpx", "--rounds", "2", "--out", "h"]) == 0
+    rounds = json.loads((tmp_path / "h.json").read_text())["rounds"]
+    assert len(rounds) == 2 and all(set(r["env"]["results"][0]["statuses"]) == {"200"} for r in rounds)
 
 
 def test_percentile() -> None:
@@ -127,6 +131,28 @@ def test_ratios_compare_configurations_from_one_run() -> None:
     assert summary["fastest_vs_naive_throughput"] == 4.0
     assert summary["fastest_server_vs_in_process_throughput"] == 0.91
     assert summary["fastest_c1_p50_vs_in_process_single"] == 1.25
+
+
+def test_ratios_over_rounds_are_medians() -> None:
+    rounds = [{"fastest_vs_naive_throughput": v} for v in (3.9, 4.6, 4.4)]
+    assert http_bench.median_ratios(rounds) == {"fastest_vs_naive_throughput": 4.4}
+
+
+def test_engine_bench_writes_a_table_json_and_plot(tmp_path: Path, seeded_weights: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_bench, "RESULTS", tmp_path)
+    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
+    monkeypatch.setenv("RESNET_SERVE_ALLOW_DOWNLOAD", "false")
+    assert engine_bench.main(["--configs", "fp32", "int8-x86", "--batch-sizes", "1", "2", "--repeats", "2",
+                              "--out", "e"]) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    fp32, int8 = report["configs"]["fp32"], report["configs"]["int8-x86"]
+    assert [r["batch_size"] for r in fp32["results"]] == [1, 2]
+    assert fp32["weights"] == "custom" and fp32["warm_from"] == "cache" and int8["precision"] == "int8"
+    assert int8["model_file_mb"] < fp32["model_file_mb"]  # INT8 weights take a quarter of the bytes
+    assert 0 <= int8["agreement"]["top1_agreement"] <= 1
+    assert "| int8-x86 |" in (tmp_path / "e.md").read_text()
+    assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_burst_reports_only_200s_and_503s(tmp_path: Path, seeded_weights: Path,

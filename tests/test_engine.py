@@ -14,6 +14,7 @@ from resnet_serve.engine import (
     Engine,
     InferenceThread,
     ModelInfo,
+    compile_model,
     select_device,
     select_precision,
 )
@@ -135,6 +136,24 @@ async def test_cuda_fp16_matches_cpu_fp32(settings: object, seeded_weights: obje
         cpu.close()
 
 
+def test_the_fp16_graph_a_gpu_runs_tracks_fp32(settings: Settings, reference_model: nn.Module) -> None:
+    """CI has no GPU: the graph CUDA and MPS get (half weights, uint8 in, normalisation in half,
+    softmax in float) is built and run on the CPU here, which torch can also do in fp16."""
+    weights = resolve(RESNET18, settings)
+    options = CompileOptions(device=torch.device("cpu"), precision="fp16", channels_last=True)
+    half = compile_model(RESNET18, weights, options)
+    pixels = random_pixels(2, seed=3)
+    mean = torch.tensor(RESNET18.mean).view(1, 3, 1, 1)
+    std = torch.tensor(RESNET18.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        got = half(pixels)
+        expected = torch.softmax(reference_model((pixels.float() / 255 - mean) / std), dim=1)
+    assert got.dtype == torch.float32 and got.shape == (2, 1000)
+    assert torch.allclose(got.sum(dim=1), torch.ones(2), atol=1e-3)
+    assert torch.nn.functional.cosine_similarity(got, expected).min() > 0.99
+    assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))
+
+
 class Killer(nn.Module):
     """Kills the thread that runs it (a BaseException, as a fault in the runtime would)."""
 
@@ -184,6 +203,22 @@ async def test_int8_is_calibrated_on_real_photos_and_tracks_fp32(
         assert sum(overlap) / (5 * len(overlap)) >= 0.6
     finally:
         int8.close()
+
+
+async def test_bf16_on_the_cpu_uses_channels_last_and_tracks_fp32(
+    settings: Settings, engine: Engine, photo_jpegs: dict[str, bytes]
+) -> None:
+    bf16 = load(settings, precision="bf16", max_batch_size=1)
+    try:
+        assert bf16.info.precision == "bf16" and bf16.info.channels_last
+        pixels = [preprocess(data, RESNET18, max_pixels=10**9).tensor for data in photo_jpegs.values()]
+        half = torch.stack([p.probs for p in await bf16.predict(pixels)])
+        reference = torch.stack([p.probs for p in await engine.predict(pixels)])
+        assert half.dtype == torch.float32
+        assert torch.allclose(half.sum(dim=1), torch.ones(len(pixels)), atol=1e-4)
+        assert torch.nn.functional.cosine_similarity(half, reference).min() > 0.99
+    finally:
+        bf16.close()
 
 
 def test_int8_refuses_a_gpu_and_needs_calibration_images(tmp_path: Path) -> None:

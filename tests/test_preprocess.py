@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.models import ResNet18_Weights
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
 
 from resnet_serve.engine import Engine
 from resnet_serve.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from resnet_serve.preprocess import decode, preprocess
+from resnet_serve.preprocess import decode, preprocess, to_tensor
 from resnet_serve.weights import RESNET18
 from tests.conftest import as_jpeg, encode
 
@@ -39,6 +41,18 @@ def test_matches_torchvisions_reference_transform_on_real_photos(photo_jpegs: di
         pixels = ours(data)
         assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.uint8, name
         assert (normalised(pixels) - reference_input(data)).abs().max() <= 0.02, name
+
+
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (640, 427), (256, 256), (224, 224), (225, 999), (3, 700)])
+def test_the_crop_box_resize_matches_resize_then_crop_within_one_grey_level(size: tuple[int, int]) -> None:
+    noise = np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(noise)  # noise: any shift of the sampling grid would show at once
+    reference = F.center_crop(F.resize(image, [256], interpolation=InterpolationMode.BILINEAR), [224])
+    expected = torch.from_numpy(np.array(reference)).permute(2, 0, 1).int()
+    got = to_tensor(image, RESNET18).int()
+    assert got.shape == expected.shape == (3, 224, 224)
+    difference = (got - expected).abs()
+    assert difference.max() <= 1 and (difference > 0).float().mean() < 0.01  # rounding only
 
 
 async def test_the_model_sees_the_same_top1_as_the_reference_pipeline(

@@ -73,7 +73,17 @@ def select_precision(name: str, device: torch.device) -> Precision:
         raise RuntimeError("RESNET_SERVE_PRECISION=fp16 needs a CUDA or MPS device")
     if name == "int8" and device.type != "cpu":
         raise RuntimeError("RESNET_SERVE_PRECISION=int8 runs on the CPU only; use fp16 on a GPU")
+    if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning("oneDNN has no bf16 kernels for this CPU (they need AVX-512); bf16 will be slow here")
     return name  # type: ignore[return-value]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU: AVX-512 emulates bf16 arithmetic, and
+    AVX512-BF16 or AMX run it natively (faster than fp32); without them torch's reference
+    kernels run, far slower than fp32."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check and check())
 
 
 class Classifier(nn.Module):
