@@ -50,7 +50,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "naive": {"RESNET_SERVE_MAX_BATCH_SIZE": "1", "RESNET_SERVE_PRECISION": "fp32",
               "RESNET_SERVE_CHANNELS_LAST": "false", "RESNET_SERVE_CACHE_SIZE": "0"},
     "fastest": {"RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "onednn",
-                "RESNET_SERVE_MAX_BATCH_SIZE": "4"},
+                "RESNET_SERVE_MAX_BATCH_SIZE": "8"},
 }
 
 
