@@ -86,8 +86,8 @@ class Fragile(nn.Module):
 
 def test_an_exception_fails_that_job_only_and_the_thread_lives_on() -> None:
     thread = InferenceThread(Fragile(), torch.device("cpu"), threads=1)
-    bad = thread.submit(torch.tensor([-1.0]))
-    good = thread.submit(torch.tensor([3.0]))
+    bad = thread.submit([torch.tensor([-1.0])])
+    good = thread.submit([torch.tensor([3.0])])
     with pytest.raises(ValueError):
         bad.result(timeout=10)
     assert good.result(timeout=10)[0].item() == 6.0
@@ -98,11 +98,11 @@ def test_an_exception_fails_that_job_only_and_the_thread_lives_on() -> None:
 
 def test_close_finishes_queued_jobs_then_refuses_new_ones() -> None:
     thread = InferenceThread(Fragile(), torch.device("cpu"), threads=1)
-    queued = [thread.submit(torch.tensor([float(i)])) for i in range(5)]
+    queued = [thread.submit([torch.tensor([float(i)])]) for i in range(5)]
     thread.close(timeout=10)
     assert [f.result(timeout=1)[0].item() for f in queued] == [0.0, 2.0, 4.0, 6.0, 8.0]
     with pytest.raises(NotReady):
-        thread.submit(torch.tensor([1.0])).result(timeout=1)
+        thread.submit([torch.tensor([1.0])]).result(timeout=1)
 
 
 async def test_predict_reports_a_model_failure_as_inference_failed() -> None:

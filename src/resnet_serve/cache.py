@@ -32,7 +32,9 @@ class ResultCache:
 
     @staticmethod
     def key(data: bytes) -> bytes:
-        return hashlib.blake2b(data, digest_size=16).digest()
+        """SHA-256 (hardware-accelerated on current x86 and ARM CPUs, so faster than BLAKE2 there),
+        truncated to 128 bits: collisions cannot be crafted to poison the cache."""
+        return hashlib.sha256(data).digest()[:16]
 
     def get(self, key: bytes) -> CachedResult | None:
         if self._entries is None:

@@ -3,8 +3,9 @@
 Concurrency contract:
 - One dedicated OS thread (``resnet-serve-inference``) owns the TorchScript module. Nothing
   else ever calls the module, so it needs no lock and torch's intra-op pool is never shared.
-- Work reaches it through a ``queue.Queue`` of ``_Job``s: a stacked ``uint8`` batch plus a
-  ``concurrent.futures.Future``. The thread resolves that future with the probabilities or the
+- Work reaches it through a ``queue.Queue`` of ``_Job``s: a batch's ``uint8`` images plus a
+  ``concurrent.futures.Future``. The thread stacks them itself, so the event loop never waits
+  on the copy (nor wakes torch's thread pool for it). The thread resolves that future with the probabilities or the
   exception; ``asyncio.wrap_future`` hands the outcome to the event loop with
   ``call_soon_threadsafe``. An exception fails only that job; the thread goes on.
 - ``close()`` puts a sentinel behind the jobs already queued, so they finish first; a job
@@ -233,7 +234,7 @@ class ModelInfo:
 
 @dataclass
 class _Job:
-    batch: torch.Tensor
+    images: list[torch.Tensor]
     future: concurrent.futures.Future[tuple[torch.Tensor, float]]
 
 
@@ -265,7 +266,7 @@ class InferenceThread:
                 job = item
                 if job.future.set_running_or_notify_cancel():
                     try:
-                        job.future.set_result(self._forward(job.batch))
+                        job.future.set_result(self._forward(job.images))
                     except Exception as exc:  # the job fails; the thread lives on
                         job.future.set_exception(exc)
                 job = None
@@ -289,18 +290,19 @@ class InferenceThread:
             if isinstance(item, _Job) and item.future.set_running_or_notify_cancel():
                 item.future.set_exception(died)
 
-    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
-        start = time.perf_counter()
+    def _forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """Probabilities for the stacked batch, and the forward pass's own time in ms."""
         with torch.inference_mode():
-            pixels = batch.to(self._device, non_blocking=True)
-            probs = self._model(pixels).cpu()
+            batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
+            start = time.perf_counter()
+            probs = self._model(batch.to(self._device, non_blocking=True)).cpu()
         return probs, (time.perf_counter() - start) * 1000.0
 
-    def submit(self, batch: torch.Tensor) -> concurrent.futures.Future[tuple[torch.Tensor, float]]:
+    def submit(self, images: list[torch.Tensor]) -> concurrent.futures.Future[tuple[torch.Tensor, float]]:
         future: concurrent.futures.Future[tuple[torch.Tensor, float]] = concurrent.futures.Future()
         with self._lock:
             if not self._closed:
-                self._jobs.put(_Job(batch, future))
+                self._jobs.put(_Job(images, future))
                 return future
         future.set_exception(NotReady("the inference thread is shut down"))
         return future
@@ -373,9 +375,9 @@ class Engine:
         """Run every batch size a few times: TorchScript's first calls optimise the graph."""
         size = self._crop_size
         for n in range(1, max_batch_size + 1):
-            batch = torch.zeros(n, 3, size, size, dtype=torch.uint8)
+            images = [torch.zeros(3, size, size, dtype=torch.uint8)] * n
             for _ in range(WARMUP_ROUNDS):
-                _, elapsed = self._thread.submit(batch).result()
+                _, elapsed = self._thread.submit(images).result()
             self.info.warmup_batch_ms[n] = round(elapsed, 3)
 
     @property
@@ -383,11 +385,10 @@ class Engine:
         return self._thread.alive
 
     async def predict(self, images: list[torch.Tensor]) -> list[Prediction]:
-        """Stack ``images`` into one batch, run it on the inference thread, split the result."""
+        """Run ``images`` as one batch on the inference thread, split the result."""
         self.ensure_running()
-        batch = torch.stack(images)
         try:
-            probs, elapsed = await asyncio.wrap_future(self._thread.submit(batch))
+            probs, elapsed = await asyncio.wrap_future(self._thread.submit(images))
         except NotReady:
             raise
         except Exception as exc:
