@@ -305,6 +305,26 @@ def median_ratios(per_round: list[dict[str, float]]) -> dict[str, float]:
     return {key: round(statistics.median(r[key] for r in per_round), 2) for key in per_round[0]}
 
 
+def median_table(rounds: list[dict[str, dict[str, object]]]) -> str:
+    """One row per configuration and concurrency: the median over rounds of each figure."""
+    def med(values: list[float]) -> float:
+        return round(statistics.median(values), 2)
+
+    lines = ["| config | concurrency | throughput (img/s) | p50 (ms) | p99 (ms) | mean batch | "
+             "in-process one image (ms) | in-process batched (img/s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in rounds[0]:
+        runs = [r[name] for r in rounds]
+        baselines = [run["in_process"] for run in runs if run["in_process"]]
+        single = med([b["total_p50_ms"] for b in baselines]) if baselines else "-"  # type: ignore[index]
+        batched = med([b["batched_images_per_s"] for b in baselines]) if baselines else "-"  # type: ignore[index]
+        for i, first in enumerate(runs[0]["results"]):  # type: ignore[arg-type]
+            rows = [run["results"][i] for run in runs]  # type: ignore[index]
+            lines.append(f"| {name} | {first['concurrency']} | {med([r['throughput_rps'] for r in rows])} | "
+                         f"{med([r['p50_ms'] for r in rows])} | {med([r['p99_ms'] for r in rows])} | "
+                         f"{med([r['mean_batch_size'] for r in rows])} | {single} | {batched} |")
+    return "\n".join(lines)
+
+
 def measure_round(args: argparse.Namespace, images: list[bytes]) -> dict[str, dict[str, object]]:
     """Each configuration once: its in-process baseline, then its server under load."""
     runs: dict[str, dict[str, object]] = {}
@@ -361,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             server = run["server"]
             sections.append(f"**{name}** ({', '.join(f'{k}={v}' for k, v in server.items())})\n\n"  # type: ignore[union-attr]
                             + markdown([LoadResult(**r) for r in run["results"]], run["in_process"]))  # type: ignore[arg-type, union-attr]
+    if len(rounds) > 1:
+        sections.append(f"### Median of {len(rounds)} rounds\n\n" + median_table(rounds))
     if summary:
         label = "Ratios" if len(rounds) == 1 else f"Ratios (median of {len(rounds)} rounds)"
         lines = [f"- {k} = {v}" + (f" (rounds: {', '.join(str(r[k]) for r in per_round)})" if len(rounds) > 1 else "")

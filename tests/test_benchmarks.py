@@ -47,6 +47,7 @@ def test_http_bench_writes_a_table_and_json(server_url: str, tmp_path: Path, mon
                             "--baseline-repeats", "0", "--client", "httpx", "--rounds", "2", "--out", "h"]) == 0
     rounds = json.loads((tmp_path / "h.json").read_text())["rounds"]
     assert len(rounds) == 2 and all(set(r["env"]["results"][0]["statuses"]) == {"200"} for r in rounds)
+    assert "### Median of 2 rounds" in (tmp_path / "h.md").read_text()
 
 
 def test_percentile() -> None:
@@ -136,6 +137,17 @@ def test_ratios_compare_configurations_from_one_run() -> None:
 def test_ratios_over_rounds_are_medians() -> None:
     rounds = [{"fastest_vs_naive_throughput": v} for v in (3.9, 4.6, 4.4)]
     assert http_bench.median_ratios(rounds) == {"fastest_vs_naive_throughput": 4.4}
+
+
+def test_the_median_table_takes_each_figure_over_rounds() -> None:
+    def run(rps: float, single: float) -> dict[str, dict[str, object]]:
+        result = {"concurrency": 32, "throughput_rps": rps, "p50_ms": 1000 / rps, "p99_ms": 2000 / rps,
+                  "mean_batch_size": 8.0}
+        return {"fastest": {"in_process": {"total_p50_ms": single, "batched_images_per_s": 100.0},
+                            "results": [result]}}
+
+    table = http_bench.median_table([run(100, 12), run(80, 10), run(120, 11)])
+    assert table.splitlines()[-1] == "| fastest | 32 | 100 | 10.0 | 20.0 | 8.0 | 11 | 100.0 |"
 
 
 def test_engine_bench_writes_a_table_json_and_plot(tmp_path: Path, seeded_weights: Path,
