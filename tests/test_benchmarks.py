@@ -19,6 +19,7 @@ import burst  # noqa: E402
 import engine_bench  # noqa: E402
 import http_bench  # noqa: E402
 import soak  # noqa: E402
+import stages_bench  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +166,19 @@ def test_engine_bench_writes_a_table_json_and_plot(tmp_path: Path, seeded_weight
     assert 0 <= int8["agreement"]["top1_agreement"] <= 1
     assert "| int8-x86 |" in (tmp_path / "e.md").read_text()
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stages_bench_times_each_stage_against_its_alternative(tmp_path: Path, seeded_weights: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stages_bench, "RESULTS", tmp_path)
+    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
+    monkeypatch.setenv("RESNET_SERVE_ALLOW_DOWNLOAD", "false")
+    assert stages_bench.main(["--repeats", "4", "--precision", "fp32", "--out", "s"]) == 0
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    stages = [r["stage"] for r in rows]
+    assert stages[:2] == ["resize + crop"] * 2 and stages[-3:] == ["fp32 batch 1"] * 3
+    assert all(r["ms"] > 0 for r in rows)
+    assert "| fp32 batch 1 | Engine.predict on one event loop (server) |" in (tmp_path / "s.md").read_text()
 
 
 def test_burst_reports_only_200s_and_503s(tmp_path: Path, seeded_weights: Path,
