@@ -191,3 +191,8 @@ def test_a_state_dict_of_another_architecture_is_refused(tmp_path: Path) -> None
     torch.save({"conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(WeightsError, match="does not fit"):
         load_state_dict(path, RESNET18)
+
+
+def test_a_spec_whose_crop_would_pad_is_refused() -> None:
+    with pytest.raises(ValueError, match="crop_size 300 exceeds resize_size 256"):
+        dataclasses.replace(RESNET18, crop_size=300)

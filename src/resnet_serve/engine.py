@@ -4,10 +4,10 @@ Concurrency contract:
 - One dedicated OS thread (``resnet-serve-inference``) owns the TorchScript module. Nothing
   else ever calls the module, so it needs no lock and torch's intra-op pool is never shared.
 - Work reaches it through a ``queue.Queue`` of ``_Job``s: a batch's ``uint8`` images plus a
-  ``concurrent.futures.Future``. The thread stacks them itself, so the event loop never waits
-  on the copy (nor wakes torch's thread pool for it). The thread resolves that future with the probabilities or the
-  exception; ``asyncio.wrap_future`` hands the outcome to the event loop with
-  ``call_soon_threadsafe``. An exception fails only that job; the thread goes on.
+  ``concurrent.futures.Future``. The thread stacks the images itself, so the event loop never
+  waits on the copy. It resolves that future with the probabilities or the exception;
+  ``asyncio.wrap_future`` hands the outcome to the event loop with ``call_soon_threadsafe``.
+  An exception fails only that job; the thread goes on.
 - ``close()`` puts a sentinel behind the jobs already queued, so they finish first; a job
   submitted after ``close()`` fails at once with ``NotReady``.
 - If the thread dies anyway (a ``BaseException``), a ``finally`` fails the job it held and every
@@ -74,12 +74,12 @@ def select_precision(name: str, device: torch.device) -> Precision:
         raise RuntimeError("RESNET_SERVE_PRECISION=fp16 needs a CUDA or MPS device")
     if name == "int8" and device.type != "cpu":
         raise RuntimeError("RESNET_SERVE_PRECISION=int8 runs on the CPU only; use fp16 on a GPU")
-    if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+    if name == "bf16" and device.type == "cpu" and not cpu_has_bf16_kernels():
         logger.warning("oneDNN has no bf16 kernels for this CPU (they need AVX-512); bf16 will be slow here")
     return name  # type: ignore[return-value]
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_has_bf16_kernels() -> bool:
     """Whether oneDNN has bf16 kernels for this CPU: AVX-512 emulates bf16 arithmetic, and
     AVX512-BF16 or AMX run it natively (faster than fp32); without them torch's reference
     kernels run, far slower than fp32."""

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
 
 from resnet_serve.errors import (
     InvalidImage,
@@ -181,14 +179,12 @@ def crop_box(width: int, height: int, resize_size: int, crop_size: int) -> tuple
 def to_tensor(image: Image.Image, spec: ModelSpec) -> torch.Tensor:
     """Resize + centre-crop as torchvision's reference transform; ``uint8 [3, H, W]``.
 
-    Only the box that the crop keeps is resized: Pillow places every output pixel by the box,
-    so the pixels are the reference's for about 60% of the work, and a long thin image never
-    expands to a huge intermediate. The two passes are made explicitly, horizontal first as in
-    a whole-image resize; a one-call box resize may run them the other way round, and its
-    rounding then differs by one grey level in a quarter of the values of portrait images."""
-    if spec.resize_size < spec.crop_size:  # the crop would pad: leave that to torchvision
-        image = F.resize(image, [spec.resize_size], interpolation=InterpolationMode.BILINEAR)
-        return torch.from_numpy(np.array(F.center_crop(image, [spec.crop_size]))).permute(2, 0, 1)
+    Only the box that the crop keeps is resized (``ModelSpec`` guarantees the crop fits):
+    Pillow places every output pixel by the box, so the pixels are the reference's in about two
+    thirds of the time (``benchmarks/stages_bench.py``), and a long thin image never expands to a
+    huge intermediate. The two passes are made explicitly, horizontal first as in a whole-image
+    resize; a one-call box resize may run them the other way round, and its rounding then
+    differs by one grey level in a quarter of the values of portrait images."""
     left, top, right, bottom = crop_box(image.width, image.height, spec.resize_size, spec.crop_size)
     size, bilinear = spec.crop_size, Image.Resampling.BILINEAR
     rows = image.resize((size, image.height), bilinear, box=(left, 0, right, image.height))

@@ -47,6 +47,10 @@ class ModelSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    def __post_init__(self) -> None:
+        if self.crop_size > self.resize_size:
+            raise ValueError(f"crop_size {self.crop_size} exceeds resize_size {self.resize_size}: the crop would pad")
+
     @property
     def filename(self) -> str:
         return self.url.rsplit("/", 1)[-1]
