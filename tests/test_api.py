@@ -190,11 +190,12 @@ async def test_unknown_routes_use_the_same_error_shape(client: httpx.AsyncClient
 
 
 async def test_a_full_queue_answers_503_with_retry_after(settings: Settings, engine: Engine, photo_jpegs: dict[str, bytes]) -> None:
-    slow = WrappedEngine(engine, delay=0.5)
+    slow = WrappedEngine(engine, delay=1.0)
     tight = settings.model_copy(update={"max_queue": 1, "max_batch_size": 1})
     async for c in client_for(tight, slow):
         responses = await asyncio.gather(*(c.post("/predict", **upload(photo_jpegs["rocket"])) for _ in range(5)))
         statuses = sorted(r.status_code for r in responses)
+        # admission holds one running and one queued: both are answered, however the loop interleaves
         assert statuses.count(200) >= 2 and set(statuses) == {200, 503}
         refused = next(r for r in responses if r.status_code == 503)
         assert_error(refused, 503, "overloaded")

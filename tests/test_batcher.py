@@ -77,7 +77,7 @@ async def test_eager_dispatch_sends_a_lone_request_at_once() -> None:
     start = time.monotonic()
     pending = batcher.submit(7, timeout_s=30)
     assert await pending.future == 70
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 5  # far below the 10 s window
     assert model.batches == [[7]]
     await batcher.close()
 
@@ -170,6 +170,19 @@ async def test_a_full_queue_refuses_at_once_with_retry_after() -> None:
     assert refused.value.headers["Retry-After"] == "1"
     assert batcher.stats.rejected == 1
     assert await asyncio.gather(running.future, *(p.future for p in queued)) == [0, 10, 20]
+    await batcher.close()
+
+
+async def test_an_idle_batcher_holds_its_next_batch_besides_the_queue() -> None:
+    """A burst that lands before the task's turn (as on a busy CI host) is not refused for room
+    the task was about to make: the next batch does not count against ``max_queue``."""
+    model = FakeModel(delay=0.05)
+    batcher = make(model, dispatch="eager", max_batch_size=2, max_queue=1)
+    accepted = [batcher.submit(i, timeout_s=30) for i in range(3)]  # no await: the task has not run
+    with pytest.raises(Overloaded):
+        batcher.submit(3, timeout_s=30)
+    assert await asyncio.gather(*(p.future for p in accepted)) == [0, 10, 20]
+    assert model.batches == [[0, 1], [2]]
     await batcher.close()
 
 

@@ -23,17 +23,22 @@ def ray_url(seeded_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     from resnet_serve.ray_app import build_app
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        overrides = {"weights": str(seeded_weights), "allow_download": False, "torch_threads": 1,
-                     "compiled_cache": False, "max_batch_size": 4}
-        serve.run(build_app(overrides), name="resnet-serve", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        # Ray's controller gives its HTTP proxy 5 s to start and 10 s per health check; on a busy
+        # 2-core CI host that is not always enough, and it then kills the proxy mid-setup.
+        for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+            env.setenv(name, "60")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=str(tmp_path_factory.mktemp("ray")))
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            overrides = {"weights": str(seeded_weights), "allow_download": False, "torch_threads": 1,
+                         "compiled_cache": False, "max_batch_size": 4}
+            serve.run(build_app(overrides), name="resnet-serve", route_prefix="/")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 def test_predictions_through_rays_proxy_match_the_engine(ray_url: str, photo_jpegs: dict[str, bytes],

@@ -5,7 +5,10 @@ Concurrency contract:
   ``deque`` and an ``asyncio.Event``, so no lock is needed.
 - ``submit()`` admits a request only while the queue has room, otherwise it raises
   ``Overloaded`` at once (the API answers 503 + ``Retry-After``): memory never grows without
-  bound. It returns a ``Pending`` whose ``future`` the caller awaits.
+  bound. It returns a ``Pending`` whose ``future`` the caller awaits. ``max_queue`` counts the
+  requests that wait behind a batch: while the model is idle, the next ``max_batch_size``
+  requests are that batch, even before the task has had its turn to take them, so a burst that
+  lands between two turns of the loop is not refused for room it would have had a moment later.
 - The task takes the oldest request and forms a batch by the dispatch policy:
     * ``eager`` (default): add whatever else is already queued, up to ``max_batch_size``, and
       dispatch now. The task awaits each batch, so whenever it is collecting the model is
@@ -110,13 +113,18 @@ class Batcher(Generic[In, Out]):
     def busy(self) -> bool:
         return self._busy
 
+    @property
+    def capacity(self) -> int:
+        """How many requests the queue holds now: ``max_queue``, plus the next batch while idle."""
+        return self.max_queue + (0 if self._busy else self.max_batch_size)
+
     def submit(self, item: In, *, timeout_s: float) -> Pending[In, Out]:
         """Queue ``item``; raise ``Overloaded`` or ``NotReady`` instead of waiting for room."""
         if self._closing:
             raise NotReady("the service is shutting down")
         if self._task.done():
             raise NotReady("the batcher has stopped")
-        if len(self._queue) >= self.max_queue:
+        if len(self._queue) >= self.capacity:
             self.stats.rejected += 1
             raise Overloaded(
                 f"the queue is full ({self.max_queue} requests waiting)", headers={"Retry-After": "1"}
