@@ -22,6 +22,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from http_bench import RESULTS, spawned_server  # noqa: E402
 from images import default_images  # noqa: E402
+from machine import describe, one_line  # noqa: E402
 from soak import rss_mb  # noqa: E402
 
 
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"requests": args.requests, "max_queue": args.max_queue, "statuses": dict(sorted(counts.items())),
               "seconds": round(seconds, 2), "rss_mb_before": before, "rss_mb_after": after}
     lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in report.items()]
+    machine = describe()
+    lines.append(f"| machine | {one_line(machine)} |")
+    report["machine"] = machine
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -81,6 +82,7 @@ def test_soak_mixes_good_and_bad_traffic_and_reports_memory(server_url: str, tmp
     assert statuses.get("good 200", 0) > 0
     assert {k.split()[1] for k in statuses if k.startswith("bad")} <= {"400", "413", "415"}
     assert report["good_p50_ms"] <= report["good_p99_ms"]
+    assert report["machine"]["cpus"] == os.cpu_count()
 
 
 def test_accuracy_counts_top1_and_top5_on_a_class_folder(
@@ -190,3 +192,4 @@ def test_burst_reports_only_200s_and_503s(tmp_path: Path, seeded_weights: Path,
     report = json.loads((tmp_path / "b.json").read_text())
     assert set(report["statuses"]) == {"200", "503"} and sum(report["statuses"].values()) == 60
     assert report["rss_mb_before"] > 0 and report["rss_mb_after"] > 0
+    assert report["machine"]["cpus"] == os.cpu_count()
