@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from collections import Counter
@@ -22,7 +21,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from http_bench import RESULTS, spawned_server  # noqa: E402
 from images import default_images  # noqa: E402
-from machine import describe, one_line  # noqa: E402
+from machine import save_metrics  # noqa: E402
 from soak import rss_mb  # noqa: E402
 
 
@@ -56,14 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         after = rss_mb(process.pid)
     report = {"requests": args.requests, "max_queue": args.max_queue, "statuses": dict(sorted(counts.items())),
               "seconds": round(seconds, 2), "rss_mb_before": before, "rss_mb_after": after}
-    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in report.items()]
-    machine = describe()
-    lines.append(f"| machine | {one_line(machine)} |")
-    report["machine"] = machine
-    print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    save_metrics(report, RESULTS / args.out)
     return 0 if set(counts) <= {"200", "503"} else 1
 
 

@@ -1,9 +1,10 @@
 """What a benchmark figure was measured on: CPU model, core count and the instruction sets that
 decide INT8 and BF16 speed (VNNI, AVX512-BF16, AMX), so figures from different hosts are not
-compared by mistake."""
+compared by mistake; and the one-table reports (burst, soak) that carry it."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -35,3 +36,15 @@ def describe() -> dict[str, object]:
 def one_line(machine: dict[str, object]) -> str:
     isa = ", ".join(machine["isa"]) or "no AVX2"  # type: ignore[arg-type]
     return f"{machine['cpus']} × {machine['cpu']} ({isa})"
+
+
+def save_metrics(report: dict[str, object], stem: Path) -> None:
+    """Add the machine to ``report``, print it as a metric/value table, and write ``stem``.json
+    and ``stem``.md."""
+    report["machine"] = describe()
+    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in report.items() if k != "machine"]
+    lines.append(f"| machine | {one_line(report['machine'])} |")  # type: ignore[arg-type]
+    print("\n".join(lines))
+    stem.parent.mkdir(exist_ok=True)
+    (stem.parent / f"{stem.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (stem.parent / f"{stem.name}.md").write_text("\n".join(lines) + "\n")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import random
 import struct
 import sys
@@ -30,7 +29,7 @@ from resnet_serve.client import AsyncClient, ClientError
 sys.path.insert(0, str(Path(__file__).parent))
 from http_bench import RESULTS, percentile, spawned_server, unique  # noqa: E402
 from images import default_images  # noqa: E402
-from machine import describe, one_line  # noqa: E402
+from machine import save_metrics  # noqa: E402
 
 
 def bad_inputs(photo: bytes) -> list[tuple[str, bytes]]:
@@ -110,14 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"duration_s": args.duration, "concurrency": args.concurrency, "bad_share": args.bad,
               **result, "rss_mb_start": rss_start, "rss_mb_end": rss_end,
               "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2) if rss_start and rss_end else None}
-    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in report.items()]
-    machine = describe()
-    lines.append(f"| machine | {one_line(machine)} |")
-    report["machine"] = machine
-    print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    save_metrics(report, RESULTS / args.out)
     unexpected = [k for k in result["statuses"] if not k.endswith((" 200", " 400", " 413", " 415", " 503"))]  # type: ignore[union-attr]
     return 1 if unexpected else 0
 

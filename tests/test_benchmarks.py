@@ -23,6 +23,13 @@ import soak  # noqa: E402
 import stages_bench  # noqa: E402
 
 
+@pytest.fixture
+def offline_weights(seeded_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Benchmarks that load the model in-process use the seeded weights, never a download."""
+    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
+    monkeypatch.setenv("RESNET_SERVE_ALLOW_DOWNLOAD", "false")
+
+
 @pytest.fixture(scope="module")
 def server_url(seeded_weights: Path) -> Iterator[str]:
     env = {"RESNET_SERVE_WEIGHTS": str(seeded_weights), "RESNET_SERVE_ALLOW_DOWNLOAD": "false"}
@@ -86,8 +93,7 @@ def test_soak_mixes_good_and_bad_traffic_and_reports_memory(server_url: str, tmp
 
 
 def test_accuracy_counts_top1_and_top5_on_a_class_folder(
-    tmp_path: Path, photo_jpegs: dict[str, bytes], engine: object, seeded_weights: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, photo_jpegs: dict[str, bytes], engine: object, offline_weights: None,
 ) -> None:
     import accuracy
 
@@ -107,8 +113,6 @@ def test_accuracy_counts_top1_and_top5_on_a_class_folder(
         folder = data / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}.jpg").write_bytes(photo_jpegs[name])
-    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
-    monkeypatch.setenv("RESNET_SERVE_ALLOW_DOWNLOAD", "false")
     assert accuracy.main(["--data", str(data), "--precisions", "fp32", "--batch-size", "4",
                           "--results-dir", str(tmp_path / "out")]) == 0
     (row,) = json.loads((tmp_path / "out" / "accuracy.json").read_text())["results"]
@@ -153,11 +157,9 @@ def test_the_median_table_takes_each_figure_over_rounds() -> None:
     assert table.splitlines()[-1] == "| fastest | 32 | 100 | 10.0 | 20.0 | 8.0 | 11 | 100.0 |"
 
 
-def test_engine_bench_writes_a_table_json_and_plot(tmp_path: Path, seeded_weights: Path,
+def test_engine_bench_writes_a_table_json_and_plot(tmp_path: Path, offline_weights: None,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_bench, "RESULTS", tmp_path)
-    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
-    monkeypatch.setenv("RESNET_SERVE_ALLOW_DOWNLOAD", "false")
     assert engine_bench.main(["--configs", "fp32", "int8-x86", "--batch-sizes", "1", "2", "--repeats", "2",
                               "--out", "e"]) == 0
     report = json.loads((tmp_path / "e.json").read_text())
@@ -170,11 +172,9 @@ def test_engine_bench_writes_a_table_json_and_plot(tmp_path: Path, seeded_weight
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_stages_bench_times_each_stage_against_its_alternative(tmp_path: Path, seeded_weights: Path,
+def test_stages_bench_times_each_stage_against_its_alternative(tmp_path: Path, offline_weights: None,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stages_bench, "RESULTS", tmp_path)
-    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
-    monkeypatch.setenv("RESNET_SERVE_ALLOW_DOWNLOAD", "false")
     assert stages_bench.main(["--repeats", "4", "--precision", "fp32", "--out", "s"]) == 0
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
     stages = [r["stage"] for r in rows]
@@ -183,11 +183,9 @@ def test_stages_bench_times_each_stage_against_its_alternative(tmp_path: Path, s
     assert "| fp32 batch 1 | Engine.predict on one event loop (server) |" in (tmp_path / "s.md").read_text()
 
 
-def test_burst_reports_only_200s_and_503s(tmp_path: Path, seeded_weights: Path,
+def test_burst_reports_only_200s_and_503s(tmp_path: Path, offline_weights: None,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(burst, "RESULTS", tmp_path)
-    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
-    monkeypatch.setenv("RESNET_SERVE_ALLOW_DOWNLOAD", "false")
     assert burst.main(["--requests", "60", "--max-queue", "2", "--out", "b"]) == 0
     report = json.loads((tmp_path / "b.json").read_text())
     assert set(report["statuses"]) == {"200", "503"} and sum(report["statuses"].values()) == 60

@@ -180,9 +180,9 @@ def to_tensor(image: Image.Image, spec: ModelSpec) -> torch.Tensor:
     """Resize + centre-crop as torchvision's reference transform; ``uint8 [3, H, W]``.
 
     Only the box that the crop keeps is resized (``ModelSpec`` guarantees the crop fits):
-    Pillow places every output pixel by the box, so the pixels are the reference's in about two
-    thirds of the time (``benchmarks/stages_bench.py``), and a long thin image never expands to a
-    huge intermediate. The two passes are made explicitly, horizontal first as in a whole-image
+    Pillow places every output pixel by the box, so the pixels are the reference's, in about two
+    thirds of the reference's time (``benchmarks/stages_bench.py``), and a long thin image never
+    expands to a huge intermediate. The two passes are made explicitly, horizontal first as in a whole-image
     resize; a one-call box resize may run them the other way round, and its rounding then
     differs by one grey level in a quarter of the values of portrait images."""
     left, top, right, bottom = crop_box(image.width, image.height, spec.resize_size, spec.crop_size)
