@@ -42,29 +42,30 @@ def labelled_files(root: Path) -> list[tuple[Path, int]]:
 
 
 def evaluate(files: list[tuple[Path, int]], precision: str, batch_size: int) -> dict[str, object]:
-    from resnet_serve.engine import Engine
     from resnet_serve.errors import ServeError
-    from resnet_serve.preprocess import preprocess
+    from resnet_serve.loading import load_engine, resolve
+    from resnet_serve.results import top_k
     from resnet_serve.settings import Settings
-    from resnet_serve.weights import RESNET18, resolve
+    from resnet_serve.spec import RESNET18
+    from resnet_serve.transform import preprocess
 
     settings = Settings(precision=precision, max_batch_size=batch_size)  # type: ignore[arg-type]
     weights = resolve(RESNET18, settings)
-    engine = Engine.load(RESNET18, weights, settings)
+    engine = load_engine(RESNET18, weights, settings)
     top1 = top5 = seen = skipped = 0
     try:
         for start in range(0, len(files), batch_size):
             tensors, labels = [], []
             for path, label in files[start : start + batch_size]:
                 try:
-                    tensors.append(preprocess(path.read_bytes(), RESNET18, max_pixels=10**9).tensor)
+                    tensors.append(preprocess(path.read_bytes(), RESNET18, max_pixels=10**9).pixels)
                     labels.append(label)
                 except ServeError:
                     skipped += 1
             if not tensors:
                 continue
             for prediction, label in zip(asyncio.run(engine.predict(tensors)), labels):
-                best = prediction.probs.topk(5).indices.tolist()
+                best = top_k(prediction.probs, 5)[1]
                 top1 += best[0] == label
                 top5 += label in best
                 seen += 1

@@ -47,32 +47,33 @@ CPU_CONFIGS = ["fp32", "fp32-cl", "bf16-cl", "int8-x86", "int8-fbgemm", "int8-on
 
 def photo_batch() -> object:
     """Real photos (scikit-image's) pre-processed like the service does."""
+    import numpy as np
     import skimage
-    import torch
 
-    from resnet_serve.preprocess import preprocess
-    from resnet_serve.weights import RESNET18
+    from resnet_serve.spec import RESNET18
+    from resnet_serve.transform import preprocess
 
     data = Path(skimage.__file__).parent / "data"
     names = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png",
              "motorcycle_right.png", "horse.png", "retina.jpg", "hubble_deep_field.jpg", "ihc.png"]
-    return torch.stack([preprocess((data / n).read_bytes(), RESNET18, max_pixels=10**9).tensor for n in names])
+    return np.stack([preprocess((data / n).read_bytes(), RESNET18, max_pixels=10**9).pixels for n in names])
 
 
 def run_one(batch_sizes: list[int], repeats: int) -> dict[str, object]:
     """Measure the configuration in this process's environment (called in a child process)."""
-    import torch
+    import numpy as np
 
-    from resnet_serve.engine import Engine
+    from resnet_serve.loading import load_engine, resolve
+    from resnet_serve.results import top_k
     from resnet_serve.settings import Settings
-    from resnet_serve.weights import RESNET18, resolve
+    from resnet_serve.spec import RESNET18
 
     cache_dir = Path(os.environ["RESNET_SERVE_COMPILED_CACHE_DIR"])
     settings = Settings(max_batch_size=1)
     weights = resolve(RESNET18, settings)
-    cold = Engine.load(RESNET18, weights, settings)
+    cold = load_engine(RESNET18, weights, settings)
     cold.close()
-    warm = Engine.load(RESNET18, weights, settings)
+    warm = load_engine(RESNET18, weights, settings)
     artefacts = [p for p in cache_dir.iterdir() if p.suffix in (".pt", ".onnx")]
     photos = photo_batch()
 
@@ -80,7 +81,7 @@ def run_one(batch_sizes: list[int], repeats: int) -> dict[str, object]:
         """On one event loop, as in the server: each call goes through the inference thread."""
         results = []
         for n in batch_sizes:
-            batch = list(photos.repeat((n + len(photos) - 1) // len(photos), 1, 1, 1)[:n])  # type: ignore[attr-defined]
+            batch = list(np.resize(photos, (n, *photos.shape[1:])))  # type: ignore[attr-defined]
             for _ in range(3):
                 await warm.predict(batch)
             times = []
@@ -93,12 +94,12 @@ def run_one(batch_sizes: list[int], repeats: int) -> dict[str, object]:
         return results
 
     results = asyncio.run(measure())
-    top5 = [p.probs.topk(5).indices.tolist() for p in asyncio.run(warm.predict(list(photos)))]  # type: ignore[call-overload]
+    top5 = [top_k(p.probs, 5)[1] for p in asyncio.run(warm.predict(list(photos)))]  # type: ignore[call-overload]
     info = warm.info
     warm.close()
     return {
         "device": info.device, "precision": info.precision, "channels_last": info.channels_last,
-        "weights": info.weights.source, "torch_threads": torch.get_num_threads(),
+        "weights": info.weights.source, "runtime": info.runtime, "threads": info.threads,
         "cold_start_s": cold.info.start_s, "warm_start_s": info.start_s, "warm_from": info.compiled_from,
         "model_file_mb": round(sum(p.stat().st_size for p in artefacts) / 1e6, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

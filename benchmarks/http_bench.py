@@ -183,14 +183,14 @@ async def run_load(url: str, images: list[bytes], concurrency: int, duration: fl
 def in_process_ms(images: list[bytes], repeats: int, overrides: dict[str, str] | None = None) -> dict[str, float]:
     """With no server: p50 of decode+pre-process and of a batch-1 forward pass, and the
     throughput of decode + inference in full batches, for the given settings."""
-    from resnet_serve.engine import Engine
-    from resnet_serve.preprocess import preprocess
+    from resnet_serve.loading import load_engine, resolve
     from resnet_serve.settings import Settings
-    from resnet_serve.weights import RESNET18, resolve
+    from resnet_serve.spec import RESNET18
+    from resnet_serve.transform import preprocess
 
     fields = {k.removeprefix("RESNET_SERVE_").lower(): v for k, v in (overrides or {}).items()}
     settings = Settings(**fields)  # type: ignore[arg-type]
-    engine = Engine.load(RESNET18, resolve(RESNET18, settings), settings)
+    engine = load_engine(RESNET18, resolve(RESNET18, settings), settings)
     n = settings.max_batch_size
 
     async def measure() -> tuple[list[float], list[float], float]:
@@ -198,13 +198,13 @@ def in_process_ms(images: list[bytes], repeats: int, overrides: dict[str, str] |
         pre, infer = [], []
         for i in range(repeats):
             start = time.perf_counter()
-            tensor = preprocess(images[i % len(images)], RESNET18, max_pixels=settings.max_pixels).tensor
+            tensor = preprocess(images[i % len(images)], RESNET18, max_pixels=settings.max_pixels).pixels
             pre.append((time.perf_counter() - start) * 1000)
             infer.append((await engine.predict([tensor]))[0].inference_ms)
         start = time.perf_counter()
         done = 0
         while done < repeats:
-            batch = [preprocess(images[(done + j) % len(images)], RESNET18, max_pixels=settings.max_pixels).tensor
+            batch = [preprocess(images[(done + j) % len(images)], RESNET18, max_pixels=settings.max_pixels).pixels
                      for j in range(n)]
             await engine.predict(batch)
             done += n
@@ -339,8 +339,8 @@ def measure_round(args: argparse.Namespace, images: list[bytes]) -> dict[str, di
             model = httpx.get(f"{url}/model", timeout=10).json()
         runs[name] = {
             "overrides": overrides,
-            "server": {k: model[k] for k in ("device", "precision", "channels_last", "max_batch_size",
-                                              "max_wait_ms", "dispatch", "torch_threads", "cache_size", "weights")},
+            "server": {k: model[k] for k in ("runtime", "device", "precision", "channels_last", "max_batch_size",
+                                              "max_wait_ms", "dispatch", "threads", "cache_size", "weights")},
             "in_process": baseline,
             "results": [asdict(r) for r in results],
         }

@@ -1,9 +1,9 @@
 """Per-stage costs behind the request path's design choices, each against its alternative.
 
-- resize: the crop-box resize the service uses (``preprocess.to_tensor``) against torchvision's
+- resize: the crop-box resize the service uses (``transform.to_pixels``) against torchvision's
   resize-then-crop, on the benchmark photos (decoded once, outside the timing)
 - cache key: SHA-256 truncated to 128 bits (``ResultCache.key``) against BLAKE2b-128
-- batch 1 through the engine at the fastest precision: the bare model called on this thread,
+- batch 1 through the engine at the fastest precision: the bare backend called on this thread,
   ``Engine.predict`` awaited on one event loop (as the server does), and ``Engine.predict``
   under ``asyncio.run`` per call (how the benchmarks used to time it)
 
@@ -45,13 +45,12 @@ def p50_ms(work: Callable[[], object], repeats: int) -> float:
 
 def resize_rows(images: list[bytes], repeats: int) -> list[dict[str, object]]:
     import numpy as np
-    import torch
     from PIL import Image
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F
 
-    from resnet_serve.preprocess import to_tensor
-    from resnet_serve.weights import RESNET18
+    from resnet_serve.spec import RESNET18
+    from resnet_serve.transform import to_pixels
 
     decoded = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
 
@@ -59,11 +58,11 @@ def resize_rows(images: list[bytes], repeats: int) -> list[dict[str, object]]:
         for image in decoded:
             cropped = F.center_crop(F.resize(image, [RESNET18.resize_size], interpolation=InterpolationMode.BILINEAR),
                                     [RESNET18.crop_size])
-            torch.from_numpy(np.array(cropped)).permute(2, 0, 1)
+            np.array(cropped).transpose(2, 0, 1)
 
     def crop_box() -> None:
         for image in decoded:
-            to_tensor(image, RESNET18)
+            to_pixels(image, RESNET18)
 
     n = len(decoded)
     return [
@@ -92,20 +91,19 @@ def hash_rows(images: list[bytes], repeats: int) -> list[dict[str, object]]:
 
 
 def engine_rows(precision: str, repeats: int) -> list[dict[str, object]]:
-    import torch
+    import numpy as np
 
-    from resnet_serve.engine import Engine
+    from resnet_serve.loading import load_engine, resolve
     from resnet_serve.settings import Settings
-    from resnet_serve.weights import RESNET18, resolve
+    from resnet_serve.spec import RESNET18
 
     settings = Settings(precision=precision, max_batch_size=1)  # type: ignore[arg-type]
-    engine = Engine.load(RESNET18, resolve(RESNET18, settings), settings)
-    image = torch.zeros(3, RESNET18.crop_size, RESNET18.crop_size, dtype=torch.uint8)
-    model = engine._model  # the bare model, as a reference point only
+    engine = load_engine(RESNET18, resolve(RESNET18, settings), settings)
+    image = np.zeros((3, RESNET18.crop_size, RESNET18.crop_size), dtype=np.uint8)
+    backend = engine._backend  # the bare backend, as a reference point only
 
     def bare() -> None:
-        with torch.inference_mode():
-            model(image.unsqueeze(0))
+        backend.run(image[np.newaxis])
 
     async def on_one_loop() -> float:
         async def call() -> None:
@@ -123,7 +121,7 @@ def engine_rows(precision: str, repeats: int) -> list[dict[str, object]]:
     stage = f"{precision} batch 1"
     try:
         return [
-            {"stage": stage, "variant": "bare model on the calling thread", "ms": p50_ms(bare, repeats)},
+            {"stage": stage, "variant": "bare backend on the calling thread", "ms": p50_ms(bare, repeats)},
             {"stage": stage, "variant": "Engine.predict on one event loop (server)", "ms": asyncio.run(on_one_loop())},
             {"stage": stage, "variant": "Engine.predict, asyncio.run per call",
              "ms": p50_ms(lambda: asyncio.run(engine.predict([image])), repeats)},

@@ -13,16 +13,22 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import skimage
 import torch
 from asgi_lifespan import LifespanManager
 from PIL import Image
 
-from resnet_serve.api import create_app
-from resnet_serve.engine import Engine
+from resnet_serve.backends.torch.checkpoints import load_state_dict
+from resnet_serve.backends.torch.graph import build_network
+from resnet_serve.http.app import create_app
+from resnet_serve.inference import Engine
+from resnet_serve.loading import load_engine, resolve
 from resnet_serve.settings import Settings
-from resnet_serve.weights import RESNET18, load_state_dict, resolve, sha256_of
+from resnet_serve.spec import RESNET18
+from resnet_serve.transform import preprocess
+from resnet_serve.weights import sha256_of
 
 TEST_SEED = 1234
 SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
@@ -81,7 +87,7 @@ def write_seeded_weights(directory: Path, seed: int = TEST_SEED) -> Path:
     (``resnet18-<first 8 hex of its SHA-256>.pth``), so the real loading path is exercised."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    state_dict = RESNET18.build_module().state_dict()
+    state_dict = build_network(RESNET18).state_dict()
     torch.random.set_rng_state(generator_state)
     staging = directory / "staging.pth"
     torch.save(state_dict, staging)
@@ -104,7 +110,7 @@ def settings(seeded_weights: Path) -> Settings:
 @pytest.fixture(scope="session")
 def engine(settings: Settings) -> Iterator[Engine]:
     """One real TorchScript engine for the whole session (tracing and warm-up take seconds)."""
-    engine = Engine.load(RESNET18, resolve(RESNET18, settings), settings)
+    engine = load_engine(RESNET18, resolve(RESNET18, settings), settings)
     yield engine
     engine.close()
 
@@ -112,9 +118,15 @@ def engine(settings: Settings) -> Iterator[Engine]:
 @pytest.fixture(scope="session")
 def reference_model(seeded_weights: Path) -> torch.nn.Module:
     """Plain eager torchvision ResNet-18 with the same weights, for parity checks."""
-    model = RESNET18.build_module()
+    model = build_network(RESNET18)
     model.load_state_dict(load_state_dict(seeded_weights, RESNET18))
     return model.eval()
+
+
+async def probs_of(engine: Engine, uploads: list[bytes]) -> torch.Tensor:
+    """What the model says for each upload in-process, as one batch: ``[N, classes]``."""
+    pixels = [preprocess(data, RESNET18, max_pixels=10**9).pixels for data in uploads]
+    return torch.from_numpy(np.stack([p.probs for p in await engine.predict(pixels)]))
 
 
 async def open_client(app: object) -> AsyncIterator[httpx.AsyncClient]:

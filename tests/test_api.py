@@ -7,16 +7,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageOps
 
-from resnet_serve.api import create_app
-from resnet_serve.engine import Engine, Prediction
-from resnet_serve.preprocess import preprocess
+from resnet_serve.http.app import create_app
+from resnet_serve.inference import Engine, Prediction
 from resnet_serve.settings import Settings
-from resnet_serve.weights import RESNET18
-from tests.conftest import as_jpeg, encode, open_client
+from resnet_serve.spec import RESNET18
+from tests.conftest import as_jpeg, encode, open_client, probs_of
 
 
 def upload(data: bytes, name: str = "photo.jpg", ctype: str = "image/jpeg") -> dict[str, Any]:
@@ -39,7 +38,13 @@ class WrappedEngine:
         self.info = engine.info
         self.batch_sizes: list[int] = []
 
-    async def predict(self, images: list[torch.Tensor]) -> list[Prediction]:
+    def ensure_running(self) -> bool:
+        return self.inner.ensure_running()
+
+    def close(self, timeout: float | None = None) -> None:
+        """The shared engine outlives the apps that borrow it."""
+
+    async def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         self.batch_sizes.append(len(images))
         await asyncio.sleep(self.delay)
         if self.failures:
@@ -69,7 +74,7 @@ async def test_predict_a_real_photo(client: httpx.AsyncClient, photo_jpegs: dict
     confidences = [p["confidence"] for p in predictions]
     assert confidences == sorted(confidences, reverse=True)
     # The answer is exactly what the model says for this image in-process.
-    expected = (await engine.predict([preprocess(data, RESNET18, max_pixels=10**9).tensor]))[0].probs
+    expected = (await probs_of(engine, [data]))[0]
     values, indices = expected.topk(3)
     assert [p["class_id"] for p in predictions] == indices.tolist()
     assert confidences == pytest.approx(values.tolist(), abs=1e-6)
@@ -103,7 +108,7 @@ async def test_32_concurrent_requests_each_get_their_own_answer(
     assert all(r.status_code == 200 for r in responses)
     assert max(r.json()["batch_size"] for r in responses) > 1  # they really were batched
     for data, response in zip(uploads, responses):
-        alone = (await engine.predict([preprocess(data, RESNET18, max_pixels=10**9).tensor]))[0].probs
+        alone = (await probs_of(engine, [data]))[0]
         values, indices = alone.topk(5)
         got = response.json()["predictions"]
         assert [p["class_id"] for p in got] == indices.tolist()
@@ -113,7 +118,8 @@ async def test_32_concurrent_requests_each_get_their_own_answer(
 async def test_health_model_and_labels(client: httpx.AsyncClient) -> None:
     assert (await client.get("/health/live")).json()["status"] == "alive"
     ready = await client.get("/health/ready")
-    assert ready.status_code == 200 and ready.json() == {"status": "ready", "weights": "custom", "detail": None}
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "weights": "custom", "runtime": "torchscript", "detail": None}
     model = (await client.get("/model")).json()
     assert model["name"] == "resnet18" and model["device"] == "cpu" and model["precision"] == "fp32"
     assert model["weights"] == "custom" and len(model["weights_sha256"]) == 64
@@ -233,7 +239,7 @@ async def test_starts_unready_then_warms_up_with_random_init_said_loudly(
                 break
             await asyncio.sleep(0.1)
         ready = (await c.get("/health/ready")).json()
-        assert ready == {"status": "ready", "weights": "random-init", "detail": None}
+        assert ready == {"status": "ready", "weights": "random-init", "runtime": "torchscript", "detail": None}
         response = await c.post("/predict", **upload(photo_jpegs["rocket"]))
         assert response.status_code == 200
         assert response.headers["X-Model-Weights"] == "random-init" == response.json()["weights"]
@@ -266,17 +272,15 @@ async def test_a_png_upload_with_a_wrong_content_type_is_still_decoded(
 async def test_a_client_that_disconnects_frees_its_queue_slot() -> None:
     from resnet_serve.batcher import Pending
     from resnet_serve.errors import MalformedRequest
-    from resnet_serve.service import _await_result
+    from resnet_serve.pipeline import await_result
 
-    class GoneRequest:
-        async def receive(self) -> dict[str, str]:
-            await asyncio.sleep(0.01)
-            return {"type": "http.disconnect"}
+    async def client_gone() -> None:
+        await asyncio.sleep(0.01)
 
     loop = asyncio.get_running_loop()
-    pending: Pending[torch.Tensor, Prediction] = Pending(torch.zeros(1), loop.create_future(), 0.0, 1e12)
+    pending: Pending[np.ndarray, Prediction] = Pending(np.zeros(1), loop.create_future(), 0.0, 1e12)
     with pytest.raises(MalformedRequest, match="disconnected"):
-        await _await_result(pending, GoneRequest(), timeout_s=5)  # type: ignore[arg-type]
+        await await_result(pending, timeout_s=5, abandoned=client_gone)
     assert pending.future.cancelled()  # the batcher will drop it before inference
 
 

@@ -97,16 +97,17 @@ def test_accuracy_counts_top1_and_top5_on_a_class_folder(
 ) -> None:
     import accuracy
 
-    from resnet_serve.preprocess import preprocess
-    from resnet_serve.weights import RESNET18
+    from resnet_serve.results import top_k
+    from resnet_serve.spec import RESNET18
+    from resnet_serve.transform import preprocess
 
     names = list(photo_jpegs)
     predictions = asyncio.run(engine.predict(  # type: ignore[attr-defined]
-        [preprocess(photo_jpegs[n], RESNET18, max_pixels=10**9).tensor for n in names]))
+        [preprocess(photo_jpegs[n], RESNET18, max_pixels=10**9).pixels for n in names]))
     data = tmp_path / "val"
     expected_top1 = expected_top5 = 0
     for i, (name, prediction) in enumerate(zip(names, predictions)):
-        best = prediction.probs.topk(5).indices.tolist()
+        best = top_k(prediction.probs, 5)[1]
         label = best[0] if i % 2 == 0 else (best[0] + 500) % 1000  # half labelled as the model says
         expected_top1 += label == best[0]
         expected_top5 += label in best

@@ -75,10 +75,10 @@ def test_info_reports_what_would_run(seeded_weights: Path, capsys: pytest.Captur
 
 def test_download_weights_fails_clearly_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from resnet_serve import weights
+    from resnet_serve import spec
 
-    unreachable = dataclasses.replace(weights.RESNET18, url="http://127.0.0.1:9/resnet18-f37072fd.pth")
-    monkeypatch.setattr(weights, "RESNET18", unreachable)
+    unreachable = dataclasses.replace(spec.RESNET18, url="http://127.0.0.1:9/resnet18-f37072fd.pth")
+    monkeypatch.setitem(spec.BUILTIN, "resnet18", unreachable)
     assert main(["download-weights", "--dir", str(tmp_path)]) == 2
     assert "could not download" in capsys.readouterr().err
 

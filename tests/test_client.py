@@ -7,9 +7,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from resnet_serve.api import create_app
 from resnet_serve.client import AsyncClient, Client, ClientError
-from resnet_serve.engine import Engine
+from resnet_serve.http.app import create_app
+from resnet_serve.inference import Engine
 from resnet_serve.settings import Settings
 from tests.conftest import open_client
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from resnet_serve.api import create_app
+from resnet_serve.http.app import create_app
 from resnet_serve.settings import Settings
 
 ROOT = Path(__file__).parent.parent

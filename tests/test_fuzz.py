@@ -14,9 +14,9 @@ from PIL import Image
 from starlette.requests import Request
 
 from resnet_serve.errors import ServeError
-from resnet_serve.preprocess import preprocess
-from resnet_serve.uploads import read_upload
-from resnet_serve.weights import RESNET18
+from resnet_serve.http.uploads import read_upload
+from resnet_serve.spec import RESNET18
+from resnet_serve.transform import preprocess
 from tests.conftest import SKIMAGE_DATA, as_jpeg, encode, real_server, wait_ready
 
 LIMIT = 50_000_000
@@ -32,7 +32,7 @@ def outcome(data: bytes) -> int:
         result = preprocess(data, RESNET18, max_pixels=LIMIT)
     except ServeError as exc:
         return exc.status_code
-    assert result.tensor.shape == (3, 224, 224)
+    assert result.pixels.shape == (3, 224, 224)
     return 200
 
 

@@ -9,7 +9,7 @@ import logging
 import httpx
 import pytest
 
-from resnet_serve.middleware import REQUEST_ID, configure_logging
+from resnet_serve.logs import REQUEST_ID, configure_logging
 
 
 @pytest.fixture

@@ -12,10 +12,11 @@ from torchvision.models import ResNet18_Weights
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from resnet_serve.engine import Engine
+from resnet_serve.decode import decode
 from resnet_serve.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from resnet_serve.preprocess import decode, preprocess, to_tensor
-from resnet_serve.weights import RESNET18
+from resnet_serve.inference import Engine
+from resnet_serve.spec import RESNET18
+from resnet_serve.transform import preprocess, to_pixels
 from tests.conftest import as_jpeg, encode
 
 REFERENCE = ResNet18_Weights.IMAGENET1K_V1.transforms()
@@ -33,7 +34,11 @@ def reference_input(data: bytes) -> torch.Tensor:
 
 
 def ours(data: bytes) -> torch.Tensor:
-    return preprocess(data, RESNET18, max_pixels=LIMIT).tensor
+    return torch.from_numpy(preprocess(data, RESNET18, max_pixels=LIMIT).pixels)
+
+
+def to_tensor(image: Image.Image, spec: object) -> torch.Tensor:
+    return torch.from_numpy(to_pixels(image, spec))  # type: ignore[arg-type]
 
 
 def test_matches_torchvisions_reference_transform_on_real_photos(photo_jpegs: dict[str, bytes]) -> None:
@@ -59,7 +64,7 @@ async def test_the_model_sees_the_same_top1_as_the_reference_pipeline(
     photo_jpegs: dict[str, bytes], engine: Engine, reference_model: torch.nn.Module
 ) -> None:
     names = list(photo_jpegs)
-    predictions = await engine.predict([ours(photo_jpegs[n]) for n in names])
+    predictions = await engine.predict([ours(photo_jpegs[n]).numpy() for n in names])
     with torch.no_grad():
         reference = reference_model(torch.stack([reference_input(photo_jpegs[n]) for n in names]))
     assert [p.probs.argmax().item() for p in predictions] == reference.argmax(dim=1).tolist()
@@ -70,7 +75,7 @@ def test_large_jpegs_are_decoded_at_reduced_scale_close_to_the_reference(photos:
         image = photos[name]
         big = image.resize((image.width * 8, image.height * 8), Image.LANCZOS)
         data = as_jpeg(big, quality=92)
-        decoded = decode(data, RESNET18, max_pixels=LIMIT)
+        decoded = decode(data, resize_size=RESNET18.resize_size, max_pixels=LIMIT).image
         assert min(decoded.size) >= 4 * RESNET18.resize_size  # 4x headroom kept
         assert decoded.size[0] < big.size[0]  # ...but not the full 8x decode
         difference = (normalised(ours(data)) - reference_input(data)).abs()
@@ -91,7 +96,7 @@ def test_every_supported_format_is_detected_from_the_bytes(
     result = preprocess(encode(original, fmt, **save_args), RESNET18, max_pixels=LIMIT)
     assert (result.format, result.width, result.height) == (fmt, 451, 300)
     expected = ours(encode(original, "PNG")).float()
-    error = (result.tensor.float() - expected).abs().mean()
+    error = (torch.from_numpy(result.pixels).float() - expected).abs().mean()
     assert error == 0 if lossless else error < 12
 
 
@@ -111,7 +116,7 @@ def test_exif_orientation_is_applied(photos: dict[str, Image.Image]) -> None:
     rotated = preprocess(as_jpeg(stored, quality=95, exif=exif.tobytes()), RESNET18, max_pixels=LIMIT)
     assert (rotated.width, rotated.height) == upright.size
     expected = ours(as_jpeg(upright, quality=95)).float()
-    assert (rotated.tensor.float() - expected).abs().mean() < 3
+    assert (torch.from_numpy(rotated.pixels).float() - expected).abs().mean() < 3
 
 
 def test_greyscale_palette_and_cmyk_become_rgb(photos: dict[str, Image.Image]) -> None:

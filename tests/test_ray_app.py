@@ -12,10 +12,8 @@ import ray
 import yaml
 from ray import serve
 
-from resnet_serve.engine import Engine
-from resnet_serve.preprocess import preprocess
-from resnet_serve.weights import RESNET18
-from tests.conftest import free_port
+from resnet_serve.inference import Engine
+from tests.conftest import free_port, probs_of
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +52,9 @@ def test_predictions_through_rays_proxy_match_the_engine(ray_url: str, photo_jpe
     for name, response in zip(photo_jpegs, responses):
         body = response.json()
         assert body["weights"] == "custom" and body["model"] == "resnet18"
-        expected = asyncio.run(engine.predict([preprocess(photo_jpegs[name], RESNET18, max_pixels=10**9).tensor]))
-        assert [p["class_id"] for p in body["predictions"]] == expected[0].probs.topk(3).indices.tolist()
-    assert max(r.json()["batch_size"] for r in responses) > 1  # Ray's batcher grouped them
+        expected = asyncio.run(probs_of(engine, [photo_jpegs[name]]))
+        assert [p["class_id"] for p in body["predictions"]] == expected[0].topk(3).indices.tolist()
+    assert max(r.json()["batch_size"] for r in responses) > 1  # the replica's batcher grouped them
     assert httpx.get(f"{ray_url}/health/ready").json()["status"] == "ready"
 
 

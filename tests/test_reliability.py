@@ -25,8 +25,8 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 
-from resnet_serve.api import create_app
-from resnet_serve.engine import Engine
+from resnet_serve.http.app import create_app
+from resnet_serve.inference import Engine
 from resnet_serve.settings import Settings
 from tests.conftest import (
     SKIMAGE_DATA,
@@ -317,7 +317,7 @@ def test_sigterm_mid_load_finishes_every_accepted_request_and_exits_0(
 
 
 def test_free_heap_is_given_back_to_the_os() -> None:
-    from resnet_serve.service import release_free_heap
+    from resnet_serve.memory import release_free_heap
 
     big = [bytearray(8 * 1024 * 1024) for _ in range(4)]  # heap growth like large uploads
     del big

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from collections.abc import Iterator
@@ -14,17 +15,14 @@ import torch
 from PIL import Image
 from torchvision.models import ResNet18_Weights
 
-from resnet_serve.engine import Engine
-from resnet_serve.preprocess import preprocess
-from resnet_serve.weights import RESNET18
-from tests.conftest import real_server, wait_ready
+from resnet_serve.http.app import create_app
+from resnet_serve.inference import Engine
+from resnet_serve.settings import Settings
+from resnet_serve.spec import RESNET18
+from tests.conftest import open_client, real_server, wait_ready
+from tests.conftest import probs_of as model_probs
 
 INFER = "/v2/models/resnet18/infer"
-
-
-async def model_probs(engine: Engine, images: list[bytes]) -> torch.Tensor:
-    tensors = [preprocess(data, RESNET18, max_pixels=10**9).tensor for data in images]
-    return torch.stack([p.probs for p in await engine.predict(tensors)])
 
 
 def b64(data: bytes) -> str:
@@ -148,3 +146,32 @@ def test_the_real_tritonclient_talks_to_us(triton_url: str, photo_jpegs: dict[st
     assert labels.shape == (2, 2)
     texts = [item.decode() if isinstance(item, bytes) else item for item in labels[0]]
     assert [int(text.split(":")[1]) for text in texts] == expected[0].topk(2).indices.tolist()
+
+
+async def test_the_metadata_names_the_runtime_that_really_runs(
+    client: httpx.AsyncClient, seeded_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    photo_jpegs: dict[str, bytes],
+) -> None:
+    assert (await client.get("/v2/models/resnet18")).json()["platform"] == "pytorch_torchscript"
+    for name, value in {"RUNTIME": "onnxruntime", "WEIGHTS": str(seeded_weights), "ALLOW_DOWNLOAD": "false",
+                        "COMPILED_CACHE_DIR": str(tmp_path), "MAX_BATCH_SIZE": "2"}.items():
+        monkeypatch.setenv(f"RESNET_SERVE_{name}", value)
+    async for c in open_client(create_app(Settings())):
+        for _ in range(600):
+            if (await c.get("/health/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert (await c.get("/health/ready")).json()["runtime"] == "onnxruntime"
+        assert (await c.get("/v2/models/resnet18")).json()["platform"] == "onnxruntime_onnx"
+        assert (await c.get("/model")).json()["platform"] == "onnxruntime_onnx"
+        body = {"inputs": [{"name": "INPUT", "shape": [1], "datatype": "BYTES", "data": [b64(photo_jpegs["horse"])]}]}
+        assert (await c.post(INFER, json=body)).status_code == 200
+
+
+async def test_unknown_models_and_paths_answer_in_the_protocols_shape(client: httpx.AsyncClient) -> None:
+    for method, path, status in [("GET", "/v2/models/nope", 404), ("POST", "/v2/models/nope/infer", 404),
+                                 ("GET", "/v2/nothing/here", 404), ("PUT", "/v2/health/live", 405)]:
+        response = await client.request(method, path)
+        assert response.status_code == status, (method, path)
+        assert set(response.json()) == {"error"} and isinstance(response.json()["error"], str)
+    assert "resnet18" in (await client.get("/v2/models/nope")).json()["error"]

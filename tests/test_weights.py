@@ -1,4 +1,5 @@
-"""Weights: the spec, hash verification, the resolution order, download, and the fallback."""
+"""Weights: the spec, hash verification (``weights``), the resolution order, download and the
+fallback (``backends.torch.checkpoints``)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.models import ResNet18_Weights
 
+from resnet_serve.backends.torch.checkpoints import load_state_dict, random_init, resolve
+from resnet_serve.backends.torch.graph import build_network
 from resnet_serve.errors import WeightsError
 from resnet_serve.settings import Settings
-from resnet_serve.weights import (
-    RANDOM_INIT_SEED,
-    RESNET18,
-    ModelSpec,
-    hash_in_name,
-    load_state_dict,
-    random_init,
-    resolve,
-    verify_file,
-)
+from resnet_serve.spec import RESNET18, ModelSpec, hash_in_name
+from resnet_serve.weights import RANDOM_INIT_SEED, verify_file
 from tests.conftest import write_seeded_weights
 
 
@@ -59,6 +55,13 @@ def test_the_spec_is_torchvisions_resnet18_imagenet1k_v1() -> None:
     assert RESNET18.mean == pytest.approx((0.485, 0.456, 0.406))
     assert RESNET18.std == pytest.approx((0.229, 0.224, 0.225))
     assert RESNET18.num_classes == 1000
+    official = ResNet18_Weights.IMAGENET1K_V1  # the spec is written out so serving needs no torch
+    transforms = official.transforms()
+    assert RESNET18.url == official.url
+    assert (RESNET18.resize_size, RESNET18.crop_size) == (transforms.resize_size[0], transforms.crop_size[0])
+    assert (RESNET18.mean, RESNET18.std) == (tuple(transforms.mean), tuple(transforms.std))
+    assert RESNET18.interpolation == transforms.interpolation.value
+    assert RESNET18.categories == tuple(official.meta["categories"])
 
 
 @pytest.mark.parametrize(
@@ -176,7 +179,7 @@ def test_random_init_is_seeded_and_leaves_the_global_rng_alone() -> None:
     assert torch.equal(torch.rand(3), expected_next)
     assert torch.equal(first.state_dict["fc.weight"], second.state_dict["fc.weight"])
     torch.manual_seed(RANDOM_INIT_SEED)
-    assert torch.equal(first.state_dict["fc.weight"], RESNET18.build_module().state_dict()["fc.weight"])
+    assert torch.equal(first.state_dict["fc.weight"], build_network(RESNET18).state_dict()["fc.weight"])
 
 
 def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path: Path) -> None:

@@ -3,12 +3,13 @@
 Concurrency contract:
 - Everything here runs on the event loop thread: ``submit()`` and one background task share a
   ``deque`` and an ``asyncio.Event``, so no lock is needed.
-- ``submit()`` admits a request only while the queue has room, otherwise it raises
-  ``Overloaded`` at once (the API answers 503 + ``Retry-After``): memory never grows without
-  bound. It returns a ``Pending`` whose ``future`` the caller awaits. ``max_queue`` counts the
-  requests that wait behind a batch: while the model is idle, the next ``max_batch_size``
-  requests are that batch, even before the task has had its turn to take them, so a burst that
-  lands between two turns of the loop is not refused for room it would have had a moment later.
+- ``submit()`` returns a ``Pending`` whose ``future`` the caller awaits. With a ``max_queue``,
+  it admits a request only while the queue has room, otherwise it raises ``Overloaded`` at once
+  (503 + ``Retry-After``): memory never grows without bound. ``max_queue`` counts the requests
+  that wait behind a batch: while the model is idle, the next ``max_batch_size`` requests are
+  that batch, even before the task has had its turn to take them, so a burst that lands between
+  two turns of the loop is not refused for room it would have had a moment later. The pipeline
+  passes no ``max_queue``: it bounds its requests once, at admission, before they are decoded.
 - The task takes the oldest request and forms a batch by the dispatch policy:
     * ``eager`` (default): add whatever else is already queued, up to ``max_batch_size``, and
       dispatch now. The task awaits each batch, so whenever it is collecting the model is
@@ -68,7 +69,7 @@ class Pending(Generic[In, Out]):
 
 @dataclass
 class BatcherStats:
-    """Counters the batcher owns; the API exposes them."""
+    """What the batcher saw: batches run, requests in them, and requests it refused or dropped."""
 
     batches: int = 0
     items: int = 0
@@ -88,10 +89,10 @@ class Batcher(Generic[In, Out]):
         *,
         max_batch_size: int,
         max_wait_ms: float,
-        max_queue: int,
+        max_queue: int | None,
         dispatch: Literal["eager", "wait"] = "eager",
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1:
+        if max_batch_size < 1 or (max_queue is not None and max_queue < 1):
             raise ValueError("max_batch_size and max_queue must be at least 1")
         self._handler = handler
         self.max_batch_size = max_batch_size
@@ -109,14 +110,11 @@ class Batcher(Generic[In, Out]):
     def depth(self) -> int:
         return len(self._queue)
 
-    @property
-    def busy(self) -> bool:
-        return self._busy
-
-    @property
-    def capacity(self) -> int:
-        """How many requests the queue holds now: ``max_queue``, plus the next batch while idle."""
-        return self.max_queue + (0 if self._busy else self.max_batch_size)
+    def _full(self) -> bool:
+        """Whether the queue holds ``max_queue`` requests, plus the next batch while idle."""
+        if self.max_queue is None:
+            return False
+        return len(self._queue) >= self.max_queue + (0 if self._busy else self.max_batch_size)
 
     def submit(self, item: In, *, timeout_s: float) -> Pending[In, Out]:
         """Queue ``item``; raise ``Overloaded`` or ``NotReady`` instead of waiting for room."""
@@ -124,7 +122,7 @@ class Batcher(Generic[In, Out]):
             raise NotReady("the service is shutting down")
         if self._task.done():
             raise NotReady("the batcher has stopped")
-        if len(self._queue) >= self.capacity:
+        if self._full():
             self.stats.rejected += 1
             raise Overloaded(
                 f"the queue is full ({self.max_queue} requests waiting)", headers={"Retry-After": "1"}

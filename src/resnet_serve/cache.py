@@ -8,27 +8,21 @@ from one entry. Lives on the event loop thread only; no lock.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
-import torch
 from cachetools import LRUCache
 
-
-@dataclass(frozen=True)
-class CachedResult:
-    probs: torch.Tensor
-    format: str
-    width: int
-    height: int
+from resnet_serve.results import ImageResult
 
 
 class ResultCache:
-    """``size`` entries (0: off). Counts hits and misses for the metrics."""
+    """``size`` entries (0: off)."""
 
     def __init__(self, size: int) -> None:
-        self._entries: LRUCache[bytes, CachedResult] | None = LRUCache(maxsize=size) if size else None
-        self.hits = 0
-        self.misses = 0
+        self._entries: LRUCache[bytes, ImageResult] | None = LRUCache(maxsize=size) if size else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._entries is not None
 
     @staticmethod
     def key(data: bytes) -> bytes:
@@ -36,19 +30,15 @@ class ResultCache:
         truncated to 128 bits: collisions cannot be crafted to poison the cache."""
         return hashlib.sha256(data).digest()[:16]
 
-    def get(self, key: bytes) -> CachedResult | None:
-        if self._entries is None:
-            return None
-        found = self._entries.get(key)
-        if found is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return found
+    def get(self, key: bytes) -> ImageResult | None:
+        return self._entries.get(key) if self._entries is not None else None
 
-    def put(self, key: bytes, result: CachedResult) -> None:
+    def put(self, key: bytes, result: ImageResult) -> None:
+        """Keep ``result`` as a hit would answer it: a copy of its probabilities (not a view that
+        would keep the whole batch's array alive), no timings, ``cached``."""
         if self._entries is not None:
-            self._entries[key] = result
+            self._entries[key] = ImageResult(result.probs.copy(), result.format, result.width, result.height,
+                                             cached=True)
 
     def __len__(self) -> int:
         return len(self._entries) if self._entries is not None else 0

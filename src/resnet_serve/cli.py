@@ -15,6 +15,7 @@ from pathlib import Path
 
 from resnet_serve.errors import ServeError, WeightsError
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
+from resnet_serve.spec import builtin_spec
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -35,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
     # exits 0, as orchestrators expect of a clean stop.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(
-        "resnet_serve.api:create_app",
+        "resnet_serve.http.app:create_app",
         factory=True,
         host=settings.host,
         port=settings.port,
@@ -48,14 +49,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from resnet_serve.engine import Engine
-    from resnet_serve.labels import load_labels
-    from resnet_serve.preprocess import preprocess
-    from resnet_serve.weights import RESNET18, resolve
+    from resnet_serve.loading import load_engine, resolve
+    from resnet_serve.results import top_k
+    from resnet_serve.transform import preprocess
 
     settings = Settings()
-    spec = RESNET18
-    labels = load_labels(spec)
+    spec = builtin_spec(settings.default_model)
     images = []
     for path in args.images:
         try:
@@ -65,25 +64,26 @@ def _predict(args: argparse.Namespace) -> int:
     if not images:
         return 1
     weights = resolve(spec, settings)
-    engine = Engine.load(spec, weights, settings.model_copy(update={"max_batch_size": 1}))
+    engine = load_engine(spec, weights, settings.model_copy(update={"max_batch_size": 1}))
     try:
-        predictions = asyncio.run(engine.predict([decoded.tensor for _, decoded in images]))
+        predictions = asyncio.run(engine.predict([image.pixels for _, image in images]))
     finally:
         engine.close()
     if weights.info.is_random:
         print("WARNING: random-init weights; these predictions are meaningless\n", file=sys.stderr)
+    labels = spec.labels
     for (path, _), prediction in zip(images, predictions):
-        values, indices = prediction.probs.topk(args.top_k)
         print(path)
-        for rank, (p, i) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
+        for rank, (p, i) in enumerate(zip(*top_k(prediction.probs, args.top_k)), start=1):
             print(f"  {rank:>2}. {p * 100:6.2f}%  {i:>3}  {labels.en[i]}  ({labels.zh[i]})")
     return 0
 
 
 def _download(args: argparse.Namespace) -> int:
-    from resnet_serve.weights import RESNET18, download, verify_file
+    from resnet_serve.backends.torch.checkpoints import download
+    from resnet_serve.weights import verify_file
 
-    path = download(RESNET18, args.dir, progress=True)
+    path = download(builtin_spec(Settings().default_model), args.dir, progress=True)
     print(f"{path}  sha256={verify_file(path)}")
     return 0
 
@@ -91,33 +91,36 @@ def _download(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from resnet_serve.engine import CompileOptions, load_or_compile
-    from resnet_serve.weights import RESNET18, resolve
+    from resnet_serve.backends.torch.compile import CompileOptions, load_or_compile
+    from resnet_serve.loading import resolve
 
     overrides = {"precision": args.precision} if args.precision else {}
     settings = Settings().model_copy(update=overrides)
-    weights = resolve(RESNET18, settings)
+    spec = builtin_spec(settings.default_model)
+    weights = resolve(spec, settings)
     if args.format == "onnx":
-        from resnet_serve.ort import export_onnx
+        from resnet_serve.backends.torch.onnx_export import export_onnx
 
-        path = export_onnx(RESNET18, weights, args.output)
+        path = export_onnx(spec, weights, args.output)
     else:
         options = CompileOptions.from_settings(settings)
-        model, _ = load_or_compile(RESNET18, weights, options, None)
+        model, _ = load_or_compile(spec, weights, options, None)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         torch.jit.save(model, str(args.output))
         path = args.output
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {weights.info.source} weights)")
-    print("input: uint8 [N, 3, 224, 224] RGB pixels; output: float32 [N, 1000] probabilities")
+    print(f"input: uint8 [N, 3, {spec.crop_size}, {spec.crop_size}] RGB pixels; "
+          f"output: float32 [N, {spec.num_classes}] probabilities")
     return 0
 
 
 def _quantize(args: argparse.Namespace) -> int:
     import torch
 
-    from resnet_serve.engine import CompileOptions, load_or_compile
-    from resnet_serve.quantize import calibration_files, load_calibration_batch
-    from resnet_serve.weights import RESNET18, resolve
+    from resnet_serve.backends.torch.compile import CompileOptions, load_or_compile
+    from resnet_serve.backends.torch.quantize import calibration_files, load_calibration_batch
+    from resnet_serve.loading import resolve
+    from resnet_serve.results import top_k
 
     update: dict[str, object] = {"precision": "int8", "device": "cpu"}
     if args.calibration_dir:
@@ -125,18 +128,18 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.backend:
         update["int8_backend"] = args.backend
     settings = Settings().model_copy(update=update)
-    weights = resolve(RESNET18, settings)
+    spec = builtin_spec(settings.default_model)
+    weights = resolve(spec, settings)
     int8_options = CompileOptions.from_settings(settings)
-    cache = settings.compiled_cache_dir / int8_options.cache_name(RESNET18, weights.info)
-    torch.backends.quantized.engine = int8_options.int8_backend
-    int8, _ = load_or_compile(RESNET18, weights, int8_options, cache)
-    fp32, _ = load_or_compile(RESNET18, weights, CompileOptions(torch.device("cpu"), "fp32", True), None)
+    cache = settings.compiled_cache_dir / int8_options.cache_name(spec, weights.info)
+    int8, _ = load_or_compile(spec, weights, int8_options, cache)
+    fp32, _ = load_or_compile(spec, weights, CompileOptions(torch.device("cpu"), "fp32", True), None)
     files = calibration_files(settings.calibration_dir)
-    batch = load_calibration_batch(files, RESNET18)
+    batch = load_calibration_batch(files, spec)
     with torch.inference_mode():
-        q, f = int8(batch), fp32(batch)
-    top1 = (q.argmax(1) == f.argmax(1)).float().mean().item()
-    top5 = sum(len(set(a.topk(5).indices.tolist()) & set(b.topk(5).indices.tolist())) for a, b in zip(q, f))
+        q, f = int8(batch).numpy(), fp32(batch).numpy()
+    top1 = float((q.argmax(1) == f.argmax(1)).mean())
+    top5 = sum(len(set(top_k(a, 5)[1]) & set(top_k(b, 5)[1])) for a, b in zip(q, f))
     print(f"INT8 ({int8_options.int8_backend}) calibrated on {len(files)} images; cached as {cache}")
     print(f"agreement with FP32 on those images: top-1 {top1:.1%}, top-5 overlap {top5 / (5 * len(q)):.1%}")
     if weights.info.is_random:
@@ -154,11 +157,11 @@ def _info(args: argparse.Namespace) -> int:
     import torch
     import torchvision
 
-    from resnet_serve.engine import select_device
-    from resnet_serve.weights import RESNET18, resolve
+    from resnet_serve.backends.torch.runtime import select_device
+    from resnet_serve.loading import resolve
 
     settings = Settings().model_copy(update={"allow_download": False})
-    weights = resolve(RESNET18, settings)
+    weights = resolve(builtin_spec(settings.default_model), settings)
     report = {
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from resnet_serve.schemas import (
+from resnet_serve.http.schemas import (
     BatchResponse,
     LabelsResponse,
     ModelResponse,

@@ -1,4 +1,5 @@
-"""The service's error family. The API maps each class to its HTTP status and JSON once."""
+"""The service's error family: each class knows its HTTP status and code; ``http.errors`` maps
+them to responses once."""
 
 from __future__ import annotations
 
@@ -20,6 +21,27 @@ class Unauthorized(ServeError):
 
     status_code = 401
     code = "unauthorized"
+
+
+class ModelNotFound(ServeError):
+    """The request names a model this server does not serve."""
+
+    status_code = 404
+    code = "model_not_found"
+
+
+class NotFound(ServeError):
+    """No such endpoint (the protocol routes' own 404)."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ServeError):
+    """The endpoint exists, but not for this method."""
+
+    status_code = 405
+    code = "method_not_allowed"
 
 
 class MissingFile(ServeError):

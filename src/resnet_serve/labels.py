@@ -1,25 +1,30 @@
-"""Class names in English (torchvision's weights metadata) and Chinese (a data file we ship).
+"""Class names, in English and (where a table gives them) Chinese.
 
-``data/imagenet_labels.tsv`` repeats the English name beside each Chinese one so that a
-misaligned row is caught by a test, not by a user reading "虎斑猫" under a picture of a car.
+The ImageNet table ``data/imagenet_labels.tsv`` repeats the English name beside each Chinese one,
+so a misaligned row is caught by a test, not by a user reading "虎斑猫" under a picture of a car.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from importlib import resources
 from typing import Literal
 
-from resnet_serve.weights import ModelSpec
-
 Language = Literal["en", "zh"]
-LABELS_FILE = "imagenet_labels.tsv"
+IMAGENET_TABLE = "imagenet_labels.tsv"
 
 
 @dataclass(frozen=True)
 class Labels:
+    """One name per class index; ``zh`` repeats the English name where there is no Chinese one."""
+
     en: tuple[str, ...]
     zh: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.en) != len(self.zh):
+            raise ValueError(f"{len(self.en)} English names but {len(self.zh)} Chinese ones")
 
     def __len__(self) -> int:
         return len(self.en)
@@ -29,8 +34,8 @@ class Labels:
 
 
 def read_label_table() -> list[tuple[int, str, str]]:
-    """Rows ``(class_id, english, chinese)`` of the shipped label file."""
-    text = resources.files("resnet_serve.data").joinpath(LABELS_FILE).read_text("utf-8")
+    """Rows ``(class_id, english, chinese)`` of the shipped ImageNet table."""
+    text = resources.files("resnet_serve.data").joinpath(IMAGENET_TABLE).read_text("utf-8")
     rows = []
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -40,9 +45,10 @@ def read_label_table() -> list[tuple[int, str, str]]:
     return rows
 
 
-def load_labels(spec: ModelSpec) -> Labels:
-    """English names from the spec; Chinese names from the table, checked against them."""
+@functools.cache
+def imagenet_labels() -> Labels:
+    """The 1000 ImageNet-1k classes in torchvision's order, English and Chinese."""
     rows = read_label_table()
-    if [(r[0], r[1]) for r in rows] != list(enumerate(spec.categories)):
-        raise ValueError(f"{LABELS_FILE} does not line up with {spec.name}'s categories")
-    return Labels(en=spec.categories, zh=tuple(r[2] for r in rows))
+    if [r[0] for r in rows] != list(range(len(rows))):
+        raise ValueError(f"{IMAGENET_TABLE} is not numbered 0..{len(rows) - 1} in order")
+    return Labels(en=tuple(r[1] for r in rows), zh=tuple(r[2] for r in rows))

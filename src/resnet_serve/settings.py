@@ -19,9 +19,14 @@ Int8Backend = Literal["fbgemm", "onednn", "x86"]
 WeightsMode = Literal["auto", "official", "random"]
 DispatchPolicy = Literal["eager", "wait"]
 LogFormat = Literal["plain", "json"]
+RuntimeName = Literal["torchscript", "onnxruntime"]
 
 MAX_TOP_K = 20
 DEFAULT_TOP_K = 3
+
+
+def _cores() -> int:
+    return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -33,12 +38,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, description="uvicorn worker processes, each with its own model")
 
+    default_model: str = Field("resnet18", description="the model /predict serves")
+
     device: DeviceName = "auto"
     precision: PrecisionName = Field("auto", description="auto: fp16 on CUDA, fp32 elsewhere")
-    torch_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
-    runtime: Literal["torchscript", "onnxruntime"] = Field(
-        "torchscript", description="onnxruntime needs the 'onnx' extra; CPU, fp32"
-    )
+    runtime: RuntimeName = Field("torchscript", description="onnxruntime needs the 'onnx' extra; CPU, fp32")
+    torch_threads: int = Field(default_factory=_cores, ge=1, description="torch intra-op threads")
+    ort_threads: int = Field(default_factory=_cores, ge=1, description="ONNX Runtime intra-op threads")
     channels_last: bool = Field(True, description="NHWC memory layout on CPU and CUDA")
     int8_backend: Int8Backend = "x86"
     calibration_dir: Path | None = Field(None, description="photos for INT8 calibration")
@@ -46,7 +52,7 @@ class Settings(BaseSettings):
     compiled_cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "resnet-serve")
     cache_size: int = Field(1024, ge=0, description="LRU result cache entries; 0 turns it off")
 
-    weights: Path | None = Field(None, description="explicit path to a ResNet-18 state_dict file")
+    weights: Path | None = Field(None, description="explicit path to the model's state_dict file")
     weights_dir: Path = Path("weights")
     weights_mode: WeightsMode = Field(
         "auto", description="auto: fall back to a random init loudly; official: refuse to start"
@@ -65,7 +71,7 @@ class Settings(BaseSettings):
 
     max_upload_mb: float = Field(10.0, gt=0)
     max_pixels: int = Field(50_000_000, ge=1)
-    decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    decode_threads: int = Field(default_factory=_cores, ge=1)
 
     api_key: SecretStr | None = Field(None, description="if set, /predict needs it (Bearer or X-API-Key)")
     cors_origins: Annotated[list[str], NoDecode] = Field(

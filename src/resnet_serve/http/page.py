@@ -11,7 +11,9 @@ from fastapi import FastAPI
 from starlette.datastructures import MutableHeaders
 from starlette.responses import FileResponse
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from resnet_serve.http.middleware import HttpMiddleware
 
 PAGE_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
@@ -23,16 +25,10 @@ def _is_page(path: str) -> bool:
     return path == "/" or path.startswith("/static/")
 
 
-class SecurityHeaders:
+class SecurityHeaders(HttpMiddleware):
     """Adds ``nosniff`` to every response and the page CSP to the page's own files."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         page = _is_page(scope["path"])
 
         async def send_with_headers(message: Message) -> None:
@@ -49,7 +45,7 @@ class SecurityHeaders:
 
 def mount_page(app: FastAPI) -> None:
     """Serve ``index.html`` at ``/`` and the other page files under ``/static``."""
-    static = StaticFiles(packages=[("resnet_serve", "web")])
+    static = StaticFiles(packages=[("resnet_serve.http", "static")])
     app.mount("/static", static, name="static")
     index = static.lookup_path("index.html")[0]
 

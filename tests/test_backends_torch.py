@@ -1,33 +1,33 @@
-"""The engine: device choice, the compiled graph's numbers, batching invariance, the thread."""
+"""The torch backend: device and precision choice, the compiled graph's numbers, batching
+invariance, INT8, BF16, FP16, the compiled-model cache, and ONNX Runtime parity."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from resnet_serve.engine import (
-    CompileOptions,
-    Engine,
-    InferenceThread,
-    ModelInfo,
-    compile_model,
-    select_device,
-    select_precision,
-)
-from resnet_serve.errors import InferenceFailed, NotReady
-from resnet_serve.preprocess import preprocess
-from resnet_serve.quantize import CalibrationError, calibration_files
+from resnet_serve.backends.torch.compile import CompileOptions, compile_model
+from resnet_serve.backends.torch.quantize import CalibrationError, calibration_files
+from resnet_serve.backends.torch.runtime import select_device, select_precision
+from resnet_serve.inference import Engine, Prediction
+from resnet_serve.loading import load_engine, resolve
 from resnet_serve.settings import Settings
-from resnet_serve.weights import RESNET18, WeightsInfo, resolve
+from resnet_serve.spec import RESNET18
+from resnet_serve.transform import preprocess
+from resnet_serve.weights import WeightsInfo
 
 
 def random_pixels(n: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=generator)
+
+
+def stacked(predictions: list[Prediction]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([p.probs for p in predictions]))
 
 
 def test_auto_picks_the_cpu_when_nothing_else_is_present(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,20 +54,19 @@ async def test_the_graph_normalises_like_torchvision_and_returns_probabilities(
     std = torch.tensor(RESNET18.std).view(1, 3, 1, 1)
     with torch.no_grad():
         expected = torch.softmax(reference_model((pixels.float() / 255 - mean) / std), dim=1)
-    predictions = await engine.predict(list(pixels))
-    got = torch.stack([p.probs for p in predictions])
+    got = stacked(await engine.predict(list(pixels.numpy())))
     assert got.dtype == torch.float32 and got.shape == (2, 1000)
     assert torch.allclose(got.sum(dim=1), torch.ones(2), atol=1e-5)
     assert torch.allclose(got, expected, atol=1e-5)
 
 
 async def test_a_batched_answer_equals_the_single_answer(engine: Engine) -> None:
-    pixels = random_pixels(4, seed=1)
-    together = await engine.predict(list(pixels))
+    pixels = list(random_pixels(4, seed=1).numpy())
+    together = await engine.predict(pixels)
     alone = [(await engine.predict([p]))[0] for p in pixels]
     assert [p.batch_size for p in together] == [4] * 4 and alone[0].batch_size == 1
     for batched, single in zip(together, alone):
-        assert torch.allclose(batched.probs, single.probs, atol=1e-5)
+        assert np.allclose(batched.probs, single.probs, atol=1e-5)
 
 
 def test_warmup_ran_every_batch_size(engine: Engine, settings: object) -> None:
@@ -75,62 +74,18 @@ def test_warmup_ran_every_batch_size(engine: Engine, settings: object) -> None:
     assert engine.info.device == "cpu" and engine.info.precision == "fp32"
 
 
-class Fragile(nn.Module):
-    """Doubles its input, but raises on a batch whose first value is negative."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.flatten()[0] < 0:
-            raise ValueError("negative")
-        return x * 2
-
-
-def test_an_exception_fails_that_job_only_and_the_thread_lives_on() -> None:
-    thread = InferenceThread(Fragile(), torch.device("cpu"), threads=1)
-    bad = thread.submit([torch.tensor([-1.0])])
-    good = thread.submit([torch.tensor([3.0])])
-    with pytest.raises(ValueError):
-        bad.result(timeout=10)
-    assert good.result(timeout=10)[0].item() == 6.0
-    assert thread.alive
-    thread.close(timeout=10)
-    assert not thread.alive
-
-
-def test_close_finishes_queued_jobs_then_refuses_new_ones() -> None:
-    thread = InferenceThread(Fragile(), torch.device("cpu"), threads=1)
-    queued = [thread.submit([torch.tensor([float(i)])]) for i in range(5)]
-    thread.close(timeout=10)
-    assert [f.result(timeout=1)[0].item() for f in queued] == [0.0, 2.0, 4.0, 6.0, 8.0]
-    with pytest.raises(NotReady):
-        thread.submit([torch.tensor([1.0])]).result(timeout=1)
-
-
-async def test_predict_reports_a_model_failure_as_inference_failed() -> None:
-    info = ModelInfo("fragile", "cpu", "fp32", WeightsInfo("random-init", None, None), 1)
-    engine = Engine(Fragile(), info, crop_size=1)
-    try:
-        with pytest.raises(InferenceFailed):
-            await engine.predict([torch.tensor([-1.0])])
-        assert [p.probs.item() for p in await engine.predict([torch.tensor([2.0])])] == [4.0]
-    finally:
-        engine.close()
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CI has none)")
-async def test_cuda_fp16_matches_cpu_fp32(settings: object, seeded_weights: object) -> None:
-    from resnet_serve.settings import Settings
-    from resnet_serve.weights import resolve
-
-    gpu_settings = Settings(weights=seeded_weights, device="cuda", allow_download=False)  # type: ignore[arg-type]
-    gpu = Engine.load(RESNET18, resolve(RESNET18, gpu_settings), gpu_settings)
+async def test_cuda_fp16_matches_cpu_fp32(seeded_weights: Path) -> None:
+    gpu_settings = Settings(weights=seeded_weights, device="cuda", allow_download=False)
+    gpu = load_engine(RESNET18, resolve(RESNET18, gpu_settings), gpu_settings)
     cpu_settings = gpu_settings.model_copy(update={"device": "cpu"})
-    cpu = Engine.load(RESNET18, resolve(RESNET18, cpu_settings), cpu_settings)
+    cpu = load_engine(RESNET18, resolve(RESNET18, cpu_settings), cpu_settings)
     try:
         assert gpu.info.precision == "fp16" and gpu.info.device.startswith("cuda")
-        pixels = list(random_pixels(4, seed=2))
+        pixels = list(random_pixels(4, seed=2).numpy())
         on_gpu, on_cpu = await gpu.predict(pixels), await cpu.predict(pixels)
         for a, b in zip(on_gpu, on_cpu):
-            assert torch.allclose(a.probs, b.probs, atol=2e-3)
+            assert np.allclose(a.probs, b.probs, atol=2e-3)
     finally:
         gpu.close()
         cpu.close()
@@ -154,37 +109,13 @@ def test_the_fp16_graph_a_gpu_runs_tracks_fp32(settings: Settings, reference_mod
     assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))
 
 
-class Killer(nn.Module):
-    """Kills the thread that runs it (a BaseException, as a fault in the runtime would)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.flatten()[0] < 0:
-            raise SystemExit("injected fault")
-        return x * 2
-
-
-async def test_a_dead_inference_thread_fails_its_jobs_and_is_restarted() -> None:
-    info = ModelInfo("killer", "cpu", "fp32", WeightsInfo("random-init", None, None), 1)
-    engine = Engine(Killer(), info, crop_size=1)
-    try:
-        fatal = asyncio.ensure_future(engine.predict([torch.tensor([-1.0])]))
-        queued = asyncio.ensure_future(engine.predict([torch.tensor([5.0])]))
-        for outcome in await asyncio.gather(fatal, queued, return_exceptions=True):
-            assert isinstance(outcome, NotReady)  # 503, not a hang
-        for _ in range(100):
-            if not engine.alive:
-                break
-            await asyncio.sleep(0.01)
-        assert not engine.alive
-        assert [p.probs.item() for p in await engine.predict([torch.tensor([2.0])])] == [4.0]
-        assert engine.alive and engine.restarts == 1
-    finally:
-        engine.close()
-
-
 def load(settings: Settings, **changes: object) -> Engine:
     changed = settings.model_copy(update=changes)
-    return Engine.load(RESNET18, resolve(RESNET18, changed), changed)
+    return load_engine(RESNET18, resolve(RESNET18, changed), changed)
+
+
+def photo_pixels(photo_jpegs: dict[str, bytes]) -> list[np.ndarray]:
+    return [preprocess(data, RESNET18, max_pixels=10**9).pixels for data in photo_jpegs.values()]
 
 
 async def test_int8_is_calibrated_on_real_photos_and_tracks_fp32(
@@ -193,9 +124,9 @@ async def test_int8_is_calibrated_on_real_photos_and_tracks_fp32(
     int8 = load(settings, precision="int8", max_batch_size=2)
     try:
         assert int8.info.precision == "int8" and not int8.info.channels_last
-        pixels = [preprocess(data, RESNET18, max_pixels=10**9).tensor for data in photo_jpegs.values()]
-        quantized = torch.stack([p.probs for p in await int8.predict(pixels)])
-        reference = torch.stack([p.probs for p in await engine.predict(pixels)])
+        pixels = photo_pixels(photo_jpegs)
+        quantized = stacked(await int8.predict(pixels))
+        reference = stacked(await engine.predict(pixels))
         assert torch.allclose(quantized.sum(dim=1), torch.ones(len(pixels)), atol=1e-4)
         assert torch.nn.functional.cosine_similarity(quantized, reference).min() > 0.99
         overlap = [len(set(q.topk(5).indices.tolist()) & set(r.topk(5).indices.tolist()))
@@ -211,9 +142,9 @@ async def test_bf16_on_the_cpu_uses_channels_last_and_tracks_fp32(
     bf16 = load(settings, precision="bf16", max_batch_size=1)
     try:
         assert bf16.info.precision == "bf16" and bf16.info.channels_last
-        pixels = [preprocess(data, RESNET18, max_pixels=10**9).tensor for data in photo_jpegs.values()]
-        half = torch.stack([p.probs for p in await bf16.predict(pixels)])
-        reference = torch.stack([p.probs for p in await engine.predict(pixels)])
+        pixels = photo_pixels(photo_jpegs)
+        half = stacked(await bf16.predict(pixels))
+        reference = stacked(await engine.predict(pixels))
         assert half.dtype == torch.float32
         assert torch.allclose(half.sum(dim=1), torch.ones(len(pixels)), atol=1e-4)
         assert torch.nn.functional.cosine_similarity(half, reference).min() > 0.99
@@ -244,7 +175,7 @@ async def test_the_compiled_model_is_cached_on_disk_and_reused(settings: Setting
                                                                caplog: pytest.LogCaptureFixture) -> None:
     cached = {"compiled_cache": True, "compiled_cache_dir": tmp_path, "max_batch_size": 1}
     first = load(settings, **cached)
-    pixels = [random_pixels(1, seed=3)[0]]
+    pixels = [random_pixels(1, seed=3)[0].numpy()]
     expected = (await first.predict(pixels))[0].probs
     first.close()
     artefacts = list(tmp_path.glob("resnet18-fp32-cpu-*.pt"))
@@ -252,7 +183,7 @@ async def test_the_compiled_model_is_cached_on_disk_and_reused(settings: Setting
     second = load(settings, **cached)
     try:
         assert second.info.compiled_from == "cache"
-        assert torch.allclose((await second.predict(pixels))[0].probs, expected, atol=1e-6)
+        assert np.allclose((await second.predict(pixels))[0].probs, expected, atol=1e-6)
     finally:
         second.close()
     artefacts[0].write_bytes(b"damaged")
@@ -265,9 +196,10 @@ async def test_the_compiled_model_is_cached_on_disk_and_reused(settings: Setting
 async def test_the_onnxruntime_runtime_matches_torchscript(settings: Settings, engine: Engine, tmp_path: Path) -> None:
     ort = load(settings, runtime="onnxruntime", compiled_cache_dir=tmp_path, max_batch_size=2)
     try:
-        pixels = list(random_pixels(3, seed=4))
-        ours = torch.stack([p.probs for p in await ort.predict(pixels)])
-        reference = torch.stack([p.probs for p in await engine.predict(pixels)])
+        assert ort.info.runtime == "onnxruntime" and ort.info.platform == "onnxruntime_onnx"
+        pixels = list(random_pixels(3, seed=4).numpy())
+        ours = stacked(await ort.predict(pixels))
+        reference = stacked(await engine.predict(pixels))
         assert torch.allclose(ours, reference, atol=1e-5)
         assert list(tmp_path.glob("*.onnx"))
     finally:

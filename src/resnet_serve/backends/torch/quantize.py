@@ -16,12 +16,13 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from resnet_serve.errors import ServeError
-from resnet_serve.preprocess import preprocess
-from resnet_serve.weights import ModelSpec
+from resnet_serve.spec import ModelSpec
+from resnet_serve.transform import preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +70,15 @@ def calibration_fingerprint(files: Sequence[Path]) -> str:
 
 def load_calibration_batch(files: Sequence[Path], spec: ModelSpec) -> torch.Tensor:
     """The calibration images as one ``uint8`` batch; unreadable files are skipped."""
-    tensors = []
+    images = []
     for path in files:
         try:
-            tensors.append(preprocess(path.read_bytes(), spec, max_pixels=200_000_000).tensor)
+            images.append(preprocess(path.read_bytes(), spec, max_pixels=200_000_000).pixels)
         except (OSError, ServeError) as exc:
             logger.warning("skipping calibration image %s: %s", path, exc)
-    if not tensors:
+    if not images:
         raise CalibrationError("none of the calibration images could be decoded")
-    return torch.stack(tensors)
+    return torch.from_numpy(np.stack(images))
 
 
 def quantize_network(net: nn.Module, spec: ModelSpec, calibration: torch.Tensor, backend: str) -> nn.Module:

@@ -1,16 +1,21 @@
-"""The JSON the API speaks, as pydantic models (so ``/docs`` documents every field)."""
+"""The JSON the API speaks, as pydantic models (so ``/docs`` documents every field).
+
+No torch and no server code: the client imports these too.
+"""
 
 from __future__ import annotations
 
-import torch
+import time
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from resnet_serve.labels import Labels, Language
+from resnet_serve.results import ImageResult, top_k
 
 
 class ClassScore(BaseModel):
     rank: int = Field(description="1 for the most likely class")
-    class_id: int = Field(description="ImageNet-1k class index, 0-999")
+    class_id: int = Field(description="class index (ImageNet-1k: 0-999)")
     label: str = Field(description="the class name in the requested language")
     label_en: str
     label_zh: str
@@ -63,6 +68,23 @@ class PredictResponse(BaseModel):
     model: str
     weights: str = Field(description="official, custom or random-init (predictions meaningless)")
 
+    @classmethod
+    def build(cls, result: ImageResult, labels: Labels, *, model: str, weights: str, filename: str | None,
+              start: float, top_k: int, lang: Language) -> PredictResponse:
+        """The answer for one image, timed from ``start`` (monotonic)."""
+        return cls(
+            predictions=class_scores(labels, result, top_k, lang),
+            image=ImageInfo(format=result.format, width=result.width, height=result.height, filename=filename),
+            preprocess_time_ms=round(result.preprocess_ms, 3),
+            queue_time_ms=round(result.queue_ms, 3),
+            inference_time_ms=round(result.inference_ms, 3),
+            total_time_ms=round((time.monotonic() - start) * 1000.0, 3),
+            batch_size=result.batch_size,
+            cached=result.cached,
+            model=model,
+            weights=weights,
+        )
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="stable machine-readable code, e.g. payload_too_large")
@@ -87,8 +109,9 @@ class BatchResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str = Field(description="alive, ready, loading, failed or shutting_down")
+    status: str = Field(description="alive, ready, loading, failed, restarting or shutting_down")
     weights: str | None = None
+    runtime: str | None = Field(None, description="torchscript or onnxruntime, once the model is loaded")
     detail: str | None = None
 
 
@@ -99,13 +122,15 @@ class ModelResponse(BaseModel):
     weights: str
     weights_sha256: str | None
     weights_path: str | None
+    runtime: str = Field(description="torchscript or onnxruntime")
+    platform: str = Field(description="the runtime as Triton names it: pytorch_torchscript or onnxruntime_onnx")
     device: str
     precision: str
     channels_last: bool
     compiled_from: str = Field(description="compiled at start-up, or loaded from the on-disk cache")
     start_s: float = Field(description="seconds to compile (or load) and warm up the model")
     cache_size: int = Field(description="result cache entries (0: off)")
-    torch_threads: int
+    threads: int = Field(description="intra-op threads of the runtime")
     max_batch_size: int
     max_wait_ms: float
     dispatch: str
@@ -115,8 +140,8 @@ class ModelResponse(BaseModel):
     num_classes: int
     input_size: int
     warmup_batch_ms: dict[int, float] = Field(description="forward time per batch size at start-up")
-    torch_version: str
-    torchvision_version: str
+    torch_version: str | None = Field(description="installed torch (null: not installed)")
+    onnxruntime_version: str | None = Field(description="installed ONNX Runtime (null: not installed)")
 
 
 class LabelEntry(BaseModel):
@@ -130,9 +155,9 @@ class LabelsResponse(BaseModel):
     labels: list[LabelEntry]
 
 
-def class_scores(labels: Labels, probs: torch.Tensor, top_k: int, lang: Language) -> list[ClassScore]:
-    """The ``top_k`` classes of one probability vector, ranked, named in both languages."""
-    values, indices = torch.topk(probs, top_k)
+def class_scores(labels: Labels, result: ImageResult, k: int, lang: Language) -> list[ClassScore]:
+    """The ``k`` most likely classes of one image, ranked, named in both languages."""
+    values, indices = top_k(result.probs, k)
     return [
         ClassScore(
             rank=rank,
@@ -142,5 +167,5 @@ def class_scores(labels: Labels, probs: torch.Tensor, top_k: int, lang: Language
             label_zh=labels.zh[class_id],
             confidence=confidence,
         )
-        for rank, (confidence, class_id) in enumerate(zip(values.tolist(), indices.tolist()), start=1)
+        for rank, (confidence, class_id) in enumerate(zip(values, indices), start=1)
     ]

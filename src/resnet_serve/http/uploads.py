@@ -11,6 +11,7 @@ bytes sent as ``image/*``, ``application/octet-stream`` or with no Content-Type 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from python_multipart.exceptions import MultipartParseError
@@ -22,6 +23,7 @@ from resnet_serve.errors import (
     MissingFile,
     PayloadTooLarge,
     UnsupportedMediaType,
+    UploadTimeout,
 )
 
 FILE_FIELD = "file"
@@ -150,6 +152,16 @@ async def read_upload(request: Request, *, max_bytes: int) -> Upload:
     return upload
 
 
+async def read_within(request: Request, timeout_s: float, *, max_bytes: int, max_files: int = 1,
+                      field: str = FILE_FIELD) -> list[Upload]:
+    """``read_uploads``, bounded in time: a client that sends too slowly gets 408."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await read_uploads(request, max_bytes=max_bytes, max_files=max_files, field=field)
+    except TimeoutError:
+        raise UploadTimeout("the upload did not complete within the request deadline") from None
+
+
 async def read_uploads(request: Request, *, max_bytes: int, max_files: int, field: str = FILE_FIELD) -> list[Upload]:
     """Up to ``max_files`` images, each at most ``max_bytes``; a raw body counts as one image."""
     declared = request.headers.get("content-length")
@@ -187,3 +199,9 @@ async def discard_body(request: Request, *, max_bytes: int) -> None:
                 return
     except ClientDisconnect:
         return
+
+
+async def client_gone(request: Request) -> None:
+    """Return once the client disconnects (the body has been read, so only that can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

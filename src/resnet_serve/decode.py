@@ -1,11 +1,8 @@
-"""Bytes in memory → a ``uint8`` tensor ``[3, crop, crop]`` ready to batch.
+"""Encoded bytes in memory → an upright 8-bit RGB Pillow image, within hard limits.
 
-The geometry is torchvision's reference transform for the spec (resize the shorter side,
-centre-crop) with its sizes and rounding, done by Pillow's antialiased bilinear resize as
-torchvision does it on a PIL image, so the pixels match (to one grey level in under 1% of
-the values, from rounding).
-Conversion to float and normalisation happen once per batch inside the model graph (see
-``engine``), which keeps this stage cheap and the tensors four times smaller.
+The format is identified from the bytes (never the name or Content-Type) and the pixel count is
+checked from the header before anything is decoded. Large JPEGs are decoded at a reduced scale
+(Pillow's draft mode) that keeps ``DRAFT_MARGIN`` times the size the model's resize needs.
 
 Every failure is a ``ServeError`` subclass: the caller never sees a Pillow exception.
 """
@@ -19,7 +16,6 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from resnet_serve.errors import (
@@ -28,7 +24,6 @@ from resnet_serve.errors import (
     ServeError,
     UnsupportedMediaType,
 )
-from resnet_serve.weights import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +31,7 @@ logger = logging.getLogger(__name__)
 Image.init()
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-# Pillow decodes a JPEG at 1/2, 1/4 or 1/8 scale almost for free. We keep at least twice the
+# Pillow decodes a JPEG at 1/2, 1/4 or 1/8 scale almost for free. We keep this many times the
 # resize target so the antialiased resize that follows hides the difference.
 DRAFT_MARGIN = 4
 
@@ -50,10 +45,11 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, IndexError, TypeError, EOFEr
 
 
 @dataclass(frozen=True)
-class DecodedImage:
-    """What the API reports about an upload besides its predictions."""
+class Decoded:
+    """The upright RGB image, and what the API reports about the upload: its format and its
+    upright size before any draft scaling."""
 
-    tensor: torch.Tensor
+    image: Image.Image
     format: str
     width: int
     height: int
@@ -138,69 +134,34 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode(data: bytes, spec: ModelSpec, *, max_pixels: int) -> Image.Image:
-    """Decode to an upright RGB image (EXIF orientation applied; first frame of animations)."""
-    return _decode_opened(data, open_image(data, max_pixels=max_pixels), spec, max_pixels)[0]
+def decode(data: bytes, *, resize_size: int, max_pixels: int) -> Decoded:
+    """Decode to an upright RGB image (EXIF orientation applied; first frame of animations).
 
-
-def _decode_opened(
-    data: bytes, image: Image.Image, spec: ModelSpec, max_pixels: int
-) -> tuple[Image.Image, tuple[int, int]]:
-    """The upright RGB image, and the upright size of the original (before draft scaling)."""
-    width, height = image.size
-    try:
-        if image.format == "PNG":
-            check_png_crcs(data)
-        _draft(image, spec.resize_size)
-        image.load()
-        if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
-            width, height = height, width
-        image = ImageOps.exif_transpose(image) or image
-        return _to_rgb(image), (width, height)
-    except Image.DecompressionBombError:
-        raise PayloadTooLarge(f"the image has more than {max_pixels} pixels") from None
-    except _DECODE_ERRORS as exc:
-        raise InvalidImage(f"the image data is truncated or corrupt ({exc})") from None
-
-
-def crop_box(width: int, height: int, resize_size: int, crop_size: int) -> tuple[float, float, float, float]:
-    """The part of a ``width`` x ``height`` image that torchvision's ``Resize(resize_size)`` then
-    ``CenterCrop(crop_size)`` keeps, in source pixel coordinates (its size and rounding rules)."""
-    if width <= height:
-        new_width, new_height = resize_size, int(resize_size * height / width)
-    else:
-        new_width, new_height = int(resize_size * width / height), resize_size
-    top = int(round((new_height - crop_size) / 2.0))
-    left = int(round((new_width - crop_size) / 2.0))
-    scale_x, scale_y = width / new_width, height / new_height
-    return left * scale_x, top * scale_y, (left + crop_size) * scale_x, (top + crop_size) * scale_y
-
-
-def to_tensor(image: Image.Image, spec: ModelSpec) -> torch.Tensor:
-    """Resize + centre-crop as torchvision's reference transform; ``uint8 [3, H, W]``.
-
-    Only the box that the crop keeps is resized (``ModelSpec`` guarantees the crop fits):
-    Pillow places every output pixel by the box, so the pixels are the reference's, in about two
-    thirds of the reference's time (``benchmarks/stages_bench.py``), and a long thin image never
-    expands to a huge intermediate. The two passes are made explicitly, horizontal first as in a whole-image
-    resize; a one-call box resize may run them the other way round, and its rounding then
-    differs by one grey level in a quarter of the values of portrait images."""
-    left, top, right, bottom = crop_box(image.width, image.height, spec.resize_size, spec.crop_size)
-    size, bilinear = spec.crop_size, Image.Resampling.BILINEAR
-    rows = image.resize((size, image.height), bilinear, box=(left, 0, right, image.height))
-    image = rows.resize((size, size), bilinear, box=(0, top, size, bottom))
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
-
-
-def preprocess(data: bytes, spec: ModelSpec, *, max_pixels: int) -> DecodedImage:
-    """The whole stage; runs in a worker thread (Pillow releases the GIL while decoding)."""
+    ``resize_size`` is the shorter side the model's resize will produce: a JPEG is decoded at
+    the smallest scale that still keeps ``DRAFT_MARGIN`` times that."""
     try:
         image = open_image(data, max_pixels=max_pixels)
-        fmt = str(image.format)
-        rgb, (width, height) = _decode_opened(data, image, spec, max_pixels)
-        return DecodedImage(tensor=to_tensor(rgb, spec), format=fmt, width=width, height=height)
+        return _decode_opened(data, image, resize_size, max_pixels)
     except ServeError:
         raise
     except Exception as exc:  # a decoder bug must still be the client's 400, not our 500
         logger.exception("unexpected error while decoding an upload")
         raise InvalidImage(f"the image could not be decoded ({type(exc).__name__})") from None
+
+
+def _decode_opened(data: bytes, image: Image.Image, resize_size: int, max_pixels: int) -> Decoded:
+    width, height = image.size
+    fmt = str(image.format)
+    try:
+        if image.format == "PNG":
+            check_png_crcs(data)
+        _draft(image, resize_size)
+        image.load()
+        if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
+        image = ImageOps.exif_transpose(image) or image
+        return Decoded(_to_rgb(image), fmt, width, height)
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge(f"the image has more than {max_pixels} pixels") from None
+    except _DECODE_ERRORS as exc:
+        raise InvalidImage(f"the image data is truncated or corrupt ({exc})") from None

@@ -1,0 +1,33 @@
+"""The seam between the service and whatever runs the network: a ``Backend`` speaks numpy.
+
+Nothing above this seam imports a runtime. Each runtime lives in its own module and imports its
+own library: ``backends.onnxruntime`` (ONNX Runtime) and ``backends.torch`` (TorchScript, plus
+everything that needs torch to build a model: weights, graph, quantization, export).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+TORCHSCRIPT, ONNXRUNTIME = "torchscript", "onnxruntime"
+# Triton's platform names, which the Open Inference Protocol's model metadata reports.
+PLATFORMS = {TORCHSCRIPT: "pytorch_torchscript", ONNXRUNTIME: "onnxruntime_onnx"}
+# The serving graph's tensor names, whatever format it is saved in.
+GRAPH_INPUT, GRAPH_OUTPUT = "pixels", "probs"
+
+
+class Backend(Protocol):
+    """A loaded network: ``uint8 [N, 3, H, W]`` pixels in, ``float32 [N, classes]`` probabilities
+    out. Called from one thread only (the inference thread), so it needs no lock."""
+
+    runtime: str  # TORCHSCRIPT or ONNXRUNTIME
+    device: str
+    precision: str
+
+    def prepare_thread(self) -> None:
+        """Per-thread set-up, run once on the inference thread before the first batch."""
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities for one batch."""

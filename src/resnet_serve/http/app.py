@@ -1,0 +1,76 @@
+"""The FastAPI app: it only assembles the service, the routers, the error handlers, the
+middleware and the lifespan (start-up and shutdown live in ``service``)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from resnet_serve import __version__
+from resnet_serve.http import health, info, oip, predict
+from resnet_serve.http.errors import install_error_handlers
+from resnet_serve.http.middleware import RequestLog
+from resnet_serve.http.page import mount_page
+from resnet_serve.logs import configure_logging
+from resnet_serve.pipeline import Predictor
+from resnet_serve.service import Service
+from resnet_serve.settings import Settings
+from resnet_serve.spec import builtin_spec
+
+
+def _flip_readiness_on_sigterm(service: Service) -> Callable[[], None]:
+    """Turn readiness false the moment SIGTERM arrives, then let uvicorn's own handler drain.
+
+    uvicorn installs its handler before the lifespan starts; this one runs first and chains to
+    it. Only the main thread may set signal handlers (tests may run the app elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: object) -> None:
+        service.begin_shutdown()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def create_app(settings: Settings | None = None, *, engine: Predictor | None = None) -> FastAPI:
+    """Build the app. Pass a warmed ``engine`` to share one model between apps (tests)."""
+    settings = settings or Settings()
+    service = Service(settings, builtin_spec(settings.default_model))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        restore_signal = _flip_readiness_on_sigterm(service)
+        try:
+            await service.start(engine)
+            yield
+        finally:
+            await service.stop()
+            restore_signal()
+
+    app = FastAPI(title="resnet-serve", version=__version__, lifespan=lifespan,
+                  summary="Image classification with torchvision models, dynamically batched.")
+    app.state.service = service
+    install_error_handlers(app)
+    configure_logging(settings.log_format, settings.log_level)
+    for router in (predict.router, info.router, health.router, oip.router):
+        app.include_router(router)
+    mount_page(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-Model-Weights", "Retry-After"],
+        )
+    app.add_middleware(RequestLog)
+    return app

@@ -1,0 +1,32 @@
+"""What routes receive by dependency: the service, and the query parameters every prediction
+route shares."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+
+from resnet_serve.labels import Language
+from resnet_serve.service import Service
+from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+class PredictQuery:
+    """``top_k`` and ``lang``, validated once for every prediction route."""
+
+    def __init__(
+        self,
+        top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="how many classes"),
+        lang: Language = Query("en", description="language of `label`: en or zh"),
+    ) -> None:
+        self.top_k = top_k
+        self.lang = lang
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+PredictQueryDep = Annotated[PredictQuery, Depends()]

@@ -1,0 +1,157 @@
+"""One model's request path, as plain code with no HTTP in it:
+
+    result cache → decode/resize/crop in the decode pool (``transform``) → admission-bounded
+    queue (``batcher``) → one forward pass per batch on the inference thread (``inference``)
+
+Concurrency contract: everything here runs on the event loop thread, except ``preprocess`` (in
+the shared decode pool) and the forward pass (on the engine's inference thread). Admission is
+decided once, before an upload is read or decoded: ``admitted(n)`` holds ``n`` of
+``admission_limit`` slots (a full queue plus the batch being run) or raises ``Overloaded`` at
+once. A request waits for its result until its deadline or until the caller's ``abandoned``
+awaitable completes (the client went away); either way its future is cancelled, and the batcher
+drops a cancelled request before inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Executor
+from typing import Protocol
+
+import numpy as np
+
+from resnet_serve import metrics
+from resnet_serve.batcher import Batcher, Pending
+from resnet_serve.cache import ResultCache
+from resnet_serve.errors import DeadlineExceeded, MalformedRequest, Overloaded
+from resnet_serve.inference import ModelInfo, Prediction
+from resnet_serve.results import ImageResult
+from resnet_serve.settings import Settings
+from resnet_serve.spec import ModelSpec
+from resnet_serve.transform import preprocess
+
+Abandoned = Callable[[], Awaitable[object]]
+
+
+class Predictor(Protocol):
+    """What the pipeline and the service need of an engine (tests put fakes here)."""
+
+    info: ModelInfo
+
+    async def predict(self, images: list[np.ndarray]) -> list[Prediction]: ...
+
+    def ensure_running(self) -> bool: ...
+
+    def close(self, timeout: float | None = None) -> None: ...
+
+
+class Pipeline:
+    """The request path of one model: its cache, its batcher and its engine."""
+
+    def __init__(self, spec: ModelSpec, engine: Predictor, settings: Settings, decode_pool: Executor) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.settings = settings
+        self._decode_pool = decode_pool
+        self.cache = ResultCache(settings.cache_size)
+        self.queue_limit = settings.queue_limit(engine.info.warmup_batch_ms.get(settings.max_batch_size))
+        self.admission_limit = self.queue_limit + settings.max_batch_size
+        self.in_flight = 0
+        self.batcher: Batcher[np.ndarray, Prediction] = Batcher(
+            self._run_batch,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=None,  # bounded by admission, above
+            dispatch=settings.dispatch,
+        )
+
+    def has_room(self, count: int = 1) -> bool:
+        return self.in_flight + count <= self.admission_limit
+
+    def overloaded(self) -> Overloaded:
+        return Overloaded(f"{self.in_flight} requests in flight; try again shortly", headers={"Retry-After": "1"})
+
+    @contextlib.contextmanager
+    def admitted(self, count: int = 1) -> Iterator[None]:
+        """Hold ``count`` in-flight slots, or raise 503 at once if there are not enough."""
+        if not self.has_room(count):
+            raise self.overloaded()
+        self.in_flight += count
+        metrics.IN_FLIGHT.inc(count)
+        try:
+            yield
+        finally:
+            self.in_flight -= count
+            metrics.IN_FLIGHT.dec(count)
+
+    async def predict_bytes(self, data: bytes, deadline: float, abandoned: Abandoned | None = None) -> ImageResult:
+        """Probabilities for one encoded image, from the cache or through the batcher."""
+        key = self.cache.key(data) if self.cache.enabled else None  # no hashing when off
+        if key is not None:
+            hit = self.cache.get(key)
+            metrics.CACHE_LOOKUPS.labels("hit" if hit is not None else "miss").inc()
+            if hit is not None:
+                return hit
+        started = time.monotonic()
+        image = await asyncio.get_running_loop().run_in_executor(
+            self._decode_pool, functools.partial(preprocess, data, self.spec, max_pixels=self.settings.max_pixels)
+        )
+        preprocess_ms = (time.monotonic() - started) * 1000.0
+        result = await self._infer(image.pixels, deadline, abandoned, image.format, image.width, image.height,
+                                   preprocess_ms)
+        if key is not None:
+            self.cache.put(key, result)
+        return result
+
+    async def predict_pixels(self, pixels: np.ndarray, deadline: float,
+                             abandoned: Abandoned | None = None) -> ImageResult:
+        """Probabilities for an already pre-processed ``uint8 [3, H, W]`` image."""
+        height, width = pixels.shape[1:]
+        return await self._infer(pixels, deadline, abandoned, "tensor", int(width), int(height), 0.0)
+
+    async def _infer(self, pixels: np.ndarray, deadline: float, abandoned: Abandoned | None, fmt: str,
+                     width: int, height: int, preprocess_ms: float) -> ImageResult:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("the request deadline passed during pre-processing")
+        pending = self.batcher.submit(pixels, timeout_s=remaining)
+        metrics.QUEUE_DEPTH.set(self.batcher.depth)
+        prediction = await await_result(pending, remaining, abandoned)
+        metrics.QUEUE_WAIT_SECONDS.observe(pending.queue_ms / 1000.0)
+        return ImageResult(prediction.probs, fmt, width, height, preprocess_ms, pending.queue_ms,
+                           prediction.inference_ms, prediction.batch_size)
+
+    async def _run_batch(self, images: list[np.ndarray]) -> list[Prediction]:
+        """The batcher's handler: the engine's forward pass, observed."""
+        metrics.QUEUE_DEPTH.set(self.batcher.depth)
+        metrics.BATCH_SIZE.observe(len(images))
+        predictions = await self.engine.predict(images)
+        metrics.INFERENCE_SECONDS.observe(predictions[0].inference_ms / 1000.0)
+        return predictions
+
+    async def close(self, grace_s: float) -> None:
+        await self.batcher.close(grace_s=grace_s)
+
+
+async def await_result(pending: Pending[np.ndarray, Prediction], timeout_s: float,
+                       abandoned: Abandoned | None = None) -> Prediction:
+    """Wait for the batch result; give up (and free the slot) on deadline or when abandoned."""
+    watcher = asyncio.ensure_future(abandoned()) if abandoned is not None else None
+    waiting: set[asyncio.Future[object]] = {pending.future}  # type: ignore[arg-type]
+    if watcher is not None:
+        waiting.add(watcher)
+    try:
+        done, _ = await asyncio.wait(waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    if pending.future.done():
+        return pending.future.result()
+    pending.future.cancel()
+    if watcher is not None and watcher in done:
+        raise MalformedRequest("the client disconnected before the result was ready")
+    raise DeadlineExceeded("no result within the request deadline")

@@ -1,0 +1,132 @@
+"""The inference thread and the engine, with fake numpy backends: errors, shutdown, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from resnet_serve.errors import InferenceFailed, NotReady
+from resnet_serve.inference import Engine, InferenceThread, ModelInfo
+from resnet_serve.weights import WeightsInfo
+
+
+class FakeBackend:
+    """Doubles its input (any shape), as a backend would answer probabilities."""
+
+    runtime, device, precision = "fake", "cpu", "fp32"
+
+    def prepare_thread(self) -> None:
+        pass
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        return pixels * 2
+
+
+class Fragile(FakeBackend):
+    """Raises on a batch whose first value is negative."""
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        if pixels.flat[0] < 0:
+            raise ValueError("negative")
+        return pixels * 2
+
+
+class Killer(FakeBackend):
+    """Kills the thread that runs it (a BaseException, as a fault in the runtime would)."""
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        if pixels.flat[0] < 0:
+            raise SystemExit("injected fault")
+        return pixels * 2
+
+
+def info(name: str) -> ModelInfo:
+    return ModelInfo(name, "cpu", "fp32", WeightsInfo("random-init", None, None), 1)
+
+
+def test_an_exception_fails_that_job_only_and_the_thread_lives_on() -> None:
+    thread = InferenceThread(Fragile())
+    bad = thread.submit([np.array([-1.0])])
+    good = thread.submit([np.array([3.0])])
+    with pytest.raises(ValueError):
+        bad.result(timeout=10)
+    assert good.result(timeout=10)[0].item() == 6.0
+    assert thread.alive
+    thread.close(timeout=10)
+    assert not thread.alive
+
+
+def test_close_finishes_queued_jobs_then_refuses_new_ones() -> None:
+    thread = InferenceThread(Fragile())
+    queued = [thread.submit([np.array([float(i)])]) for i in range(5)]
+    thread.close(timeout=10)
+    assert [f.result(timeout=1)[0].item() for f in queued] == [0.0, 2.0, 4.0, 6.0, 8.0]
+    with pytest.raises(NotReady):
+        thread.submit([np.array([1.0])]).result(timeout=1)
+
+
+def test_the_thread_stacks_a_batch_and_a_lone_image_is_not_copied() -> None:
+    seen: list[np.ndarray] = []
+
+    class Recorder(FakeBackend):
+        def run(self, pixels: np.ndarray) -> np.ndarray:
+            seen.append(pixels)
+            return pixels.reshape(len(pixels), -1).sum(axis=1, keepdims=True)
+
+    thread = InferenceThread(Recorder())
+    images = [np.full((3, 2, 2), i, dtype=np.uint8) for i in range(3)]
+    probs, elapsed = thread.submit(images).result(timeout=10)
+    assert probs.ravel().tolist() == [0, 12, 24] and elapsed >= 0
+    thread.submit(images[:1]).result(timeout=10)
+    thread.close(timeout=10)
+    assert seen[0].shape == (3, 3, 2, 2)
+    assert seen[1].shape == (1, 3, 2, 2) and np.shares_memory(seen[1], images[0])
+
+
+async def test_predict_splits_the_batch_and_reports_its_size() -> None:
+    engine = Engine(FakeBackend(), info("double"))
+    try:
+        predictions = await engine.predict([np.array([1.0]), np.array([2.0]), np.array([3.0])])
+        assert [p.probs.item() for p in predictions] == [2.0, 4.0, 6.0]
+        assert {p.batch_size for p in predictions} == {3}
+    finally:
+        engine.close()
+
+
+async def test_predict_reports_a_model_failure_as_inference_failed() -> None:
+    engine = Engine(Fragile(), info("fragile"))
+    try:
+        with pytest.raises(InferenceFailed):
+            await engine.predict([np.array([-1.0])])
+        assert [p.probs.item() for p in await engine.predict([np.array([2.0])])] == [4.0]
+    finally:
+        engine.close()
+
+
+async def test_a_dead_inference_thread_fails_its_jobs_and_is_restarted() -> None:
+    engine = Engine(Killer(), info("killer"))
+    try:
+        fatal = asyncio.ensure_future(engine.predict([np.array([-1.0])]))
+        queued = asyncio.ensure_future(engine.predict([np.array([5.0])]))
+        for outcome in await asyncio.gather(fatal, queued, return_exceptions=True):
+            assert isinstance(outcome, NotReady)  # 503, not a hang
+        for _ in range(100):
+            if not engine.alive:
+                break
+            await asyncio.sleep(0.01)
+        assert not engine.alive
+        assert [p.probs.item() for p in await engine.predict([np.array([2.0])])] == [4.0]
+        assert engine.alive and engine.restarts == 1
+    finally:
+        engine.close()
+
+
+def test_warmup_times_every_batch_size() -> None:
+    engine = Engine(FakeBackend(), info("double"))
+    try:
+        engine.warmup(3, crop_size=4)
+        assert sorted(engine.info.warmup_batch_ms) == [1, 2, 3]
+    finally:
+        engine.close()
