@@ -339,8 +339,8 @@ def measure_round(args: argparse.Namespace, images: list[bytes]) -> dict[str, di
             model = httpx.get(f"{url}/model", timeout=10).json()
         runs[name] = {
             "overrides": overrides,
-            "server": {k: model[k] for k in ("runtime", "device", "precision", "channels_last", "max_batch_size",
-                                              "max_wait_ms", "dispatch", "threads", "cache_size", "weights")},
+            "server": {k: model.get(k) for k in ("runtime", "device", "precision", "channels_last", "max_batch_size",
+                                                  "max_wait_ms", "dispatch", "threads", "cache_size", "weights")},
             "in_process": baseline,
             "results": [asdict(r) for r in results],
         }
