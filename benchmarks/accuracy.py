@@ -43,22 +43,21 @@ def labelled_files(root: Path) -> list[tuple[Path, int]]:
 
 def evaluate(files: list[tuple[Path, int]], precision: str, batch_size: int) -> dict[str, object]:
     from resnet_serve.errors import ServeError
-    from resnet_serve.loading import load_engine, resolve
+    from resnet_serve.loading import open_model
     from resnet_serve.results import top_k
     from resnet_serve.settings import Settings
-    from resnet_serve.spec import RESNET18
     from resnet_serve.transform import preprocess
 
     settings = Settings(precision=precision, max_batch_size=batch_size)  # type: ignore[arg-type]
-    weights = resolve(RESNET18, settings)
-    engine = load_engine(RESNET18, weights, settings)
+    engine = open_model(settings)
+    spec = engine.info.spec
     top1 = top5 = seen = skipped = 0
     try:
         for start in range(0, len(files), batch_size):
             tensors, labels = [], []
             for path, label in files[start : start + batch_size]:
                 try:
-                    tensors.append(preprocess(path.read_bytes(), RESNET18, max_pixels=10**9).pixels)
+                    tensors.append(preprocess(path.read_bytes(), spec, max_pixels=10**9).pixels)
                     labels.append(label)
                 except ServeError:
                     skipped += 1
@@ -72,7 +71,7 @@ def evaluate(files: list[tuple[Path, int]], precision: str, batch_size: int) -> 
     finally:
         engine.close()
     return {
-        "precision": precision, "weights": weights.info.source, "images": seen, "skipped": skipped,
+        "precision": precision, "weights": engine.info.weights.source, "images": seen, "skipped": skipped,
         "top1": round(100 * top1 / max(seen, 1), 3), "top5": round(100 * top5 / max(seen, 1), 3),
     }
 

@@ -63,18 +63,16 @@ def run_one(batch_sizes: list[int], repeats: int) -> dict[str, object]:
     """Measure the configuration in this process's environment (called in a child process)."""
     import numpy as np
 
-    from resnet_serve.loading import load_engine, resolve
+    from resnet_serve.loading import open_model
     from resnet_serve.results import top_k
     from resnet_serve.settings import Settings
-    from resnet_serve.spec import RESNET18
 
     cache_dir = Path(os.environ["RESNET_SERVE_COMPILED_CACHE_DIR"])
     settings = Settings(max_batch_size=1)
-    weights = resolve(RESNET18, settings)
-    cold = load_engine(RESNET18, weights, settings)
+    cold = open_model(settings)  # exports the default model into the repository under the cache
     cold.close()
-    warm = load_engine(RESNET18, weights, settings)
-    artefacts = [p for p in cache_dir.iterdir() if p.suffix in (".pt", ".onnx")]
+    warm = open_model(settings)  # loads it from there
+    artefacts = [p for p in cache_dir.rglob("model.*") if p.suffix in (".pt", ".onnx")]
     photos = photo_batch()
 
     async def measure() -> list[dict[str, float]]:

@@ -87,15 +87,15 @@ class RawConnection:
 
     BOUNDARY = b"resnetservebench"
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, path: str = "/predict") -> None:
+        self.host, self.port, self.path = host, port, path
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
     def request(self, image: bytes) -> bytes:
         body = (b"--" + self.BOUNDARY + b'\r\nContent-Disposition: form-data; name="file"; filename="i.jpg"\r\n'
                 b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--" + self.BOUNDARY + b"--\r\n")
-        head = (f"POST /predict HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+        head = (f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
                 f"Content-Type: multipart/form-data; boundary={self.BOUNDARY.decode()}\r\n\r\n").encode()
         return head + body
 
@@ -121,7 +121,10 @@ class RawConnection:
 
 
 async def run_load(url: str, images: list[bytes], concurrency: int, duration: float,
-                   repeat: bool = False, client: str = "raw") -> LoadResult:
+                   repeat: bool = False, client: str = "raw", model: str | None = None) -> LoadResult:
+    """``concurrency`` closed-loop clients for ``duration`` seconds (``model``: ``?model=`` of a
+    repository server)."""
+    path = f"/predict?model={model}" if model else "/predict"
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     batch_sizes: list[int] = []
@@ -135,11 +138,11 @@ async def run_load(url: str, images: list[bytes], concurrency: int, duration: fl
         async def send(connection: RawConnection, data: bytes) -> tuple[int, bytes]:
             if client == "raw":
                 return await asyncio.wait_for(connection.post(data), 30)
-            response = await http.post("/predict", files={"file": ("image.jpg", data, "image/jpeg")})
+            response = await http.post(path, files={"file": ("image.jpg", data, "image/jpeg")})
             return response.status_code, response.content
 
         async def worker(index: int) -> None:
-            connection = RawConnection(host, int(port))
+            connection = RawConnection(host, int(port), path)
             i = index
             while time.perf_counter() < end:
                 data = images[i % len(images)] if repeat else unique(images[i % len(images)])
@@ -183,14 +186,14 @@ async def run_load(url: str, images: list[bytes], concurrency: int, duration: fl
 def in_process_ms(images: list[bytes], repeats: int, overrides: dict[str, str] | None = None) -> dict[str, float]:
     """With no server: p50 of decode+pre-process and of a batch-1 forward pass, and the
     throughput of decode + inference in full batches, for the given settings."""
-    from resnet_serve.loading import load_engine, resolve
+    from resnet_serve.loading import open_model
     from resnet_serve.settings import Settings
-    from resnet_serve.spec import RESNET18
     from resnet_serve.transform import preprocess
 
     fields = {k.removeprefix("RESNET_SERVE_").lower(): v for k, v in (overrides or {}).items()}
     settings = Settings(**fields)  # type: ignore[arg-type]
-    engine = load_engine(RESNET18, resolve(RESNET18, settings), settings)
+    engine = open_model(settings)
+    spec = engine.info.spec
     n = settings.max_batch_size
 
     async def measure() -> tuple[list[float], list[float], float]:
@@ -198,13 +201,13 @@ def in_process_ms(images: list[bytes], repeats: int, overrides: dict[str, str] |
         pre, infer = [], []
         for i in range(repeats):
             start = time.perf_counter()
-            tensor = preprocess(images[i % len(images)], RESNET18, max_pixels=settings.max_pixels).pixels
+            tensor = preprocess(images[i % len(images)], spec, max_pixels=settings.max_pixels).pixels
             pre.append((time.perf_counter() - start) * 1000)
             infer.append((await engine.predict([tensor]))[0].inference_ms)
         start = time.perf_counter()
         done = 0
         while done < repeats:
-            batch = [preprocess(images[(done + j) % len(images)], RESNET18, max_pixels=settings.max_pixels).pixels
+            batch = [preprocess(images[(done + j) % len(images)], spec, max_pixels=settings.max_pixels).pixels
                      for j in range(n)]
             await engine.predict(batch)
             done += n

@@ -93,12 +93,12 @@ def hash_rows(images: list[bytes], repeats: int) -> list[dict[str, object]]:
 def engine_rows(precision: str, repeats: int) -> list[dict[str, object]]:
     import numpy as np
 
-    from resnet_serve.loading import load_engine, resolve
+    from resnet_serve.loading import open_model
     from resnet_serve.settings import Settings
     from resnet_serve.spec import RESNET18
 
     settings = Settings(precision=precision, max_batch_size=1)  # type: ignore[arg-type]
-    engine = load_engine(RESNET18, resolve(RESNET18, settings), settings)
+    engine = open_model(settings)
     image = np.zeros((3, RESNET18.crop_size, RESNET18.crop_size), dtype=np.uint8)
     backend = engine._backend  # the bare backend, as a reference point only
 

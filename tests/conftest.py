@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -21,10 +22,10 @@ from asgi_lifespan import LifespanManager
 from PIL import Image
 
 from resnet_serve.backends.torch.checkpoints import load_state_dict
-from resnet_serve.backends.torch.graph import build_network
+from resnet_serve.backends.torch.graph import build_network, build_network_of
 from resnet_serve.http.app import create_app
 from resnet_serve.inference import Engine
-from resnet_serve.loading import load_engine, resolve
+from resnet_serve.loading import open_model
 from resnet_serve.settings import Settings
 from resnet_serve.spec import RESNET18
 from resnet_serve.transform import preprocess
@@ -110,7 +111,7 @@ def settings(seeded_weights: Path) -> Settings:
 @pytest.fixture(scope="session")
 def engine(settings: Settings) -> Iterator[Engine]:
     """One real TorchScript engine for the whole session (tracing and warm-up take seconds)."""
-    engine = load_engine(RESNET18, resolve(RESNET18, settings), settings)
+    engine = open_model(settings)
     yield engine
     engine.close()
 
@@ -121,6 +122,50 @@ def reference_model(seeded_weights: Path) -> torch.nn.Module:
     model = build_network(RESNET18)
     model.load_state_dict(load_state_dict(seeded_weights, RESNET18))
     return model.eval()
+
+
+FLOWERS = ["daisy", "dandelion", "rose", "sunflower", "tulip"]
+PARTS = {"0": "bolt", "1": "nut", "2": "washer"}
+
+
+def random_state_dict(architecture: str, classes: int, seed: int) -> dict[str, torch.Tensor]:
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    state_dict = build_network_of(architecture, classes).state_dict()
+    torch.random.set_rng_state(generator_state)
+    return state_dict
+
+
+@pytest.fixture(scope="session")
+def user_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """What users bring: a 5-class ResNet-18 saved from DataParallel inside a training checkpoint
+    with labels.txt, and a 3-class MobileNetV3-Small saved after torch.compile with labels.json."""
+    folder = tmp_path_factory.mktemp("user")
+    flowers = random_state_dict("resnet18", 5, seed=5)
+    torch.save({"epoch": 12, "state_dict": {f"module.{k}": v for k, v in flowers.items()}}, folder / "flowers.pth")
+    (folder / "flowers.txt").write_text("\n".join(FLOWERS) + "\n")
+    parts = random_state_dict("mobilenet_v3_small", 3, seed=3)
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in parts.items()}}, folder / "parts.pt")
+    (folder / "parts.json").write_text(json.dumps(PARTS))
+    seven = random_state_dict("resnet18", 7, seed=7)
+    torch.save(seven, folder / "seven.pth")
+    return {"flowers": folder / "flowers.pth", "flowers_labels": folder / "flowers.txt",
+            "parts": folder / "parts.pt", "parts_labels": folder / "parts.json", "seven": folder / "seven.pth"}
+
+
+@pytest.fixture(scope="session")
+def user_repository(user_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both user models exported into one repository (TorchScript and ONNX, FP32); flowers
+    batches up to 2, as its metadata says."""
+    from resnet_serve.cli import main
+
+    repository = tmp_path_factory.mktemp("repository")
+    assert main(["export", "--arch", "resnet18", "--weights", str(user_files["flowers"]), "--labels",
+                 str(user_files["flowers_labels"]), "--name", "flowers", "--repository", str(repository),
+                 "--max-batch-size", "2"]) == 0
+    assert main(["export", "--arch", "mobilenet_v3_small", "--weights", str(user_files["parts"]), "--labels",
+                 str(user_files["parts_labels"]), "--name", "parts", "--repository", str(repository)]) == 0
+    return repository
 
 
 async def probs_of(engine: Engine, uploads: list[bytes]) -> torch.Tensor:
@@ -171,12 +216,13 @@ def wait_ready(base: str, process: subprocess.Popen[bytes], timeout: float = 120
 
 
 @contextlib.contextmanager
-def real_server(log: Path, **settings: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A real ``resnet-serve serve`` process on a free loopback port (not waited for)."""
+def real_server(log: Path, *flags: str, **settings: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real ``resnet-serve serve`` process on a free loopback port (not waited for), with
+    command-line ``flags`` and ``RESNET_SERVE_*`` ``settings``."""
     port = free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "resnet_serve", "serve", "--port", str(port)],
+            [sys.executable, "-m", "resnet_serve", "serve", "--port", str(port), *flags],
             env=env_with(**settings), stdout=out, stderr=subprocess.STDOUT,
         )
         try:

@@ -332,7 +332,7 @@ async def test_metrics_expose_requests_batches_queue_and_cache(client: httpx.Asy
     assert sample(after, "resnet_serve_batch_size_count") - sample(before, "resnet_serve_batch_size_count") == 1
     assert sample(after, "resnet_serve_inference_seconds_count") > sample(before, "resnet_serve_inference_seconds_count")
     assert sample(after, "resnet_serve_queue_wait_seconds_count") > sample(before, "resnet_serve_queue_wait_seconds_count")
-    hits = 'resnet_serve_cache_lookups_total{result="hit"}'
+    hits = 'resnet_serve_cache_lookups_total{model="resnet18",result="hit"}'
     assert sample(after, hits) - sample(before, hits) == 1
     assert 'resnet_serve_model_info{device="cpu",model="resnet18",precision="fp32",runtime="torchscript",weights="custom"} 1.0' in after
     assert "resnet_serve_queue_depth" in after and "resnet_serve_request_duration_seconds_bucket" in after

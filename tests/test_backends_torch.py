@@ -10,15 +10,16 @@ import pytest
 import torch
 from torch import nn
 
+from resnet_serve.backends.torch.checkpoints import resolve
 from resnet_serve.backends.torch.compile import CompileOptions, compile_model
-from resnet_serve.backends.torch.quantize import CalibrationError, calibration_files
 from resnet_serve.backends.torch.runtime import select_device, select_precision
+from resnet_serve.errors import RepositoryError
 from resnet_serve.inference import Engine, Prediction
-from resnet_serve.loading import load_engine, resolve
+from resnet_serve.loading import open_model, wanted_artefact
+from resnet_serve.photos import CalibrationError, calibration_files
 from resnet_serve.settings import Settings
 from resnet_serve.spec import RESNET18
 from resnet_serve.transform import preprocess
-from resnet_serve.weights import WeightsInfo
 
 
 def random_pixels(n: int, seed: int = 0) -> torch.Tensor:
@@ -77,9 +78,8 @@ def test_warmup_ran_every_batch_size(engine: Engine, settings: object) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CI has none)")
 async def test_cuda_fp16_matches_cpu_fp32(seeded_weights: Path) -> None:
     gpu_settings = Settings(weights=seeded_weights, device="cuda", allow_download=False)
-    gpu = load_engine(RESNET18, resolve(RESNET18, gpu_settings), gpu_settings)
-    cpu_settings = gpu_settings.model_copy(update={"device": "cpu"})
-    cpu = load_engine(RESNET18, resolve(RESNET18, cpu_settings), cpu_settings)
+    gpu = open_model(gpu_settings)
+    cpu = open_model(gpu_settings.model_copy(update={"device": "cpu"}))
     try:
         assert gpu.info.precision == "fp16" and gpu.info.device.startswith("cuda")
         pixels = list(random_pixels(4, seed=2).numpy())
@@ -95,7 +95,7 @@ def test_the_fp16_graph_a_gpu_runs_tracks_fp32(settings: Settings, reference_mod
     """CI has no GPU: the graph CUDA and MPS get (half weights, uint8 in, normalisation in half,
     softmax in float) is built and run on the CPU here, which torch can also do in fp16."""
     weights = resolve(RESNET18, settings)
-    options = CompileOptions(device=torch.device("cpu"), precision="fp16", channels_last=True)
+    options = CompileOptions(precision="fp16", channels_last=True)
     half = compile_model(RESNET18, weights, options)
     pixels = random_pixels(2, seed=3)
     mean = torch.tensor(RESNET18.mean).view(1, 3, 1, 1)
@@ -110,8 +110,7 @@ def test_the_fp16_graph_a_gpu_runs_tracks_fp32(settings: Settings, reference_mod
 
 
 def load(settings: Settings, **changes: object) -> Engine:
-    changed = settings.model_copy(update=changes)
-    return load_engine(RESNET18, resolve(RESNET18, changed), changed)
+    return open_model(settings.model_copy(update=changes))
 
 
 def photo_pixels(photo_jpegs: dict[str, bytes]) -> list[np.ndarray]:
@@ -159,30 +158,30 @@ def test_int8_refuses_a_gpu_and_needs_calibration_images(tmp_path: Path) -> None
         calibration_files(tmp_path)
 
 
-def test_a_calibration_folder_changes_the_cache_key(tmp_path: Path, photo_jpegs: dict[str, bytes]) -> None:
+def test_what_the_default_model_is_built_with_decides_the_artefact_wanted(
+    settings: Settings, tmp_path: Path, photo_jpegs: dict[str, bytes]
+) -> None:
     (tmp_path / "a.jpg").write_bytes(photo_jpegs["chelsea"])
-    weights = WeightsInfo("official", None, "ab" * 32)
-    default = CompileOptions(torch.device("cpu"), "int8", False)
-    mine = CompileOptions(torch.device("cpu"), "int8", False, calibration_dir=tmp_path)
-    names = {default.cache_name(RESNET18, weights), mine.cache_name(RESNET18, weights),
-             CompileOptions(torch.device("cpu"), "fp32", True).cache_name(RESNET18, weights),
-             CompileOptions(torch.device("cpu"), "fp32", False).cache_name(RESNET18, weights),
-             CompileOptions(torch.device("cpu"), "fp32", True).cache_name(RESNET18, WeightsInfo("custom", None, "cd" * 32))}
-    assert len(names) == 5
+    int8 = settings.model_copy(update={"precision": "int8"})
+    wanted = {wanted_artefact(int8), wanted_artefact(int8.model_copy(update={"calibration_dir": tmp_path})),
+              wanted_artefact(int8.model_copy(update={"int8_backend": "fbgemm"})), wanted_artefact(settings),
+              wanted_artefact(settings.model_copy(update={"channels_last": False}))}
+    assert len(wanted) == 5
 
 
-async def test_the_compiled_model_is_cached_on_disk_and_reused(settings: Settings, tmp_path: Path,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+async def test_the_default_model_is_exported_once_into_the_cache_and_reused(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cached = {"compiled_cache": True, "compiled_cache_dir": tmp_path, "max_batch_size": 1}
     first = load(settings, **cached)
     pixels = [random_pixels(1, seed=3)[0].numpy()]
     expected = (await first.predict(pixels))[0].probs
     first.close()
-    artefacts = list(tmp_path.glob("resnet18-fp32-cpu-*.pt"))
-    assert first.info.compiled_from == "compiled" and len(artefacts) == 1
+    artefacts = list((tmp_path / "repository" / "resnet18" / "1").glob("model.fp32.pt"))
+    assert first.info.compiled_from == "exported" and len(artefacts) == 1
     second = load(settings, **cached)
     try:
-        assert second.info.compiled_from == "cache"
+        assert second.info.compiled_from == "repository"
         assert np.allclose((await second.predict(pixels))[0].probs, expected, atol=1e-6)
     finally:
         second.close()
@@ -190,19 +189,19 @@ async def test_the_compiled_model_is_cached_on_disk_and_reused(settings: Setting
     with caplog.at_level("WARNING"):
         third = load(settings, **cached)
     third.close()
-    assert third.info.compiled_from == "compiled" and "unreadable compiled model" in caplog.text
+    assert third.info.compiled_from == "exported" and "exporting it again" in caplog.text
 
 
 async def test_the_onnxruntime_runtime_matches_torchscript(settings: Settings, engine: Engine, tmp_path: Path) -> None:
-    ort = load(settings, runtime="onnxruntime", compiled_cache_dir=tmp_path, max_batch_size=2)
+    ort = load(settings, runtime="onnxruntime", compiled_cache=True, compiled_cache_dir=tmp_path, max_batch_size=2)
     try:
         assert ort.info.runtime == "onnxruntime" and ort.info.platform == "onnxruntime_onnx"
         pixels = list(random_pixels(3, seed=4).numpy())
         ours = stacked(await ort.predict(pixels))
         reference = stacked(await engine.predict(pixels))
         assert torch.allclose(ours, reference, atol=1e-5)
-        assert list(tmp_path.glob("*.onnx"))
+        assert list(tmp_path.glob("repository/resnet18/1/*.onnx"))
     finally:
         ort.close()
-    with pytest.raises(RuntimeError, match="FP32 on the CPU"):
+    with pytest.raises(RepositoryError, match="FP32 on the CPU"):
         load(settings, runtime="onnxruntime", precision="int8")

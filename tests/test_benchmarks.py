@@ -19,6 +19,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import burst  # noqa: E402
 import engine_bench  # noqa: E402
 import http_bench  # noqa: E402
+import multi_model_bench  # noqa: E402
 import soak  # noqa: E402
 import stages_bench  # noqa: E402
 
@@ -166,7 +167,7 @@ def test_engine_bench_writes_a_table_json_and_plot(tmp_path: Path, offline_weigh
     report = json.loads((tmp_path / "e.json").read_text())
     fp32, int8 = report["configs"]["fp32"], report["configs"]["int8-x86"]
     assert [r["batch_size"] for r in fp32["results"]] == [1, 2]
-    assert fp32["weights"] == "custom" and fp32["warm_from"] == "cache" and int8["precision"] == "int8"
+    assert fp32["weights"] == "custom" and fp32["warm_from"] == "repository" and int8["precision"] == "int8"
     assert int8["model_file_mb"] < fp32["model_file_mb"]  # INT8 weights take a quarter of the bytes
     assert 0 <= int8["agreement"]["top1_agreement"] <= 1
     assert "| int8-x86 |" in (tmp_path / "e.md").read_text()
@@ -192,3 +193,15 @@ def test_burst_reports_only_200s_and_503s(tmp_path: Path, offline_weights: None,
     assert set(report["statuses"]) == {"200", "503"} and sum(report["statuses"].values()) == 60
     assert report["rss_mb_before"] > 0 and report["rss_mb_after"] > 0
     assert report["machine"]["cpus"] == os.cpu_count()
+
+
+def test_multi_model_bench_puts_each_model_mixed_next_to_alone(user_repository: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(multi_model_bench, "RESULTS", tmp_path)
+    assert multi_model_bench.main(["--repository", str(user_repository), "--models", "flowers", "parts",
+                                   "--concurrency", "2", "--duration", "1.5", "--warmup", "0.3", "--out", "m"]) == 0
+    report = json.loads((tmp_path / "m.json").read_text())
+    for run in ("alone", "mixed"):
+        assert set(report[run]) == {"flowers", "parts"}
+        assert all(r["rps"] > 0 and set(r["statuses"]) == {"200"} for r in report[run].values())
+    assert "| flowers |" in (tmp_path / "m.md").read_text() and report["machine"]["cpus"] >= 1

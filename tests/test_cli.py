@@ -84,38 +84,43 @@ def test_download_weights_fails_clearly_offline(tmp_path: Path, capsys: pytest.C
 
 
 def test_export_writes_torchscript_and_onnx_that_load_and_agree(
-    seeded_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    seeded_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import numpy as np
     import onnxruntime
     import torch
 
-    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
-    assert main(["export", "--format", "torchscript", "--output", str(tmp_path / "m.pt")]) == 0
-    assert main(["export", "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 0
-    assert "custom weights" in capsys.readouterr().out
+    repository = tmp_path / "models"
+    assert main(["export", "--weights", str(seeded_weights), "--repository", str(repository),
+                 "--format", "torchscript,onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "custom weights" in out and "model.fp32.pt" in out and "model.fp32.onnx" in out
     pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
-    scripted = torch.jit.load(str(tmp_path / "m.pt"))(pixels)
-    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    folder = repository / "resnet18" / "1"
+    scripted = torch.jit.load(str(folder / "model.fp32.pt"))(pixels)
+    session = onnxruntime.InferenceSession(str(folder / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
     (onnx_probs,) = session.run(None, {"pixels": pixels.numpy()})
     assert scripted.shape == (2, 1000)
     assert np.allclose(onnx_probs, scripted.numpy(), atol=1e-5)
 
 
-def test_quantize_calibrates_caches_and_reports_agreement(
-    seeded_weights: Path, photo_jpegs: dict[str, bytes], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+def test_int8_export_is_calibrated_and_reports_its_agreement(
+    seeded_weights: Path, photo_jpegs: dict[str, bytes], tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     photos = tmp_path / "calibration"
     photos.mkdir()
     for name, data in photo_jpegs.items():
         (photos / f"{name}.jpg").write_bytes(data)
-    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
-    monkeypatch.setenv("RESNET_SERVE_COMPILED_CACHE_DIR", str(tmp_path / "cache"))
-    assert main(["quantize", "--calibration-dir", str(photos), "--output", str(tmp_path / "int8.pt")]) == 0
-    out = capsys.readouterr().out
-    assert f"calibrated on {len(photo_jpegs)} images" in out and "top-5 overlap" in out
-    assert list((tmp_path / "cache").glob("resnet18-int8-cpu-*.pt")) and (tmp_path / "int8.pt").is_file()
+    repository = tmp_path / "models"
+    assert main(["export", "--weights", str(seeded_weights), "--repository", str(repository), "--format",
+                 "torchscript", "--precision", "fp32,int8", "--calibration", str(photos)]) == 0
+    assert "top-1 agreement" in capsys.readouterr().out
+    metadata = json.loads((repository / "resnet18" / "1" / "model.json").read_text())
+    int8 = next(a for a in metadata["artefacts"] if a["precision"] == "int8")
+    assert int8["validation"]["photos"] == len(photo_jpegs) and 0 <= int8["validation"]["top1_agreement"] <= 1
+    assert int8["calibration"] and int8["int8_backend"] == "x86"
+    assert (repository / "resnet18" / "1" / "model.int8.pt").stat().st_size < (
+        repository / "resnet18" / "1" / "model.fp32.pt").stat().st_size / 2  # INT8 weights take a quarter
 
 
 def test_two_workers_serve_and_metrics_add_up_across_them(
@@ -138,4 +143,4 @@ def test_two_workers_serve_and_metrics_add_up_across_them(
         line = next(line for line in text.splitlines()
                     if line.startswith('resnet_serve_requests_total{method="POST",route="/predict",status="200"}'))
         assert float(line.rsplit(" ", 1)[1]) == 8
-        assert "resnet_serve_batch_size_count 8.0" in text
+        assert 'resnet_serve_batch_size_count{model="resnet18"} 8.0' in text

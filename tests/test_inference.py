@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
 
 from resnet_serve.errors import InferenceFailed, NotReady
 from resnet_serve.inference import Engine, InferenceThread, ModelInfo
+from resnet_serve.spec import RESNET18
 from resnet_serve.weights import WeightsInfo
 
 
@@ -43,7 +45,8 @@ class Killer(FakeBackend):
 
 
 def info(name: str) -> ModelInfo:
-    return ModelInfo(name, "cpu", "fp32", WeightsInfo("random-init", None, None), 1)
+    spec = dataclasses.replace(RESNET18, name=name)
+    return ModelInfo(spec, 1, "cpu", "fp32", WeightsInfo("random-init", None, None), 1)
 
 
 def test_an_exception_fails_that_job_only_and_the_thread_lives_on() -> None:

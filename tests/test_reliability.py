@@ -279,9 +279,9 @@ async def all_accepted(client: httpx.AsyncClient, count: int) -> None:
     for _ in range(600):
         text = (await client.get("/metrics")).text
         values = {line.split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith(("resnet_serve_in_flight ", "resnet_serve_requests_total{"))}
+                  if line.startswith(("resnet_serve_in_flight{", "resnet_serve_requests_total{"))}
         done = values.get('resnet_serve_requests_total{method="POST",route="/predict",status="200"}', 0.0)
-        if values.get("resnet_serve_in_flight", 0.0) + done >= count:
+        if values.get('resnet_serve_in_flight{model="resnet18"}', 0.0) + done >= count:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the requests never reached the server")

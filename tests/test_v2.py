@@ -30,13 +30,15 @@ def b64(data: bytes) -> str:
 
 
 async def test_server_and_model_metadata(client: httpx.AsyncClient) -> None:
-    assert (await client.get("/v2")).json()["extensions"] == ["classification", "binary_tensor_data"]
+    extensions = (await client.get("/v2")).json()["extensions"]
+    assert {"classification", "binary_tensor_data", "model_repository", "statistics"} <= set(extensions)
     assert (await client.get("/v2/health/live")).json() == {"live": True}
     assert (await client.get("/v2/health/ready")).json() == {"ready": True}
     assert (await client.get("/v2/models/resnet18/ready")).json() == {"ready": True, "name": "resnet18"}
     meta = (await client.get("/v2/models/resnet18")).json()
     assert meta["name"] == "resnet18" and meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}]
     assert {i["datatype"] for i in meta["inputs"]} == {"BYTES", "FP32"}
+    assert len({i["name"] for i in meta["inputs"]}) == 2  # unique names, as clients index them by name
 
 
 async def test_bytes_input_in_json_gives_the_models_probabilities(

@@ -156,3 +156,45 @@ def test_the_page_is_served_with_strict_headers(base_url: str) -> None:
         csp = response.headers["Content-Security-Policy"]
         assert "default-src 'self'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert httpx.get(base_url + "/health/live").headers["X-Content-Type-Options"] == "nosniff"
+
+
+HTML_LABELS = ["<img src=x onerror=alert(1)>", "<b>bold</b>"]
+
+
+@pytest.fixture(scope="module")
+def repository_url(user_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The two user models, and a third whose labels are HTML, served from one repository."""
+    from resnet_serve.cli import main
+
+    folder = tmp_path_factory.mktemp("web-repository")
+    shutil.copytree(user_repository, folder / "models")
+    (folder / "labels.txt").write_text("\n".join(HTML_LABELS) + "\n")
+    assert main(["export", "--arch", "mobilenet_v3_small", "--weights", "random", "--labels", str(folder / "labels.txt"),
+                 "--name", "html", "--repository", str(folder / "models"), "--format", "torchscript"]) == 0
+    with real_server(folder / "server.log", model_repository=str(folder / "models"), device="cpu") as (url, process):
+        wait_ready(url, process)
+        yield url
+
+
+def test_a_picker_chooses_the_model_and_labels_are_shown_as_text(
+    browser: Browser, repository_url: str, photo_files: dict[str, Path]
+) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 860}, locale="en-US")
+    page = context.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.goto(repository_url)
+    expect(page.locator("#model-picker")).to_be_visible()
+    expect(page.locator("#model option")).to_have_text(["flowers", "html", "parts"])
+    expect(page.locator("#status")).to_contain_text("flowers (resnet18) on cpu")
+    page.select_option("#model", "html")
+    expect(page.locator("#status")).to_contain_text("html (mobilenet_v3_small)")
+    page.select_option("#topk", "3")
+    page.set_input_files("#file", str(photo_files["chelsea"]))
+    result = card(page, "chelsea.jpg")
+    expect(result.locator("li.prediction")).to_have_count(2)  # two classes, whatever Top-K asks
+    assert sorted(result.locator(".label").all_inner_texts()) == sorted(HTML_LABELS)
+    assert result.locator(".label img, .label b").count() == 0  # text, not markup
+    expect(result.locator(".times")).to_contain_text("html")
+    assert not dialogs and page.evaluate("typeof window.alerted") == "undefined"
+    context.close()

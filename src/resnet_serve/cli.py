@@ -1,9 +1,10 @@
-"""``resnet-serve``: serve, predict offline, download the weights, show what would run."""
+"""``resnet-serve``: serve a model repository, export models into one, classify files offline."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -13,16 +14,19 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from resnet_serve.errors import ServeError, WeightsError
+from resnet_serve.errors import ExportError, RepositoryError, ServeError, WeightsError
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
-from resnet_serve.spec import builtin_spec
+
+TORCH_EXTRA = "pip install 'resnet-serve[torch]'"
+SERVE_FLAGS = ("host", "port", "workers", "device", "precision", "runtime", "model_repository", "default_model",
+               "log_level")
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     # Workers are separate processes that build their own Settings, so flags travel as env.
-    for name in ("host", "port", "workers", "device", "precision", "log_level"):
+    for name in SERVE_FLAGS:
         value = getattr(args, name)
         if value is not None:
             os.environ[f"RESNET_SERVE_{name.upper()}"] = str(value)
@@ -49,171 +53,183 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from resnet_serve.loading import load_engine, resolve
+    from resnet_serve.loading import open_model
     from resnet_serve.results import top_k
     from resnet_serve.transform import preprocess
 
-    settings = Settings()
-    spec = builtin_spec(settings.default_model)
-    images = []
-    for path in args.images:
-        try:
-            images.append((path, preprocess(Path(path).read_bytes(), spec, max_pixels=settings.max_pixels)))
-        except (OSError, ServeError) as exc:
-            print(f"{path}: {exc}", file=sys.stderr)
-    if not images:
-        return 1
-    weights = resolve(spec, settings)
-    engine = load_engine(spec, weights, settings.model_copy(update={"max_batch_size": 1}))
+    settings = Settings().model_copy(update={"max_batch_size": 1})
+    engine = open_model(settings, args.model)
+    spec = engine.info.spec
     try:
+        images = []
+        for path in args.images:
+            try:
+                images.append((path, preprocess(Path(path).read_bytes(), spec, max_pixels=settings.max_pixels)))
+            except (OSError, ServeError) as exc:
+                print(f"{path}: {exc}", file=sys.stderr)
+        if not images:
+            return 1
         predictions = asyncio.run(engine.predict([image.pixels for _, image in images]))
     finally:
         engine.close()
-    if weights.info.is_random:
+    if engine.info.weights.is_random:
         print("WARNING: random-init weights; these predictions are meaningless\n", file=sys.stderr)
-    labels = spec.labels
     for (path, _), prediction in zip(images, predictions):
         print(path)
         for rank, (p, i) in enumerate(zip(*top_k(prediction.probs, args.top_k)), start=1):
-            print(f"  {rank:>2}. {p * 100:6.2f}%  {i:>3}  {labels.en[i]}  ({labels.zh[i]})")
+            print(f"  {rank:>2}. {p * 100:6.2f}%  {i:>3}  {spec.labels.en[i]}  ({spec.labels.zh[i]})")
     return 0
 
 
 def _download(args: argparse.Namespace) -> int:
     from resnet_serve.backends.torch.checkpoints import download
+    from resnet_serve.spec import builtin_spec
     from resnet_serve.weights import verify_file
 
-    path = download(builtin_spec(Settings().default_model), args.dir, progress=True)
+    path = download(builtin_spec(Settings().default_model or "resnet18"), args.dir, progress=True)
     print(f"{path}  sha256={verify_file(path)}")
     return 0
 
 
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _export(args: argparse.Namespace) -> int:
-    import torch
+    from resnet_serve.backends.torch import export
+    from resnet_serve.labels import read_labels
+    from resnet_serve.repository import Batching
 
-    from resnet_serve.backends.torch.compile import CompileOptions, load_or_compile
-    from resnet_serve.loading import resolve
-
-    overrides = {"precision": args.precision} if args.precision else {}
-    settings = Settings().model_copy(update=overrides)
-    spec = builtin_spec(settings.default_model)
-    weights = resolve(spec, settings)
-    if args.format == "onnx":
-        from resnet_serve.backends.torch.onnx_export import export_onnx
-
-        path = export_onnx(spec, weights, args.output)
-    else:
-        options = CompileOptions.from_settings(settings)
-        model, _ = load_or_compile(spec, weights, options, None)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        torch.jit.save(model, str(args.output))
-        path = args.output
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {weights.info.source} weights)")
-    print(f"input: uint8 [N, 3, {spec.crop_size}, {spec.crop_size}] RGB pixels; "
-          f"output: float32 [N, {spec.num_classes}] probabilities")
+    settings = Settings()
+    geometry = export.default_geometry(args.arch).model_copy(update={k: v for k, v in {
+        "resize_size": args.resize, "crop_size": args.crop, "interpolation": args.interpolation,
+        "mean": tuple(args.mean) if args.mean else None, "std": tuple(args.std) if args.std else None,
+    }.items() if v is not None})
+    try:
+        labels = read_labels(args.labels) if args.labels else None
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"--labels {args.labels}: {exc}") from None
+    name = args.name or args.arch
+    spec, weights = export.model_inputs(args.arch, args.weights, labels, name, geometry, settings)
+    formats = args.format or (["torchscript", "onnx"] if importlib.util.find_spec("onnx") else ["torchscript"])
+    job = export.ExportJob(
+        spec=spec, weights=weights, repository=args.repository,
+        version=args.version or export.next_version(args.repository, name), formats=formats,
+        precisions=args.precision, channels_last=not args.no_channels_last, int8_backend=args.int8_backend,
+        calibration=args.calibration, batching=Batching(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms),
+    )
+    version = export.export(job, progress=lambda message: print(message, file=sys.stderr, flush=True))
+    assert version.metadata is not None
+    print(f"wrote {version.directory} ({spec.architecture}, {spec.num_classes} classes, "
+          f"{weights.info.source} weights)")
+    for artefact in version.metadata.artefacts:
+        v = artefact.validation
+        figures = f"max |Δp| {v.max_abs_diff:.1e}, top-1 agreement {v.top1_agreement:.0%}" if v else ""
+        print(f"  {artefact.file}  {artefact.bytes / 1e6:.1f} MB  {figures}")
+    print(f"serve it with: resnet-serve serve --model-repository {args.repository}")
     return 0
 
 
-def _quantize(args: argparse.Namespace) -> int:
-    import torch
+def _models(args: argparse.Namespace) -> int:
+    from resnet_serve.backends.torch import export
 
-    from resnet_serve.backends.torch.compile import CompileOptions, load_or_compile
-    from resnet_serve.backends.torch.quantize import calibration_files, load_calibration_batch
-    from resnet_serve.loading import resolve
-    from resnet_serve.results import top_k
-
-    update: dict[str, object] = {"precision": "int8", "device": "cpu"}
-    if args.calibration_dir:
-        update["calibration_dir"] = args.calibration_dir
-    if args.backend:
-        update["int8_backend"] = args.backend
-    settings = Settings().model_copy(update=update)
-    spec = builtin_spec(settings.default_model)
-    weights = resolve(spec, settings)
-    int8_options = CompileOptions.from_settings(settings)
-    cache = settings.compiled_cache_dir / int8_options.cache_name(spec, weights.info)
-    int8, _ = load_or_compile(spec, weights, int8_options, cache)
-    fp32, _ = load_or_compile(spec, weights, CompileOptions(torch.device("cpu"), "fp32", True), None)
-    files = calibration_files(settings.calibration_dir)
-    batch = load_calibration_batch(files, spec)
-    with torch.inference_mode():
-        q, f = int8(batch).numpy(), fp32(batch).numpy()
-    top1 = float((q.argmax(1) == f.argmax(1)).mean())
-    top5 = sum(len(set(top_k(a, 5)[1]) & set(top_k(b, 5)[1])) for a, b in zip(q, f))
-    print(f"INT8 ({int8_options.int8_backend}) calibrated on {len(files)} images; cached as {cache}")
-    print(f"agreement with FP32 on those images: top-1 {top1:.1%}, top-5 overlap {top5 / (5 * len(q)):.1%}")
-    if weights.info.is_random:
-        print("note: random-init weights; agreement on real weights must be measured with them")
-    print("serve it with: RESNET_SERVE_PRECISION=int8"
-          + (f" RESNET_SERVE_CALIBRATION_DIR={args.calibration_dir}" if args.calibration_dir else "")
-          + " resnet-serve serve")
-    if args.output:
-        torch.jit.save(int8, str(args.output))
-        print(f"wrote {args.output}")
+    for arch in export.classification_architectures():
+        g = export.default_geometry(arch)
+        official = "official weights" if export.default_weights(arch) is not None else "no official weights"
+        print(f"{arch:<28} {g.resize_size}/{g.crop_size} {g.interpolation:<8} {official}")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    import torch
-    import torchvision
+    from resnet_serve.loading import default_root, default_spec, wanted_artefact
+    from resnet_serve.weights import locate
 
-    from resnet_serve.backends.torch.runtime import select_device
-    from resnet_serve.loading import resolve
-
-    settings = Settings().model_copy(update={"allow_download": False})
-    weights = resolve(builtin_spec(settings.default_model), settings)
+    settings = Settings()
+    spec = default_spec(settings)
+    found = locate(spec, weights=settings.weights, weights_dir=settings.weights_dir,
+                   random=settings.weights_mode == "random")
+    wanted = wanted_artefact(settings)
     report = {
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "device": str(select_device(settings.device)),
-        "cuda_available": torch.cuda.is_available(),
-        "mps_available": torch.backends.mps.is_available(),
-        "weights": weights.info.source,
-        "weights_path": str(weights.info.path) if weights.info.path else None,
-        "weights_sha256": weights.info.sha256,
+        "torch": _installed("torch"),
+        "onnxruntime": _installed("onnxruntime"),
+        "repository": str(settings.model_repository or default_root(settings)),
+        "artefact": f"{wanted.format} {wanted.precision}",
+        "weights": found.source if found else "not found locally",
+        "weights_path": str(found.path) if found and found.path else None,
+        "weights_sha256": found.sha256 if found else None,
         "settings": json.loads(settings.model_dump_json()),
     }
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resnet-serve", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _installed(package: str) -> str | None:
+    from importlib import metadata
 
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     serve = commands.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, help="processes, each with its own model")
+    serve.add_argument("--workers", type=int, help="processes, each with its own models")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     serve.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16", "int8"])
+    serve.add_argument("--runtime", choices=["torchscript", "onnxruntime"])
+    serve.add_argument("--model-repository", type=Path, help="serve every model in this repository")
+    serve.add_argument("--default-model", help="the model /predict serves without ?model=")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)
 
+
+def _export_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    export = commands.add_parser(
+        "export", help="export a torchvision classifier into a model repository",
+        description="Compile a torchvision classifier with its weights and labels into "
+                    "<repository>/<name>/<version>/, validated against eager PyTorch on real photos. "
+                    "Architectures: see 'resnet-serve models'.")
+    export.add_argument("--arch", default="resnet18", help="a torchvision.models classifier (default resnet18)")
+    export.add_argument("--weights", default="official", help="official, random, or a checkpoint file")
+    export.add_argument("--labels", type=Path, help=".txt, .json or .tsv (default: ImageNet for 1000 classes)")
+    export.add_argument("--name", help="model name, [a-z0-9_.-] (default: the architecture)")
+    export.add_argument("--repository", type=Path, required=True)
+    export.add_argument("--version", type=int, help="default: one more than the latest")
+    export.add_argument("--format", type=_comma_list, help="torchscript,onnx (default: both where onnx is installed)")
+    export.add_argument("--precision", type=_comma_list, default=["fp32"], help="fp32,int8,bf16,fp16 (default fp32)")
+    export.add_argument("--calibration", type=Path, help="photos for INT8 and validation (default: scikit-image's)")
+    export.add_argument("--int8-backend", choices=["x86", "fbgemm", "onednn"], default="x86")
+    export.add_argument("--no-channels-last", action="store_true", help="NCHW graphs (default: NHWC on the CPU)")
+    export.add_argument("--resize", type=int, help="override the architecture's resize size")
+    export.add_argument("--crop", type=int, help="override the architecture's crop size")
+    export.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
+    export.add_argument("--mean", type=float, nargs=3)
+    export.add_argument("--std", type=float, nargs=3)
+    export.add_argument("--max-batch-size", type=int, help="this model's batch size (default: the server's)")
+    export.add_argument("--max-wait-ms", type=float, help="this model's batching window (default: the server's)")
+    export.set_defaults(run=_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resnet-serve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(commands)
+    _export_parser(commands)
     predict = commands.add_parser("predict", help="classify image files offline")
     predict.add_argument("images", nargs="+")
+    predict.add_argument("--model", help="a model of the repository (default: the default model)")
     predict.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, choices=range(1, MAX_TOP_K + 1),
                          metavar=f"1..{MAX_TOP_K}")
     predict.set_defaults(run=_predict)
-
-    download = commands.add_parser("download-weights", help="fetch and verify the official weights")
+    download = commands.add_parser("download-weights", help="fetch and verify the official ResNet-18 weights")
     download.add_argument("--dir", type=Path, default=Path("weights"))
     download.set_defaults(run=_download)
-
-    export = commands.add_parser("export", help="write a deployable TorchScript or ONNX model")
-    export.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
-    export.add_argument("--output", type=Path, required=True)
-    export.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"])
-    export.set_defaults(run=_export)
-
-    quantize = commands.add_parser("quantize", help="calibrate and cache the INT8 model (CPU)")
-    quantize.add_argument("--calibration-dir", type=Path, help="photos (default: scikit-image's samples)")
-    quantize.add_argument("--backend", choices=["x86", "fbgemm", "onednn"])
-    quantize.add_argument("--output", type=Path, help="also write the INT8 TorchScript file here")
-    quantize.set_defaults(run=_quantize)
-
-    info = commands.add_parser("info", help="versions, device and the weights that would load")
-    info.set_defaults(run=_info)
+    commands.add_parser("models", help="the torchvision classifiers export takes").set_defaults(run=_models)
+    commands.add_parser("info", help="versions, and the repository and weights that would be served"
+                        ).set_defaults(run=_info)
     return parser
 
 
@@ -222,6 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args))
-    except WeightsError as exc:
+    except (WeightsError, RepositoryError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if exc.name in ("torch", "torchvision", "onnx"):
+            print(f"error: '{args.command}' needs {exc.name}, which the slim install leaves out: {TORCH_EXTRA}",
+                  file=sys.stderr)
+            return 2
+        raise

@@ -20,6 +20,7 @@ from resnet_serve.http.schemas import (
     BatchResponse,
     LabelsResponse,
     ModelResponse,
+    ModelsResponse,
     PredictResponse,
 )
 
@@ -52,6 +53,10 @@ def _checked(response: httpx.Response) -> httpx.Response:
     raise ClientError(response.status_code, code, message)
 
 
+def _params(model: str | None, **others: object) -> dict[str, object]:
+    return {**others, "model": model} if model else others
+
+
 def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -63,24 +68,29 @@ class Client:
                  timeout: float = 30.0, **httpx_options: Any) -> None:
         self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=_headers(api_key), **httpx_options)
 
-    def predict(self, image: Image, *, top_k: int = 3, lang: str = "en", filename: str | None = None) -> PredictResponse:
-        response = self._http.post("/predict", params={"top_k": top_k, "lang": lang},
+    def predict(self, image: Image, *, top_k: int = 3, lang: str = "en", filename: str | None = None,
+                model: str | None = None) -> PredictResponse:
+        response = self._http.post("/predict", params=_params(model, top_k=top_k, lang=lang),
                                    files={"file": _image(image, filename)})
         return PredictResponse.model_validate(_checked(response).json())
 
-    def predict_batch(self, images: Sequence[Image], *, top_k: int = 3, lang: str = "en") -> BatchResponse:
+    def predict_batch(self, images: Sequence[Image], *, top_k: int = 3, lang: str = "en",
+                      model: str | None = None) -> BatchResponse:
         files = [("files", _image(image, None)) for image in images]
-        response = self._http.post("/predict/batch", params={"top_k": top_k, "lang": lang}, files=files)
+        response = self._http.post("/predict/batch", params=_params(model, top_k=top_k, lang=lang), files=files)
         return BatchResponse.model_validate(_checked(response).json())
 
     def ready(self) -> bool:
         return self._http.get("/health/ready").status_code == 200
 
-    def model(self) -> ModelResponse:
-        return ModelResponse.model_validate(_checked(self._http.get("/model")).json())
+    def models(self) -> ModelsResponse:
+        return ModelsResponse.model_validate(_checked(self._http.get("/models")).json())
 
-    def labels(self) -> LabelsResponse:
-        return LabelsResponse.model_validate(_checked(self._http.get("/labels")).json())
+    def model(self, name: str | None = None) -> ModelResponse:
+        return ModelResponse.model_validate(_checked(self._http.get("/model", params=_params(name))).json())
+
+    def labels(self, model: str | None = None) -> LabelsResponse:
+        return LabelsResponse.model_validate(_checked(self._http.get("/labels", params=_params(model))).json())
 
     def close(self) -> None:
         self._http.close()
@@ -99,25 +109,30 @@ class AsyncClient:
                  timeout: float = 30.0, **httpx_options: Any) -> None:
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=_headers(api_key), **httpx_options)
 
-    async def predict(self, image: Image, *, top_k: int = 3, lang: str = "en",
-                      filename: str | None = None) -> PredictResponse:
-        response = await self._http.post("/predict", params={"top_k": top_k, "lang": lang},
+    async def predict(self, image: Image, *, top_k: int = 3, lang: str = "en", filename: str | None = None,
+                      model: str | None = None) -> PredictResponse:
+        response = await self._http.post("/predict", params=_params(model, top_k=top_k, lang=lang),
                                          files={"file": _image(image, filename)})
         return PredictResponse.model_validate(_checked(response).json())
 
-    async def predict_batch(self, images: Sequence[Image], *, top_k: int = 3, lang: str = "en") -> BatchResponse:
+    async def predict_batch(self, images: Sequence[Image], *, top_k: int = 3, lang: str = "en",
+                            model: str | None = None) -> BatchResponse:
         files = [("files", _image(image, None)) for image in images]
-        response = await self._http.post("/predict/batch", params={"top_k": top_k, "lang": lang}, files=files)
+        response = await self._http.post("/predict/batch", params=_params(model, top_k=top_k, lang=lang),
+                                         files=files)
         return BatchResponse.model_validate(_checked(response).json())
 
     async def ready(self) -> bool:
         return (await self._http.get("/health/ready")).status_code == 200
 
-    async def model(self) -> ModelResponse:
-        return ModelResponse.model_validate(_checked(await self._http.get("/model")).json())
+    async def models(self) -> ModelsResponse:
+        return ModelsResponse.model_validate(_checked(await self._http.get("/models")).json())
 
-    async def labels(self) -> LabelsResponse:
-        return LabelsResponse.model_validate(_checked(await self._http.get("/labels")).json())
+    async def model(self, name: str | None = None) -> ModelResponse:
+        return ModelResponse.model_validate(_checked(await self._http.get("/model", params=_params(name))).json())
+
+    async def labels(self, model: str | None = None) -> LabelsResponse:
+        return LabelsResponse.model_validate(_checked(await self._http.get("/labels", params=_params(model))).json())
 
     async def aclose(self) -> None:
         await self._http.aclose()

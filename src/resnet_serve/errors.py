@@ -44,6 +44,13 @@ class MethodNotAllowed(ServeError):
     code = "method_not_allowed"
 
 
+class ModelUnavailable(ServeError):
+    """The model exists but cannot serve now (its artefact is missing or damaged)."""
+
+    status_code = 503
+    code = "model_unavailable"
+
+
 class MissingFile(ServeError):
     """The request carries no image (no ``file`` field, or more than one)."""
 
@@ -116,3 +123,11 @@ class InferenceFailed(ServeError):
 
 class WeightsError(Exception):
     """The model's weights cannot be found, verified or loaded (a start-up error, not HTTP)."""
+
+
+class RepositoryError(Exception):
+    """A model repository, or a model in it, cannot be used as it is (a start-up error)."""
+
+
+class ExportError(Exception):
+    """A model cannot be exported as asked: its weights, labels or artefacts do not fit."""

@@ -29,6 +29,7 @@ import numpy as np
 
 from resnet_serve.backends import PLATFORMS, TORCHSCRIPT, Backend
 from resnet_serve.errors import InferenceFailed, NotReady
+from resnet_serve.spec import ModelSpec
 from resnet_serve.weights import WeightsInfo
 
 logger = logging.getLogger(__name__)
@@ -48,18 +49,25 @@ class Prediction:
 
 @dataclass
 class ModelInfo:
-    """What ``/model`` and the protocol's metadata report about the loaded model."""
+    """The loaded model: its spec (so its labels and geometry travel with it), and what ``/model``
+    and the protocol's metadata report about how it runs."""
 
-    name: str
+    spec: ModelSpec
+    version: int
     device: str
     precision: str
     weights: WeightsInfo
     threads: int
     runtime: str = TORCHSCRIPT
     channels_last: bool = False
-    compiled_from: str = "compiled"
+    compiled_from: str = "repository"
+    max_batch_size: int = 1
     start_s: float = 0.0
     warmup_batch_ms: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def platform(self) -> str:

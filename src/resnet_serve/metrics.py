@@ -27,14 +27,17 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 REQUESTS = Counter("resnet_serve_requests", "HTTP requests by route and status", ["route", "method", "status"])
 REQUEST_SECONDS = Histogram("resnet_serve_request_duration_seconds", "HTTP request latency", ["route"],
                             buckets=LATENCY_BUCKETS)
+# Per model (the ``model`` label): what its pipeline and inference thread do.
 QUEUE_WAIT_SECONDS = Histogram("resnet_serve_queue_wait_seconds", "Time a request waited for its batch",
-                               buckets=LATENCY_BUCKETS)
-BATCH_SIZE = Histogram("resnet_serve_batch_size", "Requests per forward pass", buckets=BATCH_BUCKETS)
-INFERENCE_SECONDS = Histogram("resnet_serve_inference_seconds", "Forward-pass time per batch",
+                               ["model"], buckets=LATENCY_BUCKETS)
+BATCH_SIZE = Histogram("resnet_serve_batch_size", "Requests per forward pass", ["model"], buckets=BATCH_BUCKETS)
+INFERENCE_SECONDS = Histogram("resnet_serve_inference_seconds", "Forward-pass time per batch", ["model"],
                               buckets=LATENCY_BUCKETS)
-QUEUE_DEPTH = Gauge("resnet_serve_queue_depth", "Requests waiting for a batch", multiprocess_mode="livesum")
-IN_FLIGHT = Gauge("resnet_serve_in_flight", "Requests admitted and not yet answered", multiprocess_mode="livesum")
-CACHE_LOOKUPS = Counter("resnet_serve_cache_lookups", "Result cache lookups", ["result"])
+QUEUE_DEPTH = Gauge("resnet_serve_queue_depth", "Requests waiting for a batch", ["model"],
+                    multiprocess_mode="livesum")
+IN_FLIGHT = Gauge("resnet_serve_in_flight", "Requests admitted and not yet answered", ["model"],
+                  multiprocess_mode="livesum")
+CACHE_LOOKUPS = Counter("resnet_serve_cache_lookups", "Result cache lookups", ["model", "result"])
 MODEL_INFO = Gauge("resnet_serve_model_info", "The model being served (value 1)",
                    ["model", "device", "precision", "weights", "runtime"], multiprocess_mode="max")
 

@@ -15,12 +15,14 @@ drops a cancelled request before inference.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -31,10 +33,10 @@ from resnet_serve.errors import DeadlineExceeded, MalformedRequest, Overloaded
 from resnet_serve.inference import ModelInfo, Prediction
 from resnet_serve.results import ImageResult
 from resnet_serve.settings import Settings
-from resnet_serve.spec import ModelSpec
 from resnet_serve.transform import preprocess
 
 Abandoned = Callable[[], Awaitable[object]]
+T = TypeVar("T")
 
 
 class Predictor(Protocol):
@@ -49,13 +51,42 @@ class Predictor(Protocol):
     def close(self, timeout: float | None = None) -> None: ...
 
 
+@dataclass
+class Duration:
+    """A count and the total time it took, as Triton's statistics report them."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class PipelineStats:
+    """What the model answered, for the protocol's statistics extension."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    decode: Duration = field(default_factory=Duration)
+    infer: Duration = field(default_factory=Duration)
+    cache_hit: Duration = field(default_factory=Duration)
+    cache_miss: Duration = field(default_factory=Duration)
+    infer_by_batch_size: collections.defaultdict[int, Duration] = field(
+        default_factory=lambda: collections.defaultdict(Duration))
+    last_inference_ms: int = 0
+
+
 class Pipeline:
     """The request path of one model: its cache, its batcher and its engine."""
 
-    def __init__(self, spec: ModelSpec, engine: Predictor, settings: Settings, decode_pool: Executor) -> None:
-        self.spec = spec
+    def __init__(self, engine: Predictor, settings: Settings, decode_pool: Executor) -> None:
         self.engine = engine
+        self.spec = engine.info.spec
         self.settings = settings
+        self.stats = PipelineStats()
         self._decode_pool = decode_pool
         self.cache = ResultCache(settings.cache_size)
         self.queue_limit = settings.queue_limit(engine.info.warmup_batch_ms.get(settings.max_batch_size))
@@ -68,6 +99,13 @@ class Pipeline:
             max_queue=None,  # bounded by admission, above
             dispatch=settings.dispatch,
         )
+        name = self.spec.name
+        self._in_flight = metrics.IN_FLIGHT.labels(name)
+        self._queue_depth = metrics.QUEUE_DEPTH.labels(name)
+        self._queue_wait = metrics.QUEUE_WAIT_SECONDS.labels(name)
+        self._batch_size = metrics.BATCH_SIZE.labels(name)
+        self._inference_seconds = metrics.INFERENCE_SECONDS.labels(name)
+        self._cache_lookups = {hit: metrics.CACHE_LOOKUPS.labels(name, "hit" if hit else "miss") for hit in (True, False)}
 
     def has_room(self, count: int = 1) -> bool:
         return self.in_flight + count <= self.admission_limit
@@ -81,37 +119,53 @@ class Pipeline:
         if not self.has_room(count):
             raise self.overloaded()
         self.in_flight += count
-        metrics.IN_FLIGHT.inc(count)
+        self._in_flight.inc(count)
         try:
             yield
         finally:
             self.in_flight -= count
-            metrics.IN_FLIGHT.dec(count)
+            self._in_flight.dec(count)
 
     async def predict_bytes(self, data: bytes, deadline: float, abandoned: Abandoned | None = None) -> ImageResult:
         """Probabilities for one encoded image, from the cache or through the batcher."""
+        started = time.monotonic()
         key = self.cache.key(data) if self.cache.enabled else None  # no hashing when off
         if key is not None:
             hit = self.cache.get(key)
-            metrics.CACHE_LOOKUPS.labels("hit" if hit is not None else "miss").inc()
+            self._cache_lookups[hit is not None].inc()
+            (self.stats.cache_hit if hit is not None else self.stats.cache_miss).add(time.monotonic() - started)
             if hit is not None:
+                self.stats.success.add(time.monotonic() - started)
                 return hit
-        started = time.monotonic()
-        image = await asyncio.get_running_loop().run_in_executor(
+        image = await self._counted(started, asyncio.get_running_loop().run_in_executor(
             self._decode_pool, functools.partial(preprocess, data, self.spec, max_pixels=self.settings.max_pixels)
-        )
+        ))
         preprocess_ms = (time.monotonic() - started) * 1000.0
-        result = await self._infer(image.pixels, deadline, abandoned, image.format, image.width, image.height,
-                                   preprocess_ms)
+        self.stats.decode.add(preprocess_ms / 1000.0)
+        result = await self._counted(started, self._infer(
+            image.pixels, deadline, abandoned, image.format, image.width, image.height, preprocess_ms))
         if key is not None:
             self.cache.put(key, result)
+        self.stats.success.add(time.monotonic() - started)
         return result
 
     async def predict_pixels(self, pixels: np.ndarray, deadline: float,
                              abandoned: Abandoned | None = None) -> ImageResult:
         """Probabilities for an already pre-processed ``uint8 [3, H, W]`` image."""
+        started = time.monotonic()
         height, width = pixels.shape[1:]
-        return await self._infer(pixels, deadline, abandoned, "tensor", int(width), int(height), 0.0)
+        result = await self._counted(started, self._infer(pixels, deadline, abandoned, "tensor", int(width),
+                                                          int(height), 0.0))
+        self.stats.success.add(time.monotonic() - started)
+        return result
+
+    async def _counted(self, started: float, work: Awaitable[T]) -> T:
+        """``work``'s result; a failure is counted for the statistics before it propagates."""
+        try:
+            return await work
+        except BaseException:
+            self.stats.fail.add(time.monotonic() - started)
+            raise
 
     async def _infer(self, pixels: np.ndarray, deadline: float, abandoned: Abandoned | None, fmt: str,
                      width: int, height: int, preprocess_ms: float) -> ImageResult:
@@ -119,18 +173,23 @@ class Pipeline:
         if remaining <= 0:
             raise DeadlineExceeded("the request deadline passed during pre-processing")
         pending = self.batcher.submit(pixels, timeout_s=remaining)
-        metrics.QUEUE_DEPTH.set(self.batcher.depth)
+        self._queue_depth.set(self.batcher.depth)
         prediction = await await_result(pending, remaining, abandoned)
-        metrics.QUEUE_WAIT_SECONDS.observe(pending.queue_ms / 1000.0)
+        self._queue_wait.observe(pending.queue_ms / 1000.0)
+        self.stats.queue.add(pending.queue_ms / 1000.0)
         return ImageResult(prediction.probs, fmt, width, height, preprocess_ms, pending.queue_ms,
                            prediction.inference_ms, prediction.batch_size)
 
     async def _run_batch(self, images: list[np.ndarray]) -> list[Prediction]:
         """The batcher's handler: the engine's forward pass, observed."""
-        metrics.QUEUE_DEPTH.set(self.batcher.depth)
-        metrics.BATCH_SIZE.observe(len(images))
+        self._queue_depth.set(self.batcher.depth)
+        self._batch_size.observe(len(images))
         predictions = await self.engine.predict(images)
-        metrics.INFERENCE_SECONDS.observe(predictions[0].inference_ms / 1000.0)
+        seconds = predictions[0].inference_ms / 1000.0
+        self._inference_seconds.observe(seconds)
+        self.stats.infer.add(seconds, len(images))
+        self.stats.infer_by_batch_size[len(images)].add(seconds)
+        self.stats.last_inference_ms = int(time.time() * 1000)
         return predictions
 
     async def close(self, grace_s: float) -> None:

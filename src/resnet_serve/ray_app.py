@@ -1,8 +1,8 @@
 """resnet-serve on Ray Serve, for more than one machine (the ``ray`` extra).
 
 Each replica runs the same ``Service`` and the same routes as the single-process server (the
-predict, model and health routers): the same pipeline with its result cache, admission control,
-deadlines and dynamic batcher, configured from ``Settings`` like everything else. Ray provides
+predict, model and health routers): the same repository of models, each with its pipeline,
+result cache, admission control, deadlines and dynamic batcher, configured from ``Settings``. Ray provides
 the replicas, the HTTP proxy, routing between replicas and autoscaling.
 
     serve run resnet_serve.ray_app:app                     # one replica, local Ray
@@ -24,7 +24,6 @@ from resnet_serve.http.dependencies import get_service
 from resnet_serve.http.errors import install_error_handlers
 from resnet_serve.service import Service
 from resnet_serve.settings import Settings
-from resnet_serve.spec import builtin_spec
 
 api = FastAPI(title="resnet-serve on Ray Serve")
 install_error_handlers(api)
@@ -52,8 +51,7 @@ class ResnetServe:
     """One replica: a loaded, warmed service behind the shared routes."""
 
     async def __init__(self, overrides: dict[str, Any] | None = None) -> None:
-        settings = Settings(**(overrides or {}))
-        self.service = Service(settings, builtin_spec(settings.default_model))
+        self.service = Service(Settings(**(overrides or {})))
         await self.service.start()
         await self.service.loaded()
 

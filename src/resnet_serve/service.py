@@ -1,12 +1,16 @@
-"""The service's lifecycle: load the model, serve it through its pipeline, drain on shutdown.
+"""The service's lifecycle: find the models, load each behind its own pipeline, drain on shutdown.
 
-States: ``loading`` (weights resolved; compiling and warming in the background, readiness 503)
-→ ``ready`` → ``shutting_down`` (SIGTERM: readiness 503 at once, new requests refused, admitted
-ones finish within the grace period); or ``failed`` if the model cannot be built.
+Server states: ``loading`` (the repository is read, the default model possibly exported, the
+models compiled and warmed in the background; readiness 503) → ``ready`` (every model has loaded
+or failed, and at least one serves) → ``shutting_down`` (SIGTERM: readiness 503 at once, new
+requests refused, admitted ones finish within the grace period); or ``failed`` if no model
+can serve. Each model has its own state (Triton's names): ``LOADING``, ``READY``, or
+``UNAVAILABLE`` with the reason (a missing or damaged artefact, say), which affects no other.
 
-Start-up resolves the weights before the server accepts requests, so
-``RESNET_SERVE_WEIGHTS_MODE=official`` without the official file stops the process.
-Everything here runs on the event loop thread; loading runs in a worker thread.
+Start-up reads the repository, and for the default one resolves the weights, before the server
+accepts requests, so a missing repository or ``RESNET_SERVE_WEIGHTS_MODE=official`` without the
+official file stops the process. Everything here runs on the event loop thread; exporting and
+loading run in a worker thread, one model after another.
 """
 
 from __future__ import annotations
@@ -14,95 +18,172 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
+from dataclasses import dataclass
 from typing import Literal
 
 from resnet_serve import memory, metrics
-from resnet_serve.errors import NotReady
-from resnet_serve.loading import LoadedWeights, load_engine, resolve
+from resnet_serve.errors import ModelNotFound, ModelUnavailable, NotReady
+from resnet_serve.loading import (
+    RepositoryPlan,
+    default_spec,
+    load_engine,
+    model_settings,
+    plan_repository,
+    served_versions,
+)
 from resnet_serve.pipeline import Pipeline, Predictor
+from resnet_serve.repository import ModelVersion, valid_name
 from resnet_serve.settings import Settings
-from resnet_serve.spec import ModelSpec
-from resnet_serve.weights import WeightsInfo
 
 logger = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "failed", "shutting_down"]
+ModelState = Literal["LOADING", "READY", "UNAVAILABLE"]
+
+
+@dataclass
+class ServedModel:
+    """One model of the repository: the version served, its state and, once ready, its pipeline."""
+
+    name: str
+    version: int
+    state: ModelState = "LOADING"
+    reason: str | None = None
+    pipeline: Pipeline | None = None
 
 
 class Service:
-    """One server's runtime state: the model's pipeline, the shared decode pool, readiness."""
+    """One server's runtime state: its models, the shared decode pool, readiness."""
 
-    def __init__(self, settings: Settings, spec: ModelSpec) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.spec = spec
         self.status: Status = "loading"
         self.failure: str | None = None
-        self.weights: WeightsInfo | None = None
-        self.pipeline: Pipeline | None = None
+        self.models: dict[str, ServedModel] = {}
+        self.versions: list[ModelVersion] = []
+        self.default: str | None = None
         self.decode_pool = concurrent.futures.ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="resnet-serve-decode"
         )
-        self._owned_engine: Predictor | None = None
+        self._engines: list[Predictor] = []
         self._loader: asyncio.Task[None] | None = None
         self._heap_trimmer: asyncio.Task[None] | None = None
 
     async def start(self, engine: Predictor | None = None) -> None:
-        """Serve ``engine`` at once (tests share one), or resolve the weights now and build the
-        model in the background."""
+        """Serve ``engine`` at once as the only model (tests share one), or read the repository
+        now and load its models in the background."""
+        self._heap_trimmer = memory.start_heap_trimmer()
         if engine is not None:
-            self._serve(engine)
+            spec = engine.info.spec
+            self.default = spec.name
+            self.models[spec.name] = ServedModel(spec.name, engine.info.version)
+            self._serve(self.models[spec.name], engine, self.settings)
+            self.status = "ready"
             return
-        weights = await asyncio.to_thread(resolve, self.spec, self.settings)
-        self.weights = weights.info
-        self._loader = asyncio.create_task(self._load(weights), name="resnet-serve-load")
-
-    async def _load(self, weights: LoadedWeights) -> None:
-        try:
-            engine = await asyncio.to_thread(load_engine, self.spec, weights, self.settings)
-        except Exception as exc:
-            logger.exception("the model failed to load")
-            self.status, self.failure = "failed", f"{type(exc).__name__}: {exc}"
-            return
-        self._owned_engine = engine
-        if self.status == "loading":
-            self._serve(engine)
-            logger.info("ready: %s on %s (%s weights)", self.spec.name, engine.info.device, weights.info.source)
+        plan = await asyncio.to_thread(plan_repository, self.settings)
+        if plan.export is None:
+            self._read(plan)
+        else:
+            self.default = default_spec(self.settings).name
+        self._loader = asyncio.create_task(self._load_all(plan), name="resnet-serve-load")
 
     async def loaded(self) -> None:
-        """Wait until the background load has finished (ready or failed)."""
+        """Wait until the background load has finished (every model ready or unavailable)."""
         if self._loader is not None:
             await asyncio.shield(self._loader)
 
-    def _serve(self, engine: Predictor) -> None:
+    def _read(self, plan: RepositoryPlan) -> None:
+        """The versions in the repository; the latest of each is served."""
+        self.versions, latest, self.default = served_versions(plan.root, self.settings.default_model)
+        self.models = {name: ServedModel(name, v.version) for name, v in latest.items()}
+
+    async def _load_all(self, plan: RepositoryPlan) -> None:
+        exported, started = False, time.perf_counter()
+        try:
+            if plan.export is not None:
+                exported = await asyncio.to_thread(plan.export)
+                self._read(plan)
+            for version in [v for v in self.versions if v.name in self.models
+                            and v.version == self.models[v.name].version]:
+                if self.status == "shutting_down":
+                    return
+                await self._load(version, exported, started if exported else None)
+                exported = False  # only the first (the default model) was exported
+        except Exception as exc:
+            logger.exception("the models failed to load")
+            self.status, self.failure = "failed", f"{type(exc).__name__}: {exc}"
+            return
+        if self.status == "loading":
+            ready = [m for m in self.models.values() if m.state == "READY"]
+            self.status = "ready" if ready else "failed"
+            self.failure = None if ready else "; ".join(f"{m.name}: {m.reason}" for m in self.models.values())
+            logger.info("ready: %s", ", ".join(f"{m.name}/{m.version} {m.state}" for m in self.models.values()))
+
+    async def _load(self, version: ModelVersion, exported: bool, started: float | None) -> None:
+        slot = self.models[version.name]
+        settings = model_settings(version, self.settings)
+        try:
+            engine = await asyncio.to_thread(load_engine, version, self.settings, exported=exported, started=started)
+        except Exception as exc:
+            logger.error("model %s/%d is unavailable: %s", version.name, version.version, exc)
+            slot.state, slot.reason = "UNAVAILABLE", str(exc)
+            return
+        self._engines.append(engine)
+        self._serve(slot, engine, settings)
+
+    def _serve(self, slot: ServedModel, engine: Predictor, settings: Settings) -> None:
         info = engine.info
-        self.weights = info.weights
-        self.pipeline = Pipeline(self.spec, engine, self.settings, self.decode_pool)
+        slot.pipeline = Pipeline(engine, settings, self.decode_pool)
         metrics.MODEL_INFO.labels(info.name, info.device, info.precision, info.weights.source, info.runtime).set(1)
-        self._heap_trimmer = memory.start_heap_trimmer()
-        self.status = "ready"
+        slot.state, slot.reason = "READY", None
 
-    @property
-    def weights_source(self) -> str:
-        return self.weights.source if self.weights else "unknown"
+    def model(self, name: str | None) -> ServedModel:
+        """The model ``name`` (the default one for None), or 404 naming the models served
+        (503 while the repository itself is still being prepared)."""
+        name = name or self.default
+        found = self.models.get(name) if name is not None and valid_name(name) else None
+        if found is None:
+            if self.status == "loading" and not self.models:
+                raise NotReady("the service is loading", headers={"Retry-After": "1"})
+            raise ModelNotFound(f"no model {name!r}; this server serves: {', '.join(self.models)}")
+        return found
 
-    def ready_pipeline(self) -> Pipeline:
-        """The gate for new requests: 503 unless ready (loading, failed or shutting down)."""
-        if self.status != "ready" or self.pipeline is None:
+    def ready_pipeline(self, name: str | None = None) -> Pipeline:
+        """The gate for new requests: 503 unless the model is loaded and the server not stopping.
+        A model that is ready serves while the others still load."""
+        if self.status in ("shutting_down", "failed"):
             detail = self.failure if self.status == "failed" else f"the service is {self.status}"
             raise NotReady(detail, headers={"Retry-After": "1"})
-        return self.pipeline
+        slot = self.model(name)
+        if slot.pipeline is not None:
+            return slot.pipeline
+        if slot.state == "LOADING":
+            raise NotReady(f"model {slot.name} is loading", headers={"Retry-After": "1"})
+        raise ModelUnavailable(f"model {slot.name} is unavailable: {slot.reason}")
+
+    def model_ready(self, slot: ServedModel) -> bool:
+        """Ready to serve now; a dead inference thread is restarted here (ready again next time)."""
+        return (self.status in ("loading", "ready") and slot.pipeline is not None
+                and slot.pipeline.engine.ensure_running())
 
     def readiness(self) -> str:
-        """The status a readiness probe reports; a dead inference thread is restarted here and
-        reported as ``restarting`` this once (the thread's jobs were already failed with 503)."""
-        if self.status == "ready" and self.pipeline is not None and not self.pipeline.engine.ensure_running():
-            return "restarting"
-        return self.status
+        """The status a readiness probe reports: ``restarting`` while an inference thread that
+        died is being replaced (its requests were already failed with 503)."""
+        if self.status != "ready":
+            return self.status
+        alive = [self.model_ready(m) for m in self.models.values() if m.pipeline is not None]
+        return "ready" if all(alive) else "restarting"
+
+    @property
+    def default_pipeline(self) -> Pipeline | None:
+        slot = self.models.get(self.default) if self.default else None
+        return slot.pipeline if slot else None
 
     def begin_shutdown(self) -> None:
         """Readiness false and new predictions refused; admitted requests carry on."""
         if self.status != "shutting_down":
-            in_flight = self.pipeline.in_flight if self.pipeline else 0
+            in_flight = sum(m.pipeline.in_flight for m in self.models.values() if m.pipeline)
             logger.info("shutting down: refusing new requests, finishing %d in flight", in_flight)
         self.status = "shutting_down"
 
@@ -113,8 +194,7 @@ class Service:
         if self._heap_trimmer is not None:
             self._heap_trimmer.cancel()
         grace = self.settings.shutdown_grace_s
-        if self.pipeline is not None:
-            await self.pipeline.close(grace)
-        if self._owned_engine is not None:
-            await asyncio.to_thread(self._owned_engine.close, grace)
+        await asyncio.gather(*(m.pipeline.close(grace) for m in self.models.values() if m.pipeline))
+        for engine in self._engines:
+            await asyncio.to_thread(engine.close, grace)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -38,7 +38,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, description="uvicorn worker processes, each with its own model")
 
-    default_model: str = Field("resnet18", description="the model /predict serves")
+    model_repository: Path | None = Field(
+        None, description="serve every model of this repository; unset: the built-in ResNet-18, exported on first start"
+    )
+    default_model: str | None = Field(
+        None, description="the model /predict serves without ?model= (unset: resnet18 if served, else the first)"
+    )
 
     device: DeviceName = "auto"
     precision: PrecisionName = Field("auto", description="auto: fp16 on CUDA, fp32 elsewhere")
@@ -48,7 +53,7 @@ class Settings(BaseSettings):
     channels_last: bool = Field(True, description="NHWC memory layout on CPU and CUDA")
     int8_backend: Int8Backend = "x86"
     calibration_dir: Path | None = Field(None, description="photos for INT8 calibration")
-    compiled_cache: bool = Field(True, description="keep compiled models on disk between starts")
+    compiled_cache: bool = Field(True, description="keep the default model's repository on disk between starts")
     compiled_cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "resnet-serve")
     cache_size: int = Field(1024, ge=0, description="LRU result cache entries; 0 turns it off")
 

@@ -37,11 +37,8 @@ class WeightsInfo:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify_file(path: Path) -> str:
@@ -67,3 +64,20 @@ def hub_checkpoint_dir() -> Path:
 def candidate_paths(spec: ModelSpec, weights_dir: Path) -> list[Path]:
     """Where the official file may already be, in the order they are searched."""
     return [weights_dir / spec.filename, hub_checkpoint_dir() / spec.filename]
+
+
+def file_info(path: Path, spec: ModelSpec) -> WeightsInfo:
+    """A verified file's provenance: official if its hash is the spec's official one."""
+    digest = verify_file(path)
+    official = spec.url is not None and digest.startswith(spec.sha256_prefix)
+    return WeightsInfo("official" if official else "custom", path, digest)
+
+
+def locate(spec: ModelSpec, *, weights: Path | None, weights_dir: Path, random: bool) -> WeightsInfo | None:
+    """The weights the settings point to, if they are on disk (None: only a download or the
+    random-init fallback could tell, and both need torch)."""
+    if random:
+        return WeightsInfo("random-init", None, None)
+    if weights is not None:
+        return file_info(weights, spec) if weights.is_file() else None
+    return next((file_info(p, spec) for p in candidate_paths(spec, weights_dir) if p.is_file()), None)

@@ -16,6 +16,8 @@ TORCHSCRIPT, ONNXRUNTIME = "torchscript", "onnxruntime"
 PLATFORMS = {TORCHSCRIPT: "pytorch_torchscript", ONNXRUNTIME: "onnxruntime_onnx"}
 # The serving graph's tensor names, whatever format it is saved in.
 GRAPH_INPUT, GRAPH_OUTPUT = "pixels", "probs"
+# Bump when the serving graph changes what it computes: default models are exported again.
+GRAPH_VERSION = "1"
 
 
 class Backend(Protocol):

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from resnet_serve import __version__
-from resnet_serve.http import health, info, oip, predict
+from resnet_serve.http import health, info, oip, predict, triton
 from resnet_serve.http.errors import install_error_handlers
 from resnet_serve.http.middleware import RequestLog
 from resnet_serve.http.page import mount_page
@@ -20,7 +20,6 @@ from resnet_serve.logs import configure_logging
 from resnet_serve.pipeline import Predictor
 from resnet_serve.service import Service
 from resnet_serve.settings import Settings
-from resnet_serve.spec import builtin_spec
 
 
 def _flip_readiness_on_sigterm(service: Service) -> Callable[[], None]:
@@ -44,7 +43,7 @@ def _flip_readiness_on_sigterm(service: Service) -> Callable[[], None]:
 def create_app(settings: Settings | None = None, *, engine: Predictor | None = None) -> FastAPI:
     """Build the app. Pass a warmed ``engine`` to share one model between apps (tests)."""
     settings = settings or Settings()
-    service = Service(settings, builtin_spec(settings.default_model))
+    service = Service(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,11 +56,12 @@ def create_app(settings: Settings | None = None, *, engine: Predictor | None = N
             restore_signal()
 
     app = FastAPI(title="resnet-serve", version=__version__, lifespan=lifespan,
-                  summary="Image classification with torchvision models, dynamically batched.")
+                  summary="Image classification with torchvision models (a model repository), dynamically batched.")
     app.state.service = service
     install_error_handlers(app)
     configure_logging(settings.log_format, settings.log_level)
-    for router in (predict.router, info.router, health.router, oip.router):
+    for router in (predict.router, info.router, health.router, triton.router, oip.router,
+                   oip.fallback_for(triton.router, oip.router)):
         app.include_router(router)
     mount_page(app)
     if settings.cors_origins:

@@ -16,17 +16,30 @@ def get_service(request: Request) -> Service:
     return request.app.state.service  # type: ignore[no-any-return]
 
 
-class PredictQuery:
-    """``top_k`` and ``lang``, validated once for every prediction route."""
+MODEL = Query(None, description="a model the server serves (GET /models); default: the default model")
+
+
+class ModelQuery:
+    """``model``: which of the served models a route is about."""
+
+    def __init__(self, model: str | None = MODEL) -> None:
+        self.model = model
+
+
+class PredictQuery(ModelQuery):
+    """``model``, ``top_k`` and ``lang``, validated once for every prediction route."""
 
     def __init__(
         self,
+        model: str | None = MODEL,
         top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="how many classes"),
         lang: Language = Query("en", description="language of `label`: en or zh"),
     ) -> None:
+        super().__init__(model)
         self.top_k = top_k
         self.lang = lang
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+ModelQueryDep = Annotated[ModelQuery, Depends()]
 PredictQueryDep = Annotated[PredictQuery, Depends()]

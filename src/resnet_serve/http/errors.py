@@ -2,17 +2,20 @@
 along the class's MRO (so ``ServeError`` covers the whole family).
 
 Our routes answer ``{"error": {"code", "message"}}``. The Open Inference Protocol's routes
-answer in its own shape, ``{"error": "<message>"}``: they run under ``OipRoute`` (in
-``http.oip``), which renders their errors before they reach these handlers.
+answer in its own shape, ``{"error": "<message>"}``: they run under ``OipRoute``, which renders
+their errors before they reach these handlers.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from resnet_serve.errors import ServeError
@@ -62,3 +65,21 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid_parameter)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
+
+
+class OipRoute(APIRoute):
+    """A route whose errors answer in the Open Inference Protocol's shape, ``{"error": "..."}``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def protocol_errors(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ServeError as exc:
+                log_server_side(request, exc)
+                return JSONResponse({"error": exc.message}, exc.status_code, headers=exc.headers)
+            except RequestValidationError as exc:
+                return JSONResponse({"error": validation_message(exc)}, 400)
+
+        return protocol_errors

@@ -25,9 +25,12 @@ async def live() -> HealthResponse:
 )
 async def ready(service: ServiceDep) -> JSONResponse:
     status = service.readiness()
-    weights = service.weights.source if service.weights else None
-    runtime = service.pipeline.engine.info.runtime if service.pipeline else None
-    body = HealthResponse(status=status, weights=weights, runtime=runtime, detail=service.failure)
+    default = service.default_pipeline
+    info = default.engine.info if default else None
+    unavailable = [f"{m.name}: {m.reason}" for m in service.models.values() if m.state == "UNAVAILABLE"]
+    detail = service.failure or ("; ".join(unavailable) if unavailable else None)
+    body = HealthResponse(status=status, weights=info.weights.source if info else None,
+                          runtime=info.runtime if info else None, detail=detail)
     return JSONResponse(body.model_dump(), 200 if status == "ready" else 503)
 
 

@@ -1,4 +1,4 @@
-"""``GET /model`` and ``GET /labels``: what is served, with which settings, and its classes."""
+"""``GET /models``, ``GET /model`` and ``GET /labels``: what is served, how, and its classes."""
 
 from __future__ import annotations
 
@@ -7,11 +7,21 @@ from importlib import metadata
 
 from fastapi import APIRouter
 
-from resnet_serve.http.dependencies import ServiceDep
-from resnet_serve.http.schemas import ErrorResponse, LabelEntry, LabelsResponse, ModelResponse
+from resnet_serve.http.dependencies import ModelQueryDep, ServiceDep
+from resnet_serve.http.schemas import (
+    ErrorResponse,
+    LabelEntry,
+    LabelsResponse,
+    ModelResponse,
+    ModelsResponse,
+    ModelSummary,
+)
 from resnet_serve.labels import Labels
+from resnet_serve.service import ServedModel, Service
 
 router = APIRouter()
+MODEL_ERRORS = {404: {"model": ErrorResponse, "description": "no such model"},
+                503: {"model": ErrorResponse, "description": "loading, unavailable or shutting down"}}
 
 
 def installed_version(package: str) -> str | None:
@@ -27,13 +37,31 @@ def _labels_response(labels: Labels) -> LabelsResponse:
     return LabelsResponse(count=len(labels), labels=entries)
 
 
-@router.get("/model", response_model=ModelResponse, responses={503: {"model": ErrorResponse}},
-            summary="The model being served, its runtime and its settings")
-async def model_info(service: ServiceDep) -> ModelResponse:
-    pipeline = service.ready_pipeline()
-    info, settings, spec = pipeline.engine.info, service.settings, pipeline.spec
+def _summary(service: Service, slot: ServedModel) -> ModelSummary:
+    summary = ModelSummary(name=slot.name, version=slot.version, state=slot.state, reason=slot.reason,
+                           default=slot.name == service.default)
+    if slot.pipeline is not None:
+        info = slot.pipeline.engine.info
+        summary.architecture, summary.num_classes = info.spec.architecture, info.spec.num_classes
+        summary.runtime, summary.precision, summary.weights = info.runtime, info.precision, info.weights.source
+    return summary
+
+
+@router.get("/models", response_model=ModelsResponse, summary="Every model served, with its state")
+async def models(service: ServiceDep) -> ModelsResponse:
+    return ModelsResponse(default=service.default, models=[_summary(service, m) for m in service.models.values()])
+
+
+@router.get("/model", response_model=ModelResponse, responses=MODEL_ERRORS,
+            summary="A model (default: the default one), its runtime and its settings")
+async def model_info(service: ServiceDep, query: ModelQueryDep) -> ModelResponse:
+    pipeline = service.ready_pipeline(query.model)
+    info, settings, spec = pipeline.engine.info, pipeline.settings, pipeline.spec
     return ModelResponse(
         name=info.name,
+        version=info.version,
+        architecture=spec.architecture,
+        default=info.name == service.default,
         weights=info.weights.source,
         weights_sha256=info.weights.sha256,
         weights_path=str(info.weights.path) if info.weights.path else None,
@@ -60,6 +88,7 @@ async def model_info(service: ServiceDep) -> ModelResponse:
     )
 
 
-@router.get("/labels", response_model=LabelsResponse, summary="All class names, English and Chinese")
-async def labels(service: ServiceDep) -> LabelsResponse:
-    return _labels_response(service.spec.labels)
+@router.get("/labels", response_model=LabelsResponse, responses=MODEL_ERRORS,
+            summary="A model's class names, English and Chinese")
+async def labels(service: ServiceDep, query: ModelQueryDep) -> LabelsResponse:
+    return _labels_response(service.ready_pipeline(query.model).spec.labels)

@@ -42,21 +42,22 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "empty, truncated or corrupt image; malformed body",
         401: "API key missing or wrong (only when RESNET_SERVE_API_KEY is set)",
+        404: "no such model (the message lists the models served)",
         408: "the upload did not arrive in time",
         413: "the upload exceeds the byte limit or the image the pixel limit",
         415: "not an image in a supported format, or a body type we do not accept",
         422: "no file, several files, or a bad query parameter",
         500: "the model failed on this request's batch",
-        503: "overloaded (see Retry-After), warming up, or shutting down",
+        503: "overloaded (see Retry-After), warming up, the model unavailable, or shutting down",
         504: "no result within the request deadline",
     }.items()
 }
 
 
 @contextlib.asynccontextmanager
-async def admitted_upload(request: Request, service: Service) -> AsyncIterator[Pipeline]:
+async def admitted_upload(request: Request, service: Service, model: str | None) -> AsyncIterator[Pipeline]:
     """The gate of an upload route: ready, and a free slot, decided before anything is read."""
-    pipeline = service.ready_pipeline()
+    pipeline = service.ready_pipeline(model)
     if not pipeline.has_room():
         await discard_body(request, max_bytes=service.settings.max_upload_bytes)
         raise pipeline.overloaded()
@@ -64,10 +65,11 @@ async def admitted_upload(request: Request, service: Service) -> AsyncIterator[P
         yield pipeline
 
 
-def _answer(result: ImageResult, filename: str | None, pipeline: Pipeline, service: Service, start: float,
+def _answer(result: ImageResult, filename: str | None, pipeline: Pipeline, start: float,
             query: PredictQuery) -> PredictResponse:
-    return PredictResponse.build(result, pipeline.spec.labels, model=pipeline.spec.name,
-                                 weights=service.weights_source, filename=filename, start=start,
+    info = pipeline.engine.info
+    return PredictResponse.build(result, pipeline.spec.labels, model=info.name, version=info.version,
+                                 weights=info.weights.source, filename=filename, start=start,
                                  top_k=query.top_k, lang=query.lang)
 
 
@@ -90,13 +92,13 @@ async def predict(request: Request, response: Response, query: PredictQueryDep,
                   service: ServiceDep) -> PredictResponse:
     start = time.monotonic()
     settings = service.settings
-    async with admitted_upload(request, service) as pipeline:
+    async with admitted_upload(request, service, query.model) as pipeline:
         (upload,) = await read_within(request, settings.request_timeout_s, max_bytes=settings.max_upload_bytes)
         result = await pipeline.predict_bytes(upload.data, start + settings.request_timeout_s,
                                               functools.partial(client_gone, request))
-    response.headers["X-Model-Weights"] = service.weights_source
+    response.headers["X-Model-Weights"] = pipeline.engine.info.weights.source
     request.state.batch_size = result.batch_size
-    return _answer(result, upload.filename, pipeline, service, start, query)
+    return _answer(result, upload.filename, pipeline, start, query)
 
 
 @router.post("/predict/batch", response_model=BatchResponse, responses=ERROR_RESPONSES, **SEVERAL_IMAGES)
@@ -105,7 +107,7 @@ async def predict_batch(request: Request, response: Response, query: PredictQuer
     start = time.monotonic()
     settings = service.settings
     deadline = start + settings.request_timeout_s
-    async with admitted_upload(request, service) as pipeline:
+    async with admitted_upload(request, service, query.model) as pipeline:
         uploads = await read_within(request, settings.request_timeout_s, max_bytes=settings.max_upload_bytes,
                                     max_files=MAX_BATCH_FILES, field=BATCH_FIELD)
         gone = functools.partial(client_gone, request)
@@ -119,7 +121,7 @@ async def predict_batch(request: Request, response: Response, query: PredictQuer
         elif isinstance(outcome, BaseException):
             raise outcome
         else:
-            answer = _answer(outcome, upload.filename, pipeline, service, start, query)
+            answer = _answer(outcome, upload.filename, pipeline, start, query)
             items.append(BatchItem(index=index, filename=upload.filename, status=200, result=answer))
-    response.headers["X-Model-Weights"] = service.weights_source
+    response.headers["X-Model-Weights"] = pipeline.engine.info.weights.source
     return BatchResponse(results=items, total_time_ms=round((time.monotonic() - start) * 1000.0, 3))

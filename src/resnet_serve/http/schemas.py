@@ -66,11 +66,12 @@ class PredictResponse(BaseModel):
     batch_size: int = Field(description="how many requests shared the forward pass (0 if cached)")
     cached: bool = Field(False, description="answered from the result cache (same bytes seen before)")
     model: str
+    model_version: int = Field(1, description="the version of the model that answered")
     weights: str = Field(description="official, custom or random-init (predictions meaningless)")
 
     @classmethod
-    def build(cls, result: ImageResult, labels: Labels, *, model: str, weights: str, filename: str | None,
-              start: float, top_k: int, lang: Language) -> PredictResponse:
+    def build(cls, result: ImageResult, labels: Labels, *, model: str, version: int, weights: str,
+              filename: str | None, start: float, top_k: int, lang: Language) -> PredictResponse:
         """The answer for one image, timed from ``start`` (monotonic)."""
         return cls(
             predictions=class_scores(labels, result, top_k, lang),
@@ -82,6 +83,7 @@ class PredictResponse(BaseModel):
             batch_size=result.batch_size,
             cached=result.cached,
             model=model,
+            model_version=version,
             weights=weights,
         )
 
@@ -119,6 +121,9 @@ class ModelResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     name: str
+    version: int
+    architecture: str
+    default: bool = Field(description="the model /predict serves without ?model=")
     weights: str
     weights_sha256: str | None
     weights_path: str | None
@@ -127,7 +132,7 @@ class ModelResponse(BaseModel):
     device: str
     precision: str
     channels_last: bool
-    compiled_from: str = Field(description="compiled at start-up, or loaded from the on-disk cache")
+    compiled_from: str = Field(description="exported by this start (the default model), or loaded from the repository")
     start_s: float = Field(description="seconds to compile (or load) and warm up the model")
     cache_size: int = Field(description="result cache entries (0: off)")
     threads: int = Field(description="intra-op threads of the runtime")
@@ -142,6 +147,28 @@ class ModelResponse(BaseModel):
     warmup_batch_ms: dict[int, float] = Field(description="forward time per batch size at start-up")
     torch_version: str | None = Field(description="installed torch (null: not installed)")
     onnxruntime_version: str | None = Field(description="installed ONNX Runtime (null: not installed)")
+
+
+class ModelSummary(BaseModel):
+    """One model of the repository, as ``GET /models`` lists it."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    version: int
+    state: str = Field(description="READY, LOADING or UNAVAILABLE (Triton's names)")
+    reason: str | None = Field(None, description="why it is unavailable")
+    default: bool
+    architecture: str | None = None
+    num_classes: int | None = None
+    runtime: str | None = None
+    precision: str | None = None
+    weights: str | None = None
+
+
+class ModelsResponse(BaseModel):
+    default: str | None
+    models: list[ModelSummary]
 
 
 class LabelEntry(BaseModel):

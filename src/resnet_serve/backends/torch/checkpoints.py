@@ -13,22 +13,22 @@ never runs code from the file.
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from resnet_serve.backends.torch.graph import build_network
+from resnet_serve.backends.torch.graph import build_network, build_network_of
 from resnet_serve.errors import WeightsError
 from resnet_serve.settings import Settings
 from resnet_serve.spec import ModelSpec, hash_in_name
 from resnet_serve.weights import (
     RANDOM_INIT_SEED,
     WeightsInfo,
-    WeightsSource,
     candidate_paths,
+    file_info,
     hub_checkpoint_dir,
-    verify_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -42,18 +42,90 @@ class LoadedWeights:
     info: WeightsInfo
 
 
-def load_state_dict(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """Load a verified file and check it fits the spec's architecture."""
+# Where training scripts keep the state_dict inside a checkpoint dict, most common first.
+NESTED_KEYS = ("state_dict", "model", "net", "ema", "model_ema", "state_dict_ema")
+# Prefixes that wrappers add to every key: DataParallel/DDP, and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+MAX_LISTED_KEYS = 5
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict in a checkpoint file, unwrapped from the containers users have.
+
+    Loading never runs code from the file (``weights_only``); a file holding a whole pickled
+    model is refused with a message saying how to save its state_dict instead."""
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"{path}: not a plain state_dict (it holds pickled objects, such as a whole model, which "
+            "would run code from the file to load). Save the weights with "
+            "torch.save(model.state_dict(), 'weights.pth') and use that file."
+        ) from exc
     except Exception as exc:
         raise WeightsError(f"{path}: not a loadable PyTorch state_dict ({exc})") from exc
-    if not isinstance(state_dict, dict):
-        raise WeightsError(f"{path}: expected a state_dict, found {type(state_dict).__name__}")
-    try:
-        build_network(spec).load_state_dict(state_dict)
-    except RuntimeError as exc:
-        raise WeightsError(f"{path}: does not fit {spec.name}: {exc}") from exc
+    for _ in range(2):  # {"model": {"state_dict": ...}} occurs too
+        if isinstance(data, dict) and not _holds_tensors(data):
+            data = next((data[k] for k in NESTED_KEYS if _holds_tensors(data.get(k), nested=True)), data)
+    if not _holds_tensors(data):
+        raise WeightsError(f"{path}: expected a state_dict, found {type(data).__name__}")
+    return {_unprefixed(k): v for k, v in data.items() if isinstance(v, torch.Tensor) and k != "n_averaged"}
+
+
+def _holds_tensors(data: object, *, nested: bool = False) -> bool:
+    """A state_dict, or (``nested``) a dict with one inside it."""
+    if not isinstance(data, dict):
+        return False
+    if any(isinstance(v, torch.Tensor) for v in data.values()):
+        return True
+    return nested and any(_holds_tensors(data.get(k)) for k in NESTED_KEYS)
+
+
+def _unprefixed(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIXES):
+        key = next(key[len(p):] for p in WRAPPER_PREFIXES if key.startswith(p))
+    return key
+
+
+def head_key(net: torch.nn.Module) -> str:
+    """The state_dict key of the classifier's output layer (its last Linear, or last conv)."""
+    layers = [name for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not layers:
+        layers = [name for name, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    return f"{layers[-1]}.weight"
+
+
+def head_size(state_dict: dict[str, torch.Tensor], architecture: str) -> int | None:
+    """How many classes a checkpoint's head has, if its head layer is where the architecture's is."""
+    key = head_key(build_network_of(architecture, 1000))
+    return int(state_dict[key].shape[0]) if key in state_dict else None
+
+
+def fit(state_dict: dict[str, torch.Tensor], spec: ModelSpec, source: str) -> None:
+    """Check the state_dict fits the spec's network, with errors that say what does not."""
+    net = build_network(spec)
+    expected = net.state_dict()
+    head = head_key(net)
+    if head in state_dict and state_dict[head].shape[0] != spec.num_classes:
+        raise WeightsError(f"{source}: the checkpoint's head ({head}) has {state_dict[head].shape[0]} classes, "
+                           f"but there are {spec.num_classes} labels")
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise WeightsError(
+            f"{source}: does not fit {spec.architecture}: {len(missing)} missing keys "
+            f"{missing[:MAX_LISTED_KEYS]}, {len(unexpected)} unexpected keys {unexpected[:MAX_LISTED_KEYS]}"
+        )
+    wrong = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state_dict.items()
+             if v.shape != expected[k].shape]
+    if wrong:
+        raise WeightsError(f"{source}: does not fit {spec.architecture}: {wrong[:MAX_LISTED_KEYS]}")
+
+
+def load_state_dict(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Load a checkpoint and check it fits the spec's architecture and classes."""
+    state_dict = read_checkpoint(path)
+    fit(state_dict, spec, str(path))
     return state_dict
 
 
@@ -80,12 +152,10 @@ def random_init(spec: ModelSpec) -> LoadedWeights:
 
 
 def _from_file(path: Path, spec: ModelSpec, *, explicit: bool) -> LoadedWeights:
-    digest = verify_file(path)
-    official = spec.url is not None and digest.startswith(spec.sha256_prefix)
-    if explicit and not official and hash_in_name(path.name) is None:
+    info = file_info(path, spec)
+    if explicit and info.source != "official" and hash_in_name(path.name) is None:
         logger.warning("%s has no hash in its name; its integrity cannot be verified", path)
-    source: WeightsSource = "official" if official else "custom"
-    return LoadedWeights(load_state_dict(path, spec), WeightsInfo(source, path, digest))
+    return LoadedWeights(load_state_dict(path, spec), info)
 
 
 def resolve(spec: ModelSpec, settings: Settings) -> LoadedWeights:

@@ -16,7 +16,11 @@ DTYPES: dict[str, torch.dtype] = {
 
 def build_network(spec: ModelSpec) -> nn.Module:
     """A fresh, randomly initialised network of the spec's architecture and class count."""
-    return torchvision.models.get_model(spec.architecture, weights=None, num_classes=spec.num_classes)
+    return build_network_of(spec.architecture, spec.num_classes)
+
+
+def build_network_of(architecture: str, num_classes: int) -> nn.Module:
+    return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
 
 
 class ServingNetwork(nn.Module):

@@ -81,6 +81,18 @@ class TorchScriptBackend:
         self._device = device
         self._threads = threads
 
+    @classmethod
+    def load(cls, path: Path, *, device_name: str, precision: str, threads: int,
+             int8_backend: str | None = None) -> TorchScriptBackend:
+        """A saved serving graph on the configured device (INT8: on the CPU, with the quantized
+        kernels it was built for)."""
+        device = select_device(device_name)
+        select_precision(precision, device)  # refuses what this device cannot run
+        if precision == "int8":
+            torch.backends.quantized.engine = int8_backend or "x86"
+        torch.set_num_threads(threads)
+        return cls(load_torchscript(path, device), device=device, precision=precision, threads=threads)
+
     def prepare_thread(self) -> None:
         torch.set_num_threads(self._threads)
 

@@ -4,11 +4,11 @@
 
 const TEXT = {
   en: {
-    title: "What is in this picture?", topk: "Top", choose: "Choose images",
+    title: "What is in this picture?", topk: "Top", model: "Model", choose: "Choose images",
     hint: "or drop them here, or paste from the clipboard",
     random: "This server runs on random-init weights: its predictions are meaningless.",
     connecting: "Connecting…", warming: "The model is warming up…",
-    status: (m) => `ResNet-18 on ${m.device} · ${m.precision} · batch ≤ ${m.max_batch_size} · ${m.dispatch} dispatch · weights: ${m.weights}`,
+    status: (m) => `${displayName(m)} on ${m.device} · ${m.precision} · batch ≤ ${m.max_batch_size} · ${m.dispatch} dispatch · weights: ${m.weights}`,
     classifying: "Classifying…", inference: "inference", roundTrip: "round trip", batch: "batch",
     preview: (name) => `Preview of ${name}`, langButton: "中文", langLabel: "切换到中文",
     errors: {
@@ -26,11 +26,11 @@ const TEXT = {
     },
   },
   zh: {
-    title: "这张图片里是什么？", topk: "前", choose: "选择图片",
+    title: "这张图片里是什么？", topk: "前", model: "模型", choose: "选择图片",
     hint: "或拖放到这里，或从剪贴板粘贴",
     random: "此服务使用随机初始化的权重：预测结果没有意义。",
     connecting: "正在连接…", warming: "模型正在预热…",
-    status: (m) => `ResNet-18 · 设备 ${m.device} · 精度 ${m.precision} · 批大小 ≤ ${m.max_batch_size} · ${m.dispatch} 调度 · 权重：${m.weights}`,
+    status: (m) => `${displayName(m)} · 设备 ${m.device} · 精度 ${m.precision} · 批大小 ≤ ${m.max_batch_size} · ${m.dispatch} 调度 · 权重：${m.weights}`,
     classifying: "识别中…", inference: "推理", roundTrip: "往返", batch: "批",
     preview: (name) => `${name} 的预览`, langButton: "English", langLabel: "Switch to English",
     errors: {
@@ -52,10 +52,20 @@ const TEXT = {
 const state = {
   lang: localStorage.getItem("resnet-serve-lang") || (navigator.language.startsWith("zh") ? "zh" : "en"),
   topK: Number(localStorage.getItem("resnet-serve-topk") || 3),
-  model: null,
+  model: null,        // /model of the chosen model
+  chosen: null,       // its name; null: the server's default
   maxBytes: 10 * 1024 * 1024,
   cards: [],
 };
+
+// The built-in model by its proper name; a user's model by its own name and architecture.
+function displayName(m) {
+  return m.name === "resnet18" && m.architecture === "resnet18" ? "ResNet-18" : `${m.name} (${m.architecture})`;
+}
+
+function modelQuery() {
+  return state.chosen ? `&model=${encodeURIComponent(state.chosen)}` : "";
+}
 
 const $ = (id) => document.getElementById(id);
 const t = () => TEXT[state.lang];
@@ -86,9 +96,30 @@ function renderStatus() {
   $("random-banner").hidden = !(m && m.weights === "random-init");
 }
 
+// A picker appears when the server serves more than one model; names are set as text only.
+async function loadModels() {
+  try {
+    const response = await fetch("/models");
+    if (!response.ok) return;
+    const listing = await response.json();
+    const ready = listing.models.filter((m) => m.state === "READY");
+    const select = $("model");
+    select.replaceChildren(...ready.map((m) => {
+      const option = element("option", "", m.name);
+      option.value = m.name;
+      return option;
+    }));
+    state.chosen = state.chosen || listing.default;
+    select.value = state.chosen;
+    $("model-picker").hidden = ready.length < 2;
+  } catch {
+    // the status line reports an unreachable server
+  }
+}
+
 async function loadModel() {
   try {
-    const response = await fetch("/model");
+    const response = await fetch(`/model?${modelQuery().slice(1)}`);
     if (response.ok) {
       state.model = await response.json();
       state.maxBytes = state.model.max_upload_mb * 1024 * 1024;
@@ -99,7 +130,12 @@ async function loadModel() {
   } catch {
     $("status").textContent = t().errors.network;
   }
-  setTimeout(loadModel, 1000);
+  setTimeout(refresh, 1000);
+}
+
+async function refresh() {
+  await loadModels();
+  await loadModel();
 }
 
 function errorText(card) {
@@ -138,7 +174,8 @@ function renderCard(card) {
   }
   const r = card.result;
   const times = element("p", "times",
-    `${t().inference} ${r.inference_time_ms.toFixed(1)} ms · ${t().roundTrip} ${card.roundTripMs.toFixed(0)} ms · ${t().batch} ${r.batch_size}`);
+    `${t().inference} ${r.inference_time_ms.toFixed(1)} ms · ${t().roundTrip} ${card.roundTripMs.toFixed(0)} ms · ${t().batch} ${r.batch_size}`
+    + ($("model-picker").hidden ? "" : ` · ${r.model}`));
   body.append(list, times);
 }
 
@@ -159,7 +196,7 @@ async function classify(file) {
   form.append("file", file, card.name);
   const started = performance.now();
   try {
-    const response = await fetch(`/predict?top_k=${state.topK}&lang=${state.lang}`, { method: "POST", body: form });
+    const response = await fetch(`/predict?top_k=${state.topK}&lang=${state.lang}${modelQuery()}`, { method: "POST", body: form });
     card.roundTripMs = performance.now() - started;
     const body = await response.json().catch(() => null);
     if (response.ok && body) card.result = body;
@@ -208,8 +245,12 @@ function setUp() {
     const files = [...(e.clipboardData ? e.clipboardData.files : [])];
     if (files.length) classifyAll(files);
   });
+  $("model").addEventListener("change", (e) => {
+    state.chosen = e.target.value;
+    loadModel();
+  });
   applyLanguage();
-  loadModel();
+  refresh();
 }
 
 document.addEventListener("DOMContentLoaded", setUp);

@@ -1,0 +1,116 @@
+"""Triton's extensions to the protocol, which Triton's own tools and clients read: the model
+configuration (``/v2/models/{name}/config``), statistics (``/v2/models[/{name}]/stats``) and the
+repository index (``POST /v2/repository/index``), answered in Triton's JSON shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from resnet_serve.errors import MalformedRequest
+from resnet_serve.http.dependencies import ServiceDep
+from resnet_serve.http.errors import OipRoute
+from resnet_serve.http.oip import MODEL_ERRORS, served
+from resnet_serve.http.oip_codec import BYTES_INPUT, OUTPUT_NAME, PIXELS_INPUT
+from resnet_serve.pipeline import Duration
+from resnet_serve.repository import LABELS_FILE
+from resnet_serve.service import ServedModel, Service
+
+router = APIRouter(prefix="/v2", tags=["Triton extensions"], route_class=OipRoute)
+BACKENDS = {"torchscript": "pytorch", "onnxruntime": "onnxruntime"}
+
+
+def model_config(service: Service, slot: ServedModel) -> dict[str, Any]:
+    """Triton's model configuration (``config.pbtxt`` as JSON) for what this server runs."""
+    pipeline = service.ready_pipeline(slot.name)
+    spec, info, settings = pipeline.spec, pipeline.engine.info, pipeline.settings
+    delay_us = int(settings.max_wait_ms * 1000) if settings.dispatch == "wait" else 0
+    return {
+        "name": spec.name,
+        "platform": info.platform,
+        "backend": BACKENDS[info.runtime],
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": settings.max_batch_size,
+        "input": [
+            {"name": BYTES_INPUT, "data_type": "TYPE_STRING", "format": "FORMAT_NONE", "dims": [1]},
+            {"name": PIXELS_INPUT, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",
+             "dims": [3, spec.crop_size, spec.crop_size]},
+        ],
+        "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": [spec.num_classes],
+                    "label_filename": LABELS_FILE}],
+        "dynamic_batching": {"preferred_batch_size": [settings.max_batch_size],
+                             "max_queue_delay_microseconds": delay_us},
+        "instance_group": [{"name": spec.name, "kind": "KIND_GPU" if info.device.startswith("cuda") else "KIND_CPU",
+                            "count": 1}],
+        "parameters": {"labels": {"string_value": f"/labels?model={spec.name}"},
+                       "precision": {"string_value": info.precision}},
+    }
+
+
+def _duration(d: Duration) -> dict[str, int]:
+    return dataclasses.asdict(d)
+
+
+def model_stats(slot: ServedModel) -> dict[str, Any]:
+    """Triton's statistics for one model (zeros until it has served)."""
+    pipeline = slot.pipeline
+    if pipeline is None:
+        return {"name": slot.name, "version": str(slot.version), "last_inference": 0, "inference_count": 0,
+                "execution_count": 0, "inference_stats": {}, "batch_stats": []}
+    stats, batches, none = pipeline.stats, pipeline.batcher.stats, {"count": 0, "ns": 0}
+    return {
+        "name": slot.name,
+        "version": str(slot.version),
+        "last_inference": stats.last_inference_ms,
+        "inference_count": batches.items,
+        "execution_count": batches.batches,
+        "inference_stats": {
+            "success": _duration(stats.success), "fail": _duration(stats.fail), "queue": _duration(stats.queue),
+            "compute_input": _duration(stats.decode), "compute_infer": _duration(stats.infer),
+            "compute_output": none, "cache_hit": _duration(stats.cache_hit), "cache_miss": _duration(stats.cache_miss),
+        },
+        "batch_stats": [{"batch_size": size, "compute_input": {"count": d.count, "ns": 0},
+                         "compute_infer": _duration(d), "compute_output": {"count": d.count, "ns": 0}}
+                        for size, d in sorted(stats.infer_by_batch_size.items())],
+    }
+
+
+@router.get("/models/{name}/config", summary="Model configuration (Triton)", responses=MODEL_ERRORS)
+@router.get("/models/{name}/versions/{version}/config", summary="Model configuration (Triton, one version)",
+            responses=MODEL_ERRORS)
+async def config(name: str, service: ServiceDep, version: str | None = None) -> dict[str, Any]:
+    return model_config(service, served(service, name, version))
+
+
+@router.get("/models/stats", summary="Statistics of every model (Triton)")
+async def all_stats(service: ServiceDep) -> dict[str, Any]:
+    return {"model_stats": [model_stats(slot) for slot in service.models.values()]}
+
+
+@router.get("/models/{name}/stats", summary="Model statistics (Triton)", responses=MODEL_ERRORS)
+@router.get("/models/{name}/versions/{version}/stats", summary="Model statistics (Triton, one version)",
+            responses=MODEL_ERRORS)
+async def stats(name: str, service: ServiceDep, version: str | None = None) -> dict[str, Any]:
+    return {"model_stats": [model_stats(served(service, name, version))]}
+
+
+@router.post("/repository/index", summary="Every model version in the repository and its state (Triton)")
+async def index(request: Request, service: ServiceDep) -> list[dict[str, str]]:
+    body = await request.body()
+    try:
+        ready_only = bool((await request.json()).get("ready", False)) if body.strip() else False
+    except (ValueError, AttributeError):
+        raise MalformedRequest("the index request is JSON: {} or {\"ready\": true}") from None
+    rows = []
+    for version in service.versions:
+        slot = service.models.get(version.name)
+        if slot is not None and slot.version == version.version:
+            continue
+        reason = version.problem or f"not the version served ({slot.version if slot else 'none'})"
+        rows.append({"name": version.name, "version": str(version.version), "state": "UNAVAILABLE", "reason": reason})
+    rows += [{"name": m.name, "version": str(m.version), "state": m.state, "reason": m.reason or ""}
+             for m in service.models.values()]
+    rows.sort(key=lambda row: (row["name"], int(row["version"])))
+    return [row for row in rows if not ready_only or row["state"] == "READY"]

@@ -1,0 +1,155 @@
+"""Export: checkpoints as users have them, labels, geometry per architecture, validation against
+eager PyTorch, and the model folder it writes (``backends.torch.export``, ``resnet-serve export``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from resnet_serve.backends.torch import export
+from resnet_serve.backends.torch.checkpoints import read_checkpoint
+from resnet_serve.cli import main
+from resnet_serve.errors import WeightsError
+from resnet_serve.repository import Repository
+from resnet_serve.weights import sha256_of
+from tests.conftest import FLOWERS, random_state_dict
+
+
+def export_cli(*args: str) -> int:
+    return main(["export", *args])
+
+
+def test_two_users_models_export_into_one_repository(user_repository: Path, user_files: dict[str, Path]) -> None:
+    repository = user_repository
+    latest = Repository(repository).latest()
+    assert set(latest) == {"flowers", "parts"}
+    flowers, parts = latest["flowers"], latest["parts"]
+    assert flowers.problem is None and parts.problem is None
+    assert flowers.spec is not None and flowers.spec.labels.en == tuple(FLOWERS)
+    assert parts.spec is not None and parts.spec.labels.en == ("bolt", "nut", "washer")
+    meta = flowers.metadata
+    assert meta is not None and (meta.architecture, meta.num_classes, meta.version) == ("resnet18", 5, 1)
+    assert meta.weights.source == "custom" and meta.weights.sha256 == sha256_of(user_files["flowers"])
+    assert meta.batching.max_batch_size == 2
+    assert {(a.format, a.precision) for a in meta.artefacts} == {("torchscript", "fp32"), ("onnx", "fp32")}
+    for artefact in meta.artefacts:
+        assert sha256_of(flowers.directory / artefact.file) == artefact.sha256
+        assert artefact.validation is not None and artefact.validation.photos >= 8
+        assert artefact.validation.max_abs_diff <= 1e-4 and artefact.validation.top1_agreement == 1.0
+    assert (meta.geometry.resize_size, meta.geometry.crop_size, meta.geometry.interpolation) == (256, 224, "bilinear")
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "net", "ema", "module.", "_orig_mod.", "averaged"])
+def test_checkpoints_in_every_container_users_have_load_the_same(tmp_path: Path, wrap: str) -> None:
+    plain = random_state_dict("resnet18", 4, seed=1)
+    saved: object = {
+        "plain": plain,
+        "state_dict": {"state_dict": plain, "optimizer": {"lr": torch.tensor(0.1)}, "epoch": 3},
+        "model": {"model": plain}, "net": {"net": plain}, "ema": {"ema": plain, "model": {"x": 1}},
+        "module.": {f"module.{k}": v for k, v in plain.items()},
+        "_orig_mod.": {f"_orig_mod.module.{k}": v for k, v in plain.items()},
+        "averaged": {"n_averaged": torch.tensor(5), **{f"module.{k}": v for k, v in plain.items()}},
+    }[wrap]
+    torch.save(saved, tmp_path / "c.pth")
+    loaded = read_checkpoint(tmp_path / "c.pth")
+    assert loaded.keys() == plain.keys() and all(torch.equal(loaded[k], plain[k]) for k in plain)
+
+
+def test_a_pickled_whole_model_is_refused_with_how_to_save_a_state_dict(tmp_path: Path) -> None:
+    torch.save(torchvision.models.resnet18(num_classes=3), tmp_path / "whole.pt")
+    with pytest.raises(WeightsError, match=r"torch.save\(model.state_dict\(\)"):
+        read_checkpoint(tmp_path / "whole.pt")
+
+
+def test_a_head_that_does_not_match_the_labels_is_refused(user_files: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_cli("--weights", str(user_files["seven"]), "--labels", str(user_files["flowers_labels"]),
+                      "--name", "seven", "--repository", str(tmp_path)) == 2
+    error = capsys.readouterr().err
+    assert "has 7 classes" in error and "5 labels" in error
+    assert not (tmp_path / "seven").exists()
+
+
+def test_labels_are_required_for_a_head_other_than_imagenets(user_files: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_cli("--weights", str(user_files["seven"]), "--repository", str(tmp_path)) == 2
+    assert "--labels is required: the checkpoint's head has 7 classes" in capsys.readouterr().err
+
+
+def test_keys_of_another_architecture_are_listed(user_files: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_cli("--arch", "mobilenet_v3_small", "--weights", str(user_files["flowers"]), "--labels",
+                      str(user_files["flowers_labels"]), "--repository", str(tmp_path)) == 2
+    error = capsys.readouterr().err
+    assert "does not fit mobilenet_v3_small" in error and "missing keys" in error and "unexpected keys" in error
+    assert "'features.0.0.weight'" in error and "'conv1.weight'" in error
+
+
+def test_geometry_comes_from_torchvisions_weights_per_architecture() -> None:
+    efficientnet = export.default_geometry("efficientnet_b0")
+    transforms = torchvision.models.EfficientNet_B0_Weights.DEFAULT.transforms()
+    assert (efficientnet.resize_size, efficientnet.crop_size) == (transforms.resize_size[0], transforms.crop_size[0])
+    assert efficientnet.interpolation == "bicubic"
+    assert export.default_geometry("resnet18").interpolation == "bilinear"
+
+
+def test_geometry_flags_override_and_are_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_cli("--weights", "random", "--name", "wide", "--repository", str(tmp_path), "--format",
+                      "torchscript", "--resize", "288", "--crop", "256", "--interpolation", "bicubic",
+                      "--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25") == 0
+    captured = capsys.readouterr()
+    assert "wide: building torchscript fp32" in captured.err and "wrote" in captured.out  # progress, then a summary
+    version = Repository(tmp_path).latest()["wide"]
+    assert version.metadata is not None and version.metadata.weights.source == "random-init"
+    g = version.metadata.geometry
+    assert (g.resize_size, g.crop_size, g.interpolation, g.mean, g.std) == (288, 256, "bicubic", (0.5,) * 3, (0.25,) * 3)
+    assert version.spec is not None and version.spec.labels.en[281] == "tabby"  # ImageNet's, for 1000 classes
+
+
+def test_a_new_export_is_a_new_version_and_a_version_keeps_its_weights(
+    user_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--weights", str(user_files["flowers"]), "--labels", str(user_files["flowers_labels"]),
+              "--name", "flowers", "--repository", str(tmp_path), "--format", "torchscript"]
+    assert export_cli(*common) == 0 and export_cli(*common) == 0
+    assert sorted(p.name for p in (tmp_path / "flowers").iterdir()) == ["1", "2"]
+    assert export_cli("--weights", "random", "--labels", str(user_files["flowers_labels"]), "--name", "flowers",
+                      "--repository", str(tmp_path), "--version", "1") == 2
+    assert "already holds another model" in capsys.readouterr().err
+    assert export_cli(*common, "--version", "1", "--precision", "bf16") == 0  # same weights: the version grows
+    artefacts = Repository(tmp_path).versions()[0].metadata.artefacts  # type: ignore[union-attr]
+    assert {a.precision for a in artefacts} == {"fp32", "bf16"}
+
+
+@pytest.mark.parametrize("name", ["../etc", "Flowers", ".hidden", "a/b", "x" * 65])
+def test_model_names_are_limited(tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_cli("--weights", "random", "--name", name, "--repository", str(tmp_path)) == 2
+    assert "model name" in capsys.readouterr().err
+
+
+def test_an_unknown_architecture_gets_close_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_cli("--arch", "resnet81", "--weights", "random", "--repository", str(tmp_path)) == 2
+    assert "did you mean" in capsys.readouterr().err
+
+
+def test_an_fp32_artefact_that_differs_from_eager_pytorch_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A faulty compilation (simulated: its output is off by 1e-3) must not reach a repository."""
+    run = export._run_artefact
+    monkeypatch.setattr(export, "_run_artefact", lambda fmt, path, pixels: run(fmt, path, pixels) + 1e-3)
+    assert export_cli("--weights", "random", "--repository", str(tmp_path), "--format", "torchscript") == 2
+    assert "refusing to write it" in capsys.readouterr().err
+    assert not (tmp_path / "resnet18" / "1").exists()
+
+
+def test_the_models_command_lists_torchvisions_classifiers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert {"resnet18", "mobilenet_v3_small", "efficientnet_b0", "vit_b_16"} <= set(names)
+    assert "maskrcnn_resnet50_fpn" not in names  # detection, not classification
+    assert any(line.startswith("efficientnet_b0") and "bicubic" in line for line in lines)
