@@ -10,10 +10,12 @@ SYSTEM_PACKAGES := chromium fonts-wqy-microhei docker-compose
 
 .PHONY: install dev system-deps lint run test bench clean
 
+# `make run` installs the torch extra: the design's TorchScript runtime, and what exports the
+# built-in ResNet-18 on first start. `pip install .` alone is the slim, torch-free server.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.[torch]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml

@@ -105,7 +105,7 @@ def seeded_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def settings(seeded_weights: Path) -> Settings:
     return Settings(weights=seeded_weights, allow_download=False, device="cpu", torch_threads=2,
-                    compiled_cache=False)
+                    compiled_cache=False, runtime="torchscript")
 
 
 @pytest.fixture(scope="session")
@@ -168,6 +168,21 @@ def user_repository(user_files: dict[str, Path], tmp_path_factory: pytest.TempPa
     return repository
 
 
+ROOT = Path(__file__).parent.parent
+SLIM = ROOT / ".venv-slim"  # kept between runs (ignored by git); the project is reinstalled each run
+
+
+@pytest.fixture(scope="session")
+def slim_python() -> Path:
+    python = SLIM / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(SLIM)], check=True, timeout=300)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", str(ROOT)], check=True, timeout=1200)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(ROOT)],
+                   check=True, timeout=600)
+    return python
+
+
 async def probs_of(engine: Engine, uploads: list[bytes]) -> torch.Tensor:
     """What the model says for each upload in-process, as one batch: ``[N, classes]``."""
     pixels = [preprocess(data, RESNET18, max_pixels=10**9).pixels for data in uploads]
@@ -198,6 +213,7 @@ def env_with(**values: str) -> dict[str, str]:
     """This process's environment without RESNET_SERVE_* variables, plus ``values``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_SERVE_")}
     env["RESNET_SERVE_COMPILED_CACHE"] = "false"  # tests leave ~/.cache alone unless they ask
+    env["RESNET_SERVE_RUNTIME"] = "torchscript"  # the design's runtime, unless a test picks another
     env.update({f"RESNET_SERVE_{k.upper()}": v for k, v in values.items()})
     return env
 

@@ -227,7 +227,8 @@ async def test_a_failing_batch_is_a_500_and_the_service_keeps_serving(
 async def test_starts_unready_then_warms_up_with_random_init_said_loudly(
     tmp_path: object, photo_jpegs: dict[str, bytes]
 ) -> None:
-    settings = Settings(weights_mode="random", allow_download=False, device="cpu", max_batch_size=2)
+    settings = Settings(weights_mode="random", allow_download=False, device="cpu", max_batch_size=2,
+                        runtime="torchscript")
     async for c in client_for(settings, None):
         first = await c.get("/health/ready")
         if first.status_code == 503:  # still compiling: predictions are refused, not queued

@@ -15,7 +15,7 @@ from resnet_serve.backends.torch.compile import CompileOptions, compile_model
 from resnet_serve.backends.torch.runtime import select_device, select_precision
 from resnet_serve.errors import RepositoryError
 from resnet_serve.inference import Engine, Prediction
-from resnet_serve.loading import open_model, wanted_artefact
+from resnet_serve.loading import open_model, wanted_for
 from resnet_serve.photos import CalibrationError, calibration_files
 from resnet_serve.settings import Settings
 from resnet_serve.spec import RESNET18
@@ -163,10 +163,11 @@ def test_what_the_default_model_is_built_with_decides_the_artefact_wanted(
 ) -> None:
     (tmp_path / "a.jpg").write_bytes(photo_jpegs["chelsea"])
     int8 = settings.model_copy(update={"precision": "int8"})
-    wanted = {wanted_artefact(int8), wanted_artefact(int8.model_copy(update={"calibration_dir": tmp_path})),
-              wanted_artefact(int8.model_copy(update={"int8_backend": "fbgemm"})), wanted_artefact(settings),
-              wanted_artefact(settings.model_copy(update={"channels_last": False}))}
+    wanted = {wanted_for("torchscript", s) for s in (
+        int8, int8.model_copy(update={"calibration_dir": tmp_path}), int8.model_copy(update={"int8_backend": "fbgemm"}),
+        settings, settings.model_copy(update={"channels_last": False}))}
     assert len(wanted) == 5
+    assert wanted_for("onnxruntime", int8) != wanted_for("onnxruntime", int8.model_copy(update={"calibration_dir": tmp_path}))
 
 
 async def test_the_default_model_is_exported_once_into_the_cache_and_reused(
@@ -203,5 +204,5 @@ async def test_the_onnxruntime_runtime_matches_torchscript(settings: Settings, e
         assert list(tmp_path.glob("repository/resnet18/1/*.onnx"))
     finally:
         ort.close()
-    with pytest.raises(RepositoryError, match="FP32 on the CPU"):
-        load(settings, runtime="onnxruntime", precision="int8")
+    with pytest.raises(RepositoryError, match="FP32 or INT8 on the CPU"):
+        load(settings, runtime="onnxruntime", precision="bf16")

@@ -19,6 +19,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import burst  # noqa: E402
 import engine_bench  # noqa: E402
 import http_bench  # noqa: E402
+import memory_bench  # noqa: E402
 import multi_model_bench  # noqa: E402
 import soak  # noqa: E402
 import stages_bench  # noqa: E402
@@ -205,3 +206,17 @@ def test_multi_model_bench_puts_each_model_mixed_next_to_alone(user_repository: 
         assert set(report[run]) == {"flowers", "parts"}
         assert all(r["rps"] > 0 and set(r["statuses"]) == {"200"} for r in report[run].values())
     assert "| flowers |" in (tmp_path / "m.md").read_text() and report["machine"]["cpus"] >= 1
+
+
+def test_memory_bench_reports_memory_start_and_speed_per_install(slim_python: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory_bench, "RESULTS", tmp_path)
+    assert memory_bench.main(["--duration", "1", "--concurrency", "2", "--precisions", "fp32", "--slim-python",
+                              str(slim_python), "--out", "mem"]) == 0
+    report = json.loads((tmp_path / "mem.json").read_text())["configurations"]
+    assert set(report) == {"slim onnxruntime fp32", "full torchscript fp32"}
+    assert report["slim onnxruntime fp32"]["runtime"] == "onnxruntime"
+    assert report["full torchscript fp32"]["runtime"] == "torchscript"
+    for row in report.values():
+        assert 0 < row["idle_rss_mb"] <= row["peak_rss_mb"] and row["start_to_ready_s"] > 0 and row["rps"] > 0
+    assert (tmp_path / "mem.png").read_bytes()[:4] == b"\x89PNG"

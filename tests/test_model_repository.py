@@ -125,7 +125,7 @@ def damaged(user_repository: Path, tmp_path: Path) -> Path:
 
 
 async def test_a_damaged_artefact_isolates_its_model(damaged: Path, photo_jpegs: dict[str, bytes]) -> None:
-    async for client in ready_client(served(damaged)):
+    async for client in ready_client(served(damaged, runtime="torchscript")):
         assert (await client.post("/predict?model=flowers", **upload(photo_jpegs["coffee"]))).status_code == 200
         refused = await client.post("/predict?model=parts", **upload(photo_jpegs["coffee"]))
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_unavailable"
@@ -137,6 +137,14 @@ async def test_a_damaged_artefact_isolates_its_model(damaged: Path, photo_jpegs:
         assert index["flowers"]["state"] == "READY"
         health = await client.get("/health/ready")
         assert health.status_code == 200 and "parts" in health.json()["detail"]
+
+
+async def test_with_runtime_auto_a_damaged_artefact_is_left_out_loudly(damaged: Path, tmp_path: Path,
+                                                                        photo_jpegs: dict[str, bytes]) -> None:
+    async for client in ready_client(served(damaged, runtime="auto", compiled_cache_dir=tmp_path)):
+        assert (await client.post("/predict?model=parts", **upload(photo_jpegs["coffee"]))).status_code == 200
+        parts = (await client.get("/model?model=parts")).json()
+        assert parts["runtime"] == "onnxruntime" and "fails its SHA-256 check" in parts["runtime_reason"]
 
 
 async def test_a_missing_artefact_is_reported_and_an_other_runtime_still_serves(

@@ -141,19 +141,19 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from resnet_serve.loading import default_root, default_spec, wanted_artefact
+    from resnet_serve.loading import default_root, default_spec, wanted_artefacts
     from resnet_serve.weights import locate
 
     settings = Settings()
     spec = default_spec(settings)
     found = locate(spec, weights=settings.weights, weights_dir=settings.weights_dir,
                    random=settings.weights_mode == "random")
-    wanted = wanted_artefact(settings)
+    wanted = wanted_artefacts(settings)
     report = {
         "torch": _installed("torch"),
         "onnxruntime": _installed("onnxruntime"),
         "repository": str(settings.model_repository or default_root(settings)),
-        "artefact": f"{wanted.format} {wanted.precision}",
+        "artefacts": [f"{w.format} {w.precision}" for w in wanted],
         "weights": found.source if found else "not found locally",
         "weights_path": str(found.path) if found and found.path else None,
         "weights_sha256": found.sha256 if found else None,

@@ -59,6 +59,7 @@ class ModelInfo:
     weights: WeightsInfo
     threads: int
     runtime: str = TORCHSCRIPT
+    runtime_reason: str = "configured"
     channels_last: bool = False
     compiled_from: str = "repository"
     max_batch_size: int = 1

@@ -20,15 +20,23 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import hashlib
+import importlib.util
+import json
 import logging
+import os
+import platform
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from resnet_serve.backends import Backend
+import numpy as np
+
+from resnet_serve.backends import ONNXRUNTIME, ORT_INT8_SCHEME, TORCHSCRIPT, Backend
 from resnet_serve.errors import RepositoryError
 from resnet_serve.inference import Engine, ModelInfo
 from resnet_serve.photos import calibration_files, calibration_fingerprint
@@ -50,20 +58,61 @@ class RepositoryPlan:
     export: Callable[[], bool] | None = None
 
 
-def wanted_artefact(settings: Settings) -> Wanted:
-    """The artefact the configured runtime, device and precision need."""
-    if settings.runtime == "onnxruntime":
-        if settings.precision not in ("auto", "fp32") or settings.device not in ("auto", "cpu"):
-            raise RepositoryError("RESNET_SERVE_RUNTIME=onnxruntime runs FP32 on the CPU only")
-        return Wanted("onnx", "fp32")
+def accelerator_present() -> bool:
+    """An NVIDIA driver or Apple silicon, seen without importing torch."""
+    return Path("/proc/driver/nvidia/version").exists() or (sys.platform == "darwin" and platform.machine() == "arm64")
+
+
+def candidate_runtimes(settings: Settings) -> list[str]:
+    """The runtimes that may serve: the configured one, or for ``auto`` every installed one that
+    can run these settings (ONNX Runtime here: the CPU, FP32 or INT8)."""
+    if settings.runtime != "auto":
+        return [settings.runtime]
+    installed = [runtime for runtime, module in ((TORCHSCRIPT, "torch"), (ONNXRUNTIME, "onnxruntime"))
+                 if importlib.util.find_spec(module) is not None]
+    cpu = settings.device == "cpu" or (settings.device == "auto" and not accelerator_present())
+    if not cpu or settings.precision in ("fp16", "bf16"):
+        installed = [r for r in installed if r == TORCHSCRIPT]
+    if not installed:
+        raise RepositoryError(f"no installed runtime runs {settings.precision} on {settings.device}: "
+                              f"the TorchScript runtime needs torch ({TORCH_EXTRA})")
+    return installed
+
+
+def _calibration(settings: Settings) -> str:
+    return calibration_fingerprint(calibration_files(settings.calibration_dir))
+
+
+def torchscript_target(settings: Settings) -> tuple[str, str]:
+    """Device and precision for TorchScript; torch is imported only to look for a GPU."""
+    if settings.device == "cpu" or (settings.device == "auto" and not accelerator_present()):
+        precision = "fp32" if settings.precision == "auto" else settings.precision
+        if precision == "fp16":
+            raise RepositoryError("RESNET_SERVE_PRECISION=fp16 needs a CUDA or MPS device")
+        return "cpu", precision
     from resnet_serve.backends.torch.runtime import select_device, select_precision
 
     device = select_device(settings.device)
-    precision = select_precision(settings.precision, device)
+    return device.type, select_precision(settings.precision, device)
+
+
+def wanted_for(runtime: str, settings: Settings) -> Wanted:
+    """The artefact ``runtime`` needs to serve these settings."""
+    if runtime == ONNXRUNTIME:
+        if settings.precision not in ("auto", "fp32", "int8") or settings.device not in ("auto", "cpu"):
+            raise RepositoryError("RESNET_SERVE_RUNTIME=onnxruntime runs FP32 or INT8 on the CPU only")
+        if settings.precision == "int8":
+            return Wanted("onnx", "int8", int8_backend=ORT_INT8_SCHEME, calibration=_calibration(settings))
+        return Wanted("onnx", "fp32")
+    device, precision = torchscript_target(settings)
     if precision == "int8":
-        fingerprint = calibration_fingerprint(calibration_files(settings.calibration_dir))
-        return Wanted("torchscript", precision, int8_backend=settings.int8_backend, calibration=fingerprint)
-    return Wanted("torchscript", precision, channels_last=settings.channels_last and device.type in ("cpu", "cuda"))
+        return Wanted("torchscript", "int8", int8_backend=settings.int8_backend, calibration=_calibration(settings))
+    return Wanted("torchscript", precision, channels_last=settings.channels_last and device in ("cpu", "cuda"))
+
+
+def wanted_artefacts(settings: Settings) -> list[Wanted]:
+    """One artefact per candidate runtime."""
+    return [wanted_for(runtime, settings) for runtime in candidate_runtimes(settings)]
 
 
 def default_spec(settings: Settings) -> ModelSpec:
@@ -82,7 +131,7 @@ def default_root(settings: Settings) -> Path:
     return settings.compiled_cache_dir / "repository" if settings.compiled_cache else _scratch_repository()
 
 
-def _default_is_current(root: Path, spec: ModelSpec, settings: Settings, wanted: Wanted) -> bool:
+def _default_is_current(root: Path, spec: ModelSpec, settings: Settings, wanted: list[Wanted]) -> bool:
     """Whether the default model can be served as it is, decided without torch."""
     folder = root / spec.name / "1"
     if not folder.is_dir():
@@ -100,7 +149,7 @@ def _default_is_current(root: Path, spec: ModelSpec, settings: Settings, wanted:
     else:  # nothing on disk: official artefacts stand; random ones only if no download is tried
         same = built.source == "official" or (built.source == "random-init" and not settings.allow_download
                                               and settings.weights_mode == "auto")
-    return same and wanted.fits(version)
+    return same and all(w.fits(version) for w in wanted)
 
 
 @contextlib.contextmanager
@@ -123,7 +172,7 @@ def plan_repository(settings: Settings) -> RepositoryPlan:
         if not settings.model_repository.is_dir():
             raise RepositoryError(f"RESNET_SERVE_MODEL_REPOSITORY={settings.model_repository} is not a folder")
         return RepositoryPlan(settings.model_repository)
-    root, spec, wanted = default_root(settings), default_spec(settings), wanted_artefact(settings)
+    root, spec, wanted = default_root(settings), default_spec(settings), wanted_artefacts(settings)
     if _default_is_current(root, spec, settings, wanted):
         return RepositoryPlan(root)
     try:
@@ -175,13 +224,33 @@ def model_settings(version: ModelVersion, settings: Settings) -> Settings:
     return settings.model_copy(update=update) if update else settings
 
 
+def cpu_model() -> str:
+    """The CPU's model name: the runtime choice and ONNX Runtime's optimised graph depend on it."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _optimised_graph(artefact: Artefact, settings: Settings) -> Path | None:
+    """Where ONNX Runtime keeps this artefact's optimised graph for this CPU (None: nowhere)."""
+    if not settings.compiled_cache:
+        return None
+    from importlib import metadata
+
+    machine = hashlib.sha256(f"{cpu_model()}|{metadata.version('onnxruntime')}".encode()).hexdigest()[:12]
+    return settings.compiled_cache_dir / "onnxruntime" / f"{artefact.sha256[:16]}-{machine}.onnx"
+
+
 def open_backend(artefact: Artefact, path: Path, settings: Settings) -> Backend:
     if artefact.format == "onnx":
         try:
             from resnet_serve.backends.onnxruntime import OnnxRuntimeBackend
         except ImportError as exc:
             raise RepositoryError(f"ONNX artefacts need onnxruntime ({exc})") from None
-        return OnnxRuntimeBackend(path, threads=settings.ort_threads, precision=artefact.precision)
+        return OnnxRuntimeBackend(path, threads=settings.ort_threads, precision=artefact.precision,
+                                  arena=settings.ort_arena, optimised=_optimised_graph(artefact, settings))
     try:
         from resnet_serve.backends.torch.runtime import TorchScriptBackend
     except ImportError:
@@ -191,25 +260,125 @@ def open_backend(artefact: Artefact, path: Path, settings: Settings) -> Backend:
                                    threads=settings.torch_threads, int8_backend=artefact.int8_backend)
 
 
+def _per_image_ms(backend: Backend, crop: int, batch: int, seconds: float = 0.4) -> float:
+    """The backend's time per image at one batch size, after two warm-up calls."""
+    pixels = np.zeros((batch, 3, crop, crop), dtype=np.uint8)
+    for _ in range(2):
+        backend.run(pixels)
+    runs, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or runs < 3:
+        backend.run(pixels)
+        runs += 1
+    return elapsed * 1000.0 / (runs * batch)
+
+
+def _choices_file(settings: Settings) -> Path | None:
+    return settings.compiled_cache_dir / "runtime-choices.json" if settings.compiled_cache else None
+
+
+def _read_choices(settings: Settings) -> dict[str, dict[str, object]]:
+    path = _choices_file(settings)
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(path.read_text()) if path is not None else _CHOICES  # type: ignore[no-any-return]
+    return {}
+
+
+def _keep_choice(settings: Settings, key: str, choice: dict[str, object]) -> None:
+    path = _choices_file(settings)
+    if path is None:
+        _CHOICES[key] = choice
+        return
+    choices = _read_choices(settings)
+    choices[key] = choice
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(choices, indent=2) + "\n")
+        partial.replace(path)
+
+
+_CHOICES: dict[str, dict[str, object]] = {}  # with the compiled-model cache off: this process only
+TIE = 0.05
+
+
+@dataclass
+class Choice:
+    """The runtime that serves a model, why, and its backend if the choosing opened it."""
+
+    wanted: Wanted
+    reason: str
+    backend: Backend | None = None
+
+
+def _intact(version: ModelVersion, candidates: list[Wanted]) -> tuple[list[Wanted], list[str]]:
+    """The candidates whose artefact is there and passes its SHA-256 check, and what is wrong
+    with the others (a configured runtime's damaged artefact fails the model when it loads)."""
+    intact, problems = [], []
+    for wanted in candidates:
+        if not wanted.has(version):
+            continue
+        try:
+            version.artefact_path(wanted.pick(version))
+            intact.append(wanted)
+        except RepositoryError as exc:
+            problems.append(str(exc))
+    return intact, problems
+
+
+def choose_runtime(version: ModelVersion, settings: Settings) -> Choice:
+    """The configured runtime; or, for ``auto`` with both artefacts at hand, the faster one on this
+    machine (per image, the mean of batch 1 and the max batch; TorchScript on a tie within 5%),
+    timed at the first start and kept, keyed by CPU model, threads and artefacts. A damaged
+    artefact is left out of the choice, loudly."""
+    candidates = wanted_artefacts(settings)
+    if len(candidates) < 2:
+        return Choice(candidates[0], "configured" if settings.runtime != "auto" else "the only runtime installed")
+    present, problems = _intact(version, candidates)
+    for problem in problems:
+        logger.warning("%s; serving another runtime's artefact", problem)
+    if len(present) < 2:
+        reason = "; ".join(["the only runtime with an intact artefact here", *problems])
+        return Choice((present or candidates)[0], reason)
+    assert version.spec is not None
+    batch = model_settings(version, settings).max_batch_size
+    key = "|".join([cpu_model(), f"threads {settings.torch_threads}/{settings.ort_threads}", f"batch {batch}",
+                    *(w.pick(version).sha256[:16] for w in present)])
+    kept = _read_choices(settings).get(key)
+    if kept is not None:
+        return Choice(next(w for w in present if w.runtime == kept["runtime"]), f"timed earlier: {kept['ms']}")
+    backends = {w.runtime: open_backend(w.pick(version), version.artefact_path(w.pick(version)), settings)
+                for w in present}
+    ms = {runtime: round((_per_image_ms(b, version.spec.crop_size, 1) + _per_image_ms(b, version.spec.crop_size, batch))
+                         / 2, 2) for runtime, b in backends.items()}
+    best = min(ms, key=lambda runtime: ms[runtime])
+    if TORCHSCRIPT in ms and ms[TORCHSCRIPT] <= ms[best] * (1 + TIE):
+        best = TORCHSCRIPT
+    _keep_choice(settings, key, {"runtime": best, "ms": ms})
+    logger.info("%s/%d: %s is faster on this machine (ms per image, batch 1 and %d: %s)", version.name,
+                version.version, best, batch, ms)
+    return Choice(next(w for w in present if w.runtime == best), f"timed now: {ms}", backends[best])
+
+
 def load_engine(version: ModelVersion, settings: Settings, *, exported: bool = False,
                 started: float | None = None) -> Engine:
-    """The version's artefact for these settings, verified, opened and warmed up; its start time
-    counts from ``started`` (when an export came first) or from now."""
+    """The version's artefact for these settings (and runtime, chosen), verified, opened and
+    warmed up; its start time counts from ``started`` (when an export came first) or from now."""
     if version.spec is None or version.metadata is None:
         raise RepositoryError(f"{version.name}/{version.version}: {version.problem}")
     start = started if started is not None else time.perf_counter()
-    artefact = wanted_artefact(settings).pick(version)
-    backend = open_backend(artefact, version.artefact_path(artefact), settings)
+    choice = choose_runtime(version, settings)
+    artefact = choice.wanted.pick(version)
+    backend = choice.backend or open_backend(artefact, version.artefact_path(artefact), settings)
     served = model_settings(version, settings)
     info = ModelInfo(
         spec=version.spec, version=version.version, device=backend.device, precision=backend.precision,
         weights=version.weights, threads=settings.ort_threads if artefact.format == "onnx" else settings.torch_threads,
-        runtime=backend.runtime, channels_last=artefact.channels_last,
+        runtime=backend.runtime, runtime_reason=choice.reason, channels_last=artefact.channels_last,
         compiled_from="exported" if exported else "repository", max_batch_size=served.max_batch_size,
     )
     engine = Engine(backend, info)
     engine.warmup(served.max_batch_size, version.spec.crop_size)
     info.start_s = round(time.perf_counter() - start, 3)
-    logger.info("loaded %s/%d (%s %s on %s) in %.1fs", version.name, version.version, backend.runtime,
-                backend.precision, backend.device, info.start_s)
+    logger.info("loaded %s/%d (%s %s on %s; %s) in %.1fs", version.name, version.version, backend.runtime,
+                backend.precision, backend.device, choice.reason, info.start_s)
     return engine

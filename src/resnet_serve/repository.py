@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from resnet_serve.backends import GRAPH_VERSION
+from resnet_serve.backends import GRAPH_VERSION, ONNXRUNTIME, TORCHSCRIPT
 from resnet_serve.errors import RepositoryError
 from resnet_serve.labels import Labels, read_labels
 from resnet_serve.spec import IMAGENET_MEAN, IMAGENET_STD, Interpolation, ModelSpec
@@ -178,6 +178,14 @@ class Wanted:
     channels_last: bool = False
     int8_backend: str | None = None
     calibration: str | None = None
+
+    @property
+    def runtime(self) -> str:
+        return ONNXRUNTIME if self.format == "onnx" else TORCHSCRIPT
+
+    def has(self, version: ModelVersion) -> bool:
+        """Whether the version holds an artefact in this format and precision."""
+        return version.metadata is not None and version.metadata.artefact(self.format, self.precision) is not None
 
     def pick(self, version: ModelVersion) -> Artefact:
         """The version's artefact in this format and precision, or why there is none."""

@@ -19,7 +19,7 @@ Int8Backend = Literal["fbgemm", "onednn", "x86"]
 WeightsMode = Literal["auto", "official", "random"]
 DispatchPolicy = Literal["eager", "wait"]
 LogFormat = Literal["plain", "json"]
-RuntimeName = Literal["torchscript", "onnxruntime"]
+RuntimeName = Literal["auto", "torchscript", "onnxruntime"]
 
 MAX_TOP_K = 20
 DEFAULT_TOP_K = 3
@@ -47,9 +47,12 @@ class Settings(BaseSettings):
 
     device: DeviceName = "auto"
     precision: PrecisionName = Field("auto", description="auto: fp16 on CUDA, fp32 elsewhere")
-    runtime: RuntimeName = Field("torchscript", description="onnxruntime needs the 'onnx' extra; CPU, fp32")
+    runtime: RuntimeName = Field(
+        "auto", description="auto: the faster installed CPU runtime, timed once per machine; TorchScript on a GPU"
+    )
     torch_threads: int = Field(default_factory=_cores, ge=1, description="torch intra-op threads")
     ort_threads: int = Field(default_factory=_cores, ge=1, description="ONNX Runtime intra-op threads")
+    ort_arena: bool = Field(True, description="ONNX Runtime's CPU memory arena (off: lower idle RSS, more fragmentation)")
     channels_last: bool = Field(True, description="NHWC memory layout on CPU and CUDA")
     int8_backend: Int8Backend = "x86"
     calibration_dir: Path | None = Field(None, description="photos for INT8 calibration")

@@ -18,6 +18,8 @@ PLATFORMS = {TORCHSCRIPT: "pytorch_torchscript", ONNXRUNTIME: "onnxruntime_onnx"
 GRAPH_INPUT, GRAPH_OUTPUT = "pixels", "probs"
 # Bump when the serving graph changes what it computes: default models are exported again.
 GRAPH_VERSION = "1"
+# How ONNX artefacts are quantized to INT8 (backends.torch.onnx_export.quantize_onnx).
+ORT_INT8_SCHEME = "ort-qdq-u8s8-reduced"
 
 
 class Backend(Protocol):

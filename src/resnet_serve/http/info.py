@@ -66,6 +66,7 @@ async def model_info(service: ServiceDep, query: ModelQueryDep) -> ModelResponse
         weights_sha256=info.weights.sha256,
         weights_path=str(info.weights.path) if info.weights.path else None,
         runtime=info.runtime,
+        runtime_reason=info.runtime_reason,
         platform=info.platform,
         device=info.device,
         precision=info.precision,

@@ -128,6 +128,7 @@ class ModelResponse(BaseModel):
     weights_sha256: str | None
     weights_path: str | None
     runtime: str = Field(description="torchscript or onnxruntime")
+    runtime_reason: str = Field(description="why this runtime: configured, the only one, or timed on this machine")
     platform: str = Field(description="the runtime as Triton names it: pytorch_torchscript or onnxruntime_onnx")
     device: str
     precision: str

@@ -51,7 +51,8 @@ class _FileCollector:
         self.max_bytes = max_bytes
         self.max_files = max_files
         self.files: list[Upload] = []
-        self._data: bytearray | None = None
+        self._chunks: list[bytes] | None = None  # joined once at the end: one copy, no regrowth
+        self._size = 0
         self._filename: str | None = None
         self._other_bytes = 0
         self._headers: dict[bytes, bytes] = {}
@@ -59,7 +60,7 @@ class _FileCollector:
         self._value = b""
 
     def on_part_begin(self) -> None:
-        self._headers, self._data, self._filename = {}, None, None
+        self._headers, self._chunks, self._size, self._filename = {}, None, 0, None
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._field += data[start:end]
@@ -79,24 +80,25 @@ class _FileCollector:
             if self.max_files == 1:
                 raise MissingFile(f"send exactly one '{self.field}' part; this request has several")
             raise MissingFile(f"send at most {self.max_files} '{self.field}' parts")
-        self._data = bytearray()
+        self._chunks = []
         raw_name = options.get(b"filename")
         self._filename = raw_name.decode("utf-8", "replace") if raw_name is not None else None
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._data is None:
+        if self._chunks is None:
             self._other_bytes += end - start
             if self._other_bytes > MULTIPART_OVERHEAD:
                 raise _too_large(self.max_bytes)
             return
-        self._data += data[start:end]
-        if len(self._data) > self.max_bytes:
+        self._chunks.append(data[start:end])
+        self._size += end - start
+        if self._size > self.max_bytes:
             raise _too_large(self.max_bytes)
 
     def on_part_end(self) -> None:
-        if self._data is not None:
-            self.files.append(Upload(bytes(self._data), self._filename))
-            self._data = None
+        if self._chunks is not None:
+            self.files.append(Upload(b"".join(self._chunks), self._filename))
+            self._chunks = None
 
     def callbacks(self) -> dict[str, object]:
         return {
@@ -126,15 +128,16 @@ async def _read_multipart(request: Request, boundary: bytes, max_bytes: int, fie
 
 async def read_body(request: Request, *, max_bytes: int) -> bytes:
     """The whole body, counted as it arrives: past ``max_bytes`` the request is refused."""
-    body = bytearray()
+    chunks, size = [], 0
     try:
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_bytes:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
                 raise _too_large(max_bytes)
     except ClientDisconnect:
         raise MalformedRequest("the client disconnected during the upload") from None
-    return bytes(body)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def _read_raw(request: Request, max_bytes: int) -> Upload:

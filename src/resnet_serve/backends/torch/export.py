@@ -129,12 +129,20 @@ def _run_artefact(fmt: str, path: Path, pixels: np.ndarray) -> np.ndarray:
 def _write(job: ExportJob, fmt: str, precision: str, path: Path) -> dict[str, object]:
     """Compile one artefact into ``path``; what it was built with."""
     if fmt == "onnx":
-        if precision != "fp32":
-            raise ExportError(f"ONNX artefacts are FP32 here, not {precision}")
-        from resnet_serve.backends.torch.onnx_export import export_onnx
+        from resnet_serve.backends.torch.onnx_export import export_onnx, quantize_onnx
 
-        export_onnx(job.spec, job.weights, path)
-        return {}
+        if precision not in ("fp32", "int8"):
+            raise ExportError(f"ONNX artefacts are FP32 or INT8, not {precision}")
+        if precision == "fp32":
+            export_onnx(job.spec, job.weights, path)
+            return {}
+        fp32 = export_onnx(job.spec, job.weights, path.with_name(f".{path.name}.fp32"))
+        try:
+            files = calibration_files(job.calibration)
+            backend = quantize_onnx(fp32, path, load_pixels(files, job.spec))
+        finally:
+            fp32.unlink(missing_ok=True)
+        return {"int8_backend": backend, "calibration": calibration_fingerprint(files)}
     options = CompileOptions(precision, job.channels_last, job.int8_backend, job.calibration)  # type: ignore[arg-type]
     model = compile_model(job.spec, job.weights, options)
     with torchscript_quietly():
@@ -287,20 +295,22 @@ def next_version(repository: Path, name: str) -> int:
     return max(versions, default=0) + 1
 
 
-def ensure_default_model(root: Path, spec: ModelSpec, weights: LoadedWeights, settings: Settings, wanted: Wanted,
-                         progress: Progress = logger.info) -> bool:
-    """Make ``<root>/<spec.name>/1`` hold the wanted artefact, built from ``weights``; a version
-    built from other weights is replaced, one that fits is extended. Whether it exported."""
-    job = ExportJob(spec, weights, root, 1, formats=[wanted.format], precisions=[wanted.precision],
-                    channels_last=wanted.channels_last, int8_backend=settings.int8_backend,
-                    calibration=settings.calibration_dir)
+def ensure_default_model(root: Path, spec: ModelSpec, weights: LoadedWeights, settings: Settings,
+                         wanted: list[Wanted], progress: Progress = logger.info) -> bool:
+    """Make ``<root>/<spec.name>/1`` hold the wanted artefacts (one precision), built from
+    ``weights``; a version built from other weights is replaced, one that fits is extended.
+    Whether it exported."""
     folder = root / spec.name / "1"
     current = read_version(spec.name, 1, folder) if folder.exists() else None
+    missing = [w for w in wanted if current is None or not w.fits(current)]
+    job = ExportJob(spec, weights, root, 1, formats=[w.format for w in missing or wanted],
+                    precisions=[wanted[0].precision], channels_last=any(w.channels_last for w in wanted),
+                    int8_backend=settings.int8_backend, calibration=settings.calibration_dir)
     if current is not None and same_model(current, job):
-        if wanted.fits(current):
+        if not missing:
             return False
-        logger.warning("%s: no intact %s %s artefact built with these settings; exporting it again",
-                       spec.name, wanted.format, wanted.precision)
+        logger.warning("%s: no intact %s built with these settings; exporting it again", spec.name,
+                       ", ".join(f"{w.format} {w.precision}" for w in missing))
     elif current is not None:
         logger.warning("%s: the weights, labels or geometry changed; exporting it again", spec.name)
         _discard(folder)

@@ -1,0 +1,180 @@
+"""Memory, start time and speed of each way to serve the same model, in one run on one machine.
+
+    python benchmarks/memory_bench.py [--duration 60] [--concurrency 32]
+        [--slim-python .venv-slim/bin/python] [--baseline-src DIR]
+
+One repository is exported first (ResNet-18, random-init weights, TorchScript and ONNX, FP32 and
+INT8; speed and memory do not depend on the weight values). Then each configuration is a fresh
+server process:
+
+- ``slim onnxruntime fp32`` / ``slim onnxruntime int8``: the slim install (``pip install .``, no
+  torch), ONNX Runtime; its virtualenv is made at ``.venv-slim`` if ``--slim-python`` is not given
+- ``full torchscript fp32`` / ``full torchscript int8``: this environment (the torch extra)
+- ``baseline torchscript fp32``: ``--baseline-src``, another source tree (the commit before this
+  work, say) served by this environment from its own compiled-model cache, warmed first
+
+For each: start to ready (process start to the first 200 from ``/health/ready``, artefacts
+already built), idle RSS once ready, peak RSS (``VmHWM``, from the start) after ``--duration``
+seconds of closed-loop load at ``--concurrency`` (unique uploads, so the result cache never
+answers), requests per second and p50. Writes ``benchmarks/results/memory_bench.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from http_bench import RESULTS, free_port, run_load  # noqa: E402
+from images import default_images  # noqa: E402
+from machine import describe, one_line  # noqa: E402
+
+ROOT = Path(__file__).parent.parent
+
+
+def status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+def slim_python() -> Path:
+    """The slim install's interpreter, made (``pip install .`` into ``.venv-slim``) if missing."""
+    venv = ROOT / ".venv-slim"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", str(ROOT)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(ROOT)], check=True)
+    return python
+
+
+def export_repository(folder: Path, precisions: list[str]) -> Path:
+    from resnet_serve.cli import main
+
+    if main(["export", "--weights", "random", "--repository", str(folder), "--format", "torchscript,onnx",
+             "--precision", ",".join(precisions)]):
+        raise SystemExit("the export failed")
+    return folder
+
+
+def measure(command: list[str], env: dict[str, str], duration: float, concurrency: int) -> dict[str, object]:
+    """Start the server, time it to ready, then load it; RSS before and after."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    process = subprocess.Popen([*command, "--port", str(port), "--log-level", "warning"], env=env)
+    try:
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"{command} exited during start-up")
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.02)
+        ready_s = time.perf_counter() - started
+        time.sleep(2)
+        idle_kb = status_kb(process.pid, "VmRSS")
+        model = httpx.get(f"{url}/model", timeout=10).json()
+        result = asyncio.run(run_load(url, default_images(), concurrency, duration))
+        peak_kb = status_kb(process.pid, "VmHWM")
+    finally:
+        process.terminate()
+        process.wait(60)
+    return {"start_to_ready_s": round(ready_s, 2), "idle_rss_mb": round(idle_kb / 1024, 1),
+            "peak_rss_mb": round(peak_kb / 1024, 1), "rps": result.throughput_rps, "p50_ms": result.p50_ms,
+            "statuses": result.statuses, "runtime": model.get("runtime", "torchscript"),
+            "precision": model.get("precision")}
+
+
+def configurations(args: argparse.Namespace, repository: Path, scratch: Path) -> dict[str, tuple[list[str], dict]]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_SERVE_")}
+    base.update(pair.split("=", 1) for pair in args.env)  # type: ignore[arg-type]
+    served = {**base, "RESNET_SERVE_MODEL_REPOSITORY": str(repository), "RESNET_SERVE_CACHE_SIZE": "0",
+              "RESNET_SERVE_COMPILED_CACHE_DIR": str(scratch / "cache"), "RESNET_SERVE_DEVICE": "cpu"}
+    slim = [str(args.slim_python or slim_python()), "-m", "resnet_serve", "serve"]
+    full = [sys.executable, "-m", "resnet_serve", "serve"]
+    configs = {
+        f"{install} {runtime} {precision}": (command, {**served, "RESNET_SERVE_RUNTIME": runtime,
+                                                       "RESNET_SERVE_PRECISION": precision})
+        for install, runtime, command in (("slim", "onnxruntime", slim), ("full", "torchscript", full))
+        for precision in args.precisions
+    }
+    if args.baseline_src:
+        configs["baseline torchscript fp32"] = (full, {
+            **base, "PYTHONPATH": str(args.baseline_src), "RESNET_SERVE_WEIGHTS_MODE": "random",
+            "RESNET_SERVE_CACHE_SIZE": "0", "RESNET_SERVE_COMPILED_CACHE_DIR": str(scratch / "baseline"),
+            "RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_DEVICE": "cpu"})
+    return configs
+
+
+def plot(report: dict[str, dict[str, object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report)
+    fig, (memory, speed) = plt.subplots(1, 2, figsize=(11, 4))
+    positions = range(len(names))
+    memory.barh([p + 0.2 for p in positions], [report[n]["peak_rss_mb"] for n in names], 0.4, label="peak")
+    memory.barh([p - 0.2 for p in positions], [report[n]["idle_rss_mb"] for n in names], 0.4, label="idle")
+    memory.set_yticks(list(positions), names)
+    memory.set_xlabel("RSS, MB")
+    memory.legend()
+    speed.barh(list(positions), [report[n]["rps"] for n in names])
+    speed.set_yticks(list(positions), [""] * len(names))
+    speed.set_xlabel("requests/s under load")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--slim-python", type=Path, help="the slim install's python (default: make .venv-slim)")
+    parser.add_argument("--baseline-src", type=Path, help="another source tree's src/ to serve for comparison")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
+    parser.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE", help="more environment for every server")
+    parser.add_argument("--only", nargs="+", help="configurations to run (names as in the table)")
+    parser.add_argument("--out", default="memory_bench")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        repository = export_repository(Path(scratch) / "models", args.precisions)
+        configs = configurations(args, repository, Path(scratch))
+        if args.baseline_src:  # the old server compiles at its first start: warm its cache first
+            measure(*configs["baseline torchscript fp32"], duration=1, concurrency=1)
+        report = {name: measure(command, env, args.duration, args.concurrency)
+                  for name, (command, env) in configs.items() if not args.only or name in args.only}
+    lines = ["| configuration | start to ready s | idle RSS MB | peak RSS MB | rps | p50 ms |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {r['start_to_ready_s']} | {r['idle_rss_mb']} | {r['peak_rss_mb']} | {r['rps']} | {r['p50_ms']} |"
+              for n, r in report.items()]
+    machine = describe()
+    lines.append(f"\n{args.concurrency} clients for {args.duration:g} s each; machine: {one_line(machine)}.")
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(
+        {"machine": machine, "command": " ".join(["memory_bench.py", *(argv or sys.argv[1:])]),
+         "concurrency": args.concurrency, "duration_s": args.duration, "configurations": report}, indent=2) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(text + "\n")
+    plot(report, RESULTS / f"{args.out}.png")
+    return 0 if all(set(r["statuses"]) == {"200"} for r in report.values()) else 1  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

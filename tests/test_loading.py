@@ -1,0 +1,112 @@
+"""Loading: which runtimes may serve, which one is chosen and how the choice is kept, ONNX
+Runtime's cached optimised graph, and INT8 through ONNX Runtime."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resnet_serve import loading
+from resnet_serve.backends.onnxruntime import OnnxRuntimeBackend
+from resnet_serve.cli import main
+from resnet_serve.loading import candidate_runtimes, choose_runtime, load_engine
+from resnet_serve.repository import Repository
+from resnet_serve.settings import Settings
+from resnet_serve.transform import preprocess
+
+
+def cpu(**changes: object) -> Settings:
+    return Settings(device="cpu", torch_threads=1, ort_threads=1, **changes)  # type: ignore[arg-type]
+
+
+def test_auto_takes_every_installed_runtime_that_can_run_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert candidate_runtimes(cpu()) == ["torchscript", "onnxruntime"]
+    assert candidate_runtimes(cpu(precision="bf16")) == ["torchscript"]  # ONNX Runtime here: FP32, INT8
+    assert candidate_runtimes(cpu(runtime="onnxruntime")) == ["onnxruntime"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
+    assert candidate_runtimes(cpu()) == ["onnxruntime"]  # the slim install
+
+
+@pytest.fixture
+def both(user_repository: Path) -> loading.ModelVersion:
+    """flowers, with TorchScript and ONNX FP32 artefacts."""
+    return Repository(user_repository).latest()["flowers"]
+
+
+@pytest.mark.parametrize(("torchscript_ms", "onnxruntime_ms", "expected"),
+                         [(10.0, 5.0, "onnxruntime"), (5.0, 10.0, "torchscript"), (10.4, 10.0, "torchscript")])
+def test_the_faster_runtime_is_chosen_torchscript_on_a_tie(
+    both: loading.ModelVersion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    torchscript_ms: float, onnxruntime_ms: float, expected: str,
+) -> None:
+    """The rule, with the timings given (the real timing is exercised below)."""
+    monkeypatch.setattr(loading, "_per_image_ms", lambda backend, crop, batch: (
+        torchscript_ms if backend.runtime == "torchscript" else onnxruntime_ms))
+    choice = choose_runtime(both, cpu(compiled_cache_dir=tmp_path))
+    assert choice.wanted.runtime == expected and choice.backend is not None and choice.backend.runtime == expected
+
+
+def test_the_choice_is_timed_once_per_machine_and_kept(both: loading.ModelVersion, tmp_path: Path,
+                                                       photo_jpegs: dict[str, bytes]) -> None:
+    import asyncio
+
+    settings = cpu(compiled_cache_dir=tmp_path)
+    first = load_engine(both, settings)
+    try:
+        assert first.info.runtime_reason.startswith("timed now")
+        kept = json.loads((tmp_path / "runtime-choices.json").read_text())
+        ((key, choice),) = kept.items()
+        assert loading.cpu_model() in key and set(choice["ms"]) == {"torchscript", "onnxruntime"}
+        assert choice["runtime"] == first.info.runtime
+        pixels = preprocess(photo_jpegs["coffee"], both.spec, max_pixels=10**9).pixels  # type: ignore[arg-type]
+        answer = asyncio.run(first.predict([pixels]))[0].probs
+    finally:
+        first.close()
+    second = load_engine(both, settings)
+    try:
+        assert second.info.runtime_reason.startswith("timed earlier") and second.info.runtime == first.info.runtime
+        assert np.allclose(asyncio.run(second.predict([pixels]))[0].probs, answer, atol=1e-6)
+    finally:
+        second.close()
+
+
+def test_onnxruntime_keeps_its_optimised_graph_for_the_next_start(both: loading.ModelVersion, tmp_path: Path) -> None:
+    artefact = both.metadata.artefact("onnx", "fp32")  # type: ignore[union-attr]
+    assert artefact is not None
+    optimised = tmp_path / "optimised.onnx"
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 224, 224), dtype=np.uint8)
+    fresh = OnnxRuntimeBackend(both.artefact_path(artefact), threads=1, optimised=optimised)
+    assert optimised.is_file()
+    again = OnnxRuntimeBackend(both.artefact_path(artefact), threads=1, optimised=optimised)
+    assert np.allclose(fresh.run(pixels), again.run(pixels), atol=1e-6)
+    optimised.write_bytes(b"damaged")
+    repaired = OnnxRuntimeBackend(both.artefact_path(artefact), threads=1, optimised=optimised)
+    assert np.allclose(repaired.run(pixels), fresh.run(pixels), atol=1e-6) and optimised.stat().st_size > 1000
+
+
+def test_int8_through_onnx_runtime_is_exported_calibrated_and_served(
+    seeded_weights: Path, tmp_path: Path, photo_jpegs: dict[str, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+
+    repository = tmp_path / "models"
+    assert main(["export", "--weights", str(seeded_weights), "--repository", str(repository), "--format",
+                 "onnx", "--precision", "fp32,int8"]) == 0
+    version = Repository(repository).latest()["resnet18"]
+    int8 = version.metadata.artefact("onnx", "int8")  # type: ignore[union-attr]
+    fp32 = version.metadata.artefact("onnx", "fp32")  # type: ignore[union-attr]
+    assert int8 is not None and fp32 is not None and int8.int8_backend == "ort-qdq-u8s8-reduced"
+    assert int8.bytes < fp32.bytes / 2 and int8.validation is not None and int8.validation.photos >= 8
+    engine = load_engine(version, cpu(runtime="onnxruntime", precision="int8", compiled_cache_dir=tmp_path))
+    try:
+        assert (engine.info.runtime, engine.info.precision) == ("onnxruntime", "int8")
+        pixels = [preprocess(data, version.spec, max_pixels=10**9).pixels for data in photo_jpegs.values()]  # type: ignore[arg-type]
+        probs = np.stack([p.probs for p in asyncio.run(engine.predict(pixels))])
+        assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4) and probs.shape == (len(pixels), 1000)
+    finally:
+        engine.close()

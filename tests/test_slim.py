@@ -1,0 +1,93 @@
+"""The slim install: ``pip install .`` in a fresh virtualenv has no torch; it serves a repository
+exported by the full install through ONNX Runtime, never maps libtorch, and answers as the
+TorchScript runtime does. What needs torch says which extra brings it."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from resnet_serve.loading import load_engine
+from resnet_serve.repository import Repository
+from resnet_serve.settings import Settings
+from resnet_serve.transform import preprocess
+from tests.conftest import env_with, free_port, wait_ready
+
+EXTRA = "pip install 'resnet-serve[torch]'"
+
+
+def run_slim(python: Path, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(python), *args], env=env_with(runtime="auto", **settings), capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_the_slim_install_has_no_torch(slim_python: Path) -> None:
+    found = run_slim(slim_python, "-c", "import importlib.util as u; print([m for m in ('torch', 'torchvision', "
+                                        "'onnx', 'triton') if u.find_spec(m)], u.find_spec('onnxruntime') is not None)")
+    assert found.stdout.split() == ["[]", "True"], found.stderr
+    installed = run_slim(slim_python, "-m", "pip", "list", "--format=freeze").stdout.lower()
+    assert "torch" not in installed and "nvidia" not in installed and "onnxruntime==" in installed
+
+
+@pytest.fixture
+def slim_server(slim_python: Path, user_repository: Path, tmp_path: Path) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    with (tmp_path / "slim.log").open("wb") as log:
+        process = subprocess.Popen(
+            [str(slim_python), "-m", "resnet_serve", "serve", "--port", str(port), "--model-repository",
+             str(user_repository)], env=env_with(runtime="auto", compiled_cache_dir=str(tmp_path / "cache")),
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", process)
+            yield f"http://127.0.0.1:{port}", process.pid
+        finally:
+            process.kill()
+            process.wait(30)
+
+
+def test_the_slim_server_maps_no_libtorch_and_answers_as_torchscript(
+    slim_server: tuple[str, int], user_repository: Path, photo_jpegs: dict[str, bytes]
+) -> None:
+    url, pid = slim_server
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "onnxruntime" in maps and "libtorch" not in maps and "torch/lib" not in maps
+    photos = [photo_jpegs[n] for n in ("chelsea", "coffee", "rocket", "astronaut", "horse")]
+    for name, version in Repository(user_repository).latest().items():
+        model = httpx.get(f"{url}/model", params={"model": name}).json()
+        assert (model["runtime"], model["platform"], model["torch_version"]) == ("onnxruntime", "onnxruntime_onnx", None)
+        body = {"inputs": [{"name": "INPUT", "shape": [len(photos)], "datatype": "BYTES",
+                            "data": [base64.b64encode(p).decode() for p in photos]}]}
+        (output,) = httpx.post(f"{url}/v2/models/{name}/infer", json=body, timeout=60).json()["outputs"]
+        slim = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+        engine = load_engine(version, Settings(runtime="torchscript", device="cpu", compiled_cache=False))
+        try:
+            import asyncio
+
+            pixels = [preprocess(p, version.spec, max_pixels=10**9).pixels for p in photos]  # type: ignore[arg-type]
+            torchscript = np.stack([p.probs for p in asyncio.run(engine.predict(pixels))])
+        finally:
+            engine.close()
+        assert (slim.argmax(1) == torchscript.argmax(1)).all()
+        assert np.abs(slim - torchscript).max() <= 1e-4
+
+
+def test_what_needs_torch_names_the_extra(slim_python: Path, user_repository: Path, tmp_path: Path) -> None:
+    export = run_slim(slim_python, "-m", "resnet_serve", "export", "--repository", str(tmp_path))
+    assert export.returncode == 2 and EXTRA in export.stderr
+    serve = run_slim(slim_python, "-m", "resnet_serve", "serve", "--port", str(free_port()),
+                     compiled_cache_dir=str(tmp_path / "empty"))  # the built-in model must be exported first
+    assert serve.returncode != 0 and EXTRA in serve.stdout + serve.stderr
+    torchscript = run_slim(slim_python, "-c", "\n".join([
+        "from pathlib import Path",
+        "from resnet_serve.loading import load_engine",
+        "from resnet_serve.repository import Repository",
+        "from resnet_serve.settings import Settings",
+        f"version = Repository(Path({str(user_repository)!r})).latest()['flowers']",
+        "load_engine(version, Settings(runtime='torchscript'))"]))
+    assert torchscript.returncode != 0 and EXTRA in torchscript.stderr
