@@ -1,39 +1,121 @@
-# syntax=docker/dockerfile:1
-# resnet-serve: CPU image by default. For NVIDIA GPUs build with the CUDA wheels instead:
-#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu130 -t resnet-serve:cuda .
-# (the CUDA runtime comes inside the wheels; the host needs the NVIDIA driver and container toolkit).
-ARG PYTHON_VERSION=3.11
+# resnet-serve images. Two targets:
+#   slim  (default)  the torch-free server: ONNX Runtime, a model repository baked in at /models
+#   torch            the TorchScript server (CPU torch by default)
+#   load             locust with our locustfile, for docker compose's "load" profile
+#
+#   docker build -t resnet-serve:slim .
+#   docker build --target torch -t resnet-serve:torch .
+#   docker run --network host -e RESNET_SERVE_PORT=8000 resnet-serve:slim
+#   docker run -v $PWD/models:/models:ro -p 8000:8000 resnet-serve:slim   # your repository instead
+#
+# Build arguments:
+#   BASE       the Python base image (python:3.11-slim; `make docker-check` builds a stand-in
+#              from Debian where Docker Hub is out of reach)
+#   MODELS     export (default): the repository is exported in a builder stage with the torch
+#              extra; context: copied from build/docker/models, exported beforehand on the host
+#              (`resnet-serve export --repository build/docker/models ...`)
+#   WEIGHTS    official (default: downloaded and hash-checked while building) or random (loudly:
+#              predictions are meaningless; for places that cannot download the official file)
+#   TORCH_INDEX  where torch comes from: PyTorch's CPU wheels by default; for NVIDIA GPUs
+#              https://download.pytorch.org/whl/cu130 (the CUDA runtime comes inside the wheels; the
+#              host needs the driver and the container toolkit)
+#   PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS / PIP_TRUSTED_HOST: pip's settings for
+#              the build stages only; nothing of them stays in an image
+#
+# Layers are few on purpose: a storage driver like vfs copies every layer whole, and the torch
+# virtualenv is gigabytes.
+ARG BASE=python:3.11-slim
+ARG MODELS=export
 
-FROM python:${PYTHON_VERSION}-slim AS build
+# --- The full install (torch): it exports the repository, and it is the torch image's venv.
+FROM ${BASE} AS torch-env
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
-RUN python -m venv /opt/venv \
- && pip install --index-url "${TORCH_INDEX}" torch==2.14.1 torchvision==0.29.1
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY src ./src
-# Install this project (its dependencies are pinned or bounded in pyproject.toml), then fetch the
-# official weights once, verified against the hash in their name, so the image runs offline.
-# The build fails here if they cannot be had.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+COPY pyproject.toml README.md /src/
+COPY src /src/src
 # hadolint ignore=DL3013
-RUN pip install ".[int8]" \
- && resnet-serve download-weights --dir /opt/weights
+RUN python3 -m venv /opt/venv \
+ && PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL:+$PIP_EXTRA_INDEX_URL }${TORCH_INDEX}" \
+    /opt/venv/bin/pip install --no-cache-dir "/src[torch]" \
+ && rm -rf /src
 
-FROM python:${PYTHON_VERSION}-slim AS runtime
+FROM torch-env AS models-export
+ARG WEIGHTS=official
+RUN /opt/venv/bin/resnet-serve export --weights "${WEIGHTS}" --repository /models \
+    --format torchscript,onnx --precision fp32,int8
+
+FROM ${BASE} AS models-context
+COPY build/docker/models /models
+
+# hadolint ignore=DL3006
+FROM models-${MODELS} AS models
+
+# --- The slim install: no torch.
+FROM ${BASE} AS slim-env
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+COPY pyproject.toml README.md /src/
+COPY src /src/src
+# hadolint ignore=DL3013
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir /src \
+ && rm -rf /src
+
+# --- A load generator for docker compose's "load" profile: locust and our locustfile.
+FROM ${BASE} AS load
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+COPY benchmarks/locustfile.py benchmarks/images.py /bench/
+# hadolint ignore=DL3013
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir "locust>=2.20" \
+ && useradd --create-home --uid 10001 app
+ENV PATH=/opt/venv/bin:$PATH
+USER 10001
+WORKDIR /home/app
+ENTRYPOINT ["locust", "-f", "/bench/locustfile.py"]
+
+# --- The torch image: TorchScript; the models first, the venv last (the largest layer).
+FROM ${BASE} AS torch
 RUN useradd --create-home --uid 10001 app
-COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/weights /opt/weights
+COPY --from=models /models /models
+COPY --from=torch-env /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     RESNET_SERVE_HOST=0.0.0.0 \
     RESNET_SERVE_PORT=8000 \
-    RESNET_SERVE_WEIGHTS_DIR=/opt/weights \
-    RESNET_SERVE_WEIGHTS_MODE=official \
-    RESNET_SERVE_ALLOW_DOWNLOAD=false \
+    RESNET_SERVE_MODEL_REPOSITORY=/models \
+    RESNET_SERVE_RUNTIME=torchscript \
     RESNET_SERVE_LOG_FORMAT=json
 USER 10001
 WORKDIR /home/app
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=90s --retries=3 \
-  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2).status != 200)"]
+HEALTHCHECK --interval=3s --timeout=2s --start-period=120s --retries=3 \
+  CMD ["python3", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('RESNET_SERVE_PORT', '8000') + '/health/ready', timeout=2).status != 200)"]
 STOPSIGNAL SIGTERM
-CMD ["resnet-serve", "serve"]
+ENTRYPOINT ["resnet-serve", "serve"]
+
+# --- The slim image (the default target): ONNX Runtime.
+FROM ${BASE} AS slim
+RUN useradd --create-home --uid 10001 app
+COPY --from=models /models /models
+COPY --from=slim-env /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    RESNET_SERVE_HOST=0.0.0.0 \
+    RESNET_SERVE_PORT=8000 \
+    RESNET_SERVE_MODEL_REPOSITORY=/models \
+    RESNET_SERVE_RUNTIME=onnxruntime \
+    RESNET_SERVE_LOG_FORMAT=json
+USER 10001
+WORKDIR /home/app
+EXPOSE 8000
+HEALTHCHECK --interval=3s --timeout=2s --start-period=60s --retries=3 \
+  CMD ["python3", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('RESNET_SERVE_PORT', '8000') + '/health/ready', timeout=2).status != 200)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["resnet-serve", "serve"]

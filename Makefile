@@ -8,7 +8,7 @@ PORT ?= 8000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := chromium fonts-wqy-microhei docker-compose
 
-.PHONY: install dev system-deps lint run test bench clean
+.PHONY: install dev system-deps lint run test bench docker-check clean
 
 # `make run` installs the torch extra: the design's TorchScript runtime, and what exports the
 # built-in ResNet-18 on first start. `pip install .` alone is the slim, torch-free server.
@@ -44,6 +44,11 @@ test: dev system-deps lint
 
 bench: dev
 	$(PY) benchmarks/http_bench.py --spawn --concurrency 1 8 32 --duration 15
+
+# Builds resnet-serve:slim and resnet-serve:torch and checks them for real (see deploy/docker/check.py);
+# installs and starts the Docker engine here when it is missing (needs root).
+docker-check: dev
+	$(PY) deploy/docker/check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

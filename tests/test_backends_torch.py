@@ -163,11 +163,12 @@ def test_what_the_default_model_is_built_with_decides_the_artefact_wanted(
 ) -> None:
     (tmp_path / "a.jpg").write_bytes(photo_jpegs["chelsea"])
     int8 = settings.model_copy(update={"precision": "int8"})
-    wanted = {wanted_for("torchscript", s) for s in (
+    wanted = {wanted_for("torchscript", s, built_here=True) for s in (
         int8, int8.model_copy(update={"calibration_dir": tmp_path}), int8.model_copy(update={"int8_backend": "fbgemm"}),
         settings, settings.model_copy(update={"channels_last": False}))}
     assert len(wanted) == 5
-    assert wanted_for("onnxruntime", int8) != wanted_for("onnxruntime", int8.model_copy(update={"calibration_dir": tmp_path}))
+    assert wanted_for("onnxruntime", int8, built_here=True) != wanted_for(
+        "onnxruntime", int8.model_copy(update={"calibration_dir": tmp_path}), built_here=True)
 
 
 async def test_the_default_model_is_exported_once_into_the_cache_and_reused(

@@ -17,7 +17,7 @@ from resnet_serve.weights import WeightsInfo
 class FakeBackend:
     """Doubles its input (any shape), as a backend would answer probabilities."""
 
-    runtime, device, precision = "fake", "cpu", "fp32"
+    runtime, device, precision, warmup_rounds = "fake", "cpu", "fp32", 1
 
     def prepare_thread(self) -> None:
         pass

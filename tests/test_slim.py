@@ -91,3 +91,27 @@ def test_what_needs_torch_names_the_extra(slim_python: Path, user_repository: Pa
         f"version = Repository(Path({str(user_repository)!r})).latest()['flowers']",
         "load_engine(version, Settings(runtime='torchscript'))"]))
     assert torchscript.returncode != 0 and EXTRA in torchscript.stderr
+
+
+def test_the_slim_server_serves_int8_without_the_photos_the_export_calibrated_on(
+    slim_python: Path, seeded_weights: Path, tmp_path: Path, photo_jpegs: dict[str, bytes]
+) -> None:
+    from resnet_serve.cli import main
+
+    repository = tmp_path / "models"
+    assert main(["export", "--weights", str(seeded_weights), "--repository", str(repository), "--format", "onnx",
+                 "--precision", "int8"]) == 0
+    port = free_port()
+    with (tmp_path / "slim.log").open("wb") as log:
+        process = subprocess.Popen(
+            [str(slim_python), "-m", "resnet_serve", "serve", "--port", str(port), "--model-repository",
+             str(repository), "--precision", "int8"], env=env_with(runtime="auto"), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", process)
+            answer = httpx.post(f"http://127.0.0.1:{port}/predict", files={"file": ("a.jpg", photo_jpegs["horse"])})
+            assert answer.status_code == 200 and answer.json()["predictions"]
+            model = httpx.get(f"http://127.0.0.1:{port}/model").json()
+            assert (model["runtime"], model["precision"]) == ("onnxruntime", "int8")
+        finally:
+            process.kill()
+            process.wait(30)

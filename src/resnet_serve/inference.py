@@ -34,7 +34,6 @@ from resnet_serve.weights import WeightsInfo
 
 logger = logging.getLogger(__name__)
 
-WARMUP_ROUNDS = 3
 Outcome = tuple[np.ndarray, float]  # probabilities of the batch, forward time in ms
 
 
@@ -181,10 +180,11 @@ class Engine:
         return False
 
     def warmup(self, max_batch_size: int, crop_size: int) -> None:
-        """Run every batch size a few times: runtimes optimise the graph on their first calls."""
+        """Run every batch size as often as the runtime needs to settle (its first calls optimise
+        the graph or plan its memory), and time each."""
         for n in range(1, max_batch_size + 1):
             images = [np.zeros((3, crop_size, crop_size), dtype=np.uint8)] * n
-            for _ in range(WARMUP_ROUNDS):
+            for _ in range(self._backend.warmup_rounds):
                 _, elapsed = self._thread.submit(images).result()
             self.info.warmup_batch_ms[n] = round(elapsed, 3)
 

@@ -96,23 +96,27 @@ def torchscript_target(settings: Settings) -> tuple[str, str]:
     return device.type, select_precision(settings.precision, device)
 
 
-def wanted_for(runtime: str, settings: Settings) -> Wanted:
-    """The artefact ``runtime`` needs to serve these settings."""
+def wanted_for(runtime: str, settings: Settings, *, built_here: bool = False) -> Wanted:
+    """The artefact ``runtime`` needs to serve these settings. ``built_here``: for the built-in
+    model, which the server builds itself, down to the INT8 calibration photos (reading them needs
+    the torch extra's scikit-image when no folder is given)."""
     if runtime == ONNXRUNTIME:
         if settings.precision not in ("auto", "fp32", "int8") or settings.device not in ("auto", "cpu"):
             raise RepositoryError("RESNET_SERVE_RUNTIME=onnxruntime runs FP32 or INT8 on the CPU only")
         if settings.precision == "int8":
-            return Wanted("onnx", "int8", int8_backend=ORT_INT8_SCHEME, calibration=_calibration(settings))
+            calibration = _calibration(settings) if built_here else None
+            return Wanted("onnx", "int8", int8_backend=ORT_INT8_SCHEME, calibration=calibration)
         return Wanted("onnx", "fp32")
     device, precision = torchscript_target(settings)
     if precision == "int8":
-        return Wanted("torchscript", "int8", int8_backend=settings.int8_backend, calibration=_calibration(settings))
+        calibration = _calibration(settings) if built_here else None
+        return Wanted("torchscript", "int8", int8_backend=settings.int8_backend, calibration=calibration)
     return Wanted("torchscript", precision, channels_last=settings.channels_last and device in ("cpu", "cuda"))
 
 
-def wanted_artefacts(settings: Settings) -> list[Wanted]:
+def wanted_artefacts(settings: Settings, *, built_here: bool = False) -> list[Wanted]:
     """One artefact per candidate runtime."""
-    return [wanted_for(runtime, settings) for runtime in candidate_runtimes(settings)]
+    return [wanted_for(runtime, settings, built_here=built_here) for runtime in candidate_runtimes(settings)]
 
 
 def default_spec(settings: Settings) -> ModelSpec:
@@ -172,7 +176,8 @@ def plan_repository(settings: Settings) -> RepositoryPlan:
         if not settings.model_repository.is_dir():
             raise RepositoryError(f"RESNET_SERVE_MODEL_REPOSITORY={settings.model_repository} is not a folder")
         return RepositoryPlan(settings.model_repository)
-    root, spec, wanted = default_root(settings), default_spec(settings), wanted_artefacts(settings)
+    root, spec = default_root(settings), default_spec(settings)
+    wanted = wanted_artefacts(settings, built_here=True)
     if _default_is_current(root, spec, settings, wanted):
         return RepositoryPlan(root)
     try:

@@ -114,6 +114,7 @@ class Service:
             logger.exception("the models failed to load")
             self.status, self.failure = "failed", f"{type(exc).__name__}: {exc}"
             return
+        await asyncio.to_thread(memory.release_free_heap)  # what exporting and warming up left behind
         if self.status == "loading":
             ready = [m for m in self.models.values() if m.state == "READY"]
             self.status = "ready" if ready else "failed"

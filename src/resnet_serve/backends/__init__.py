@@ -29,6 +29,7 @@ class Backend(Protocol):
     runtime: str  # TORCHSCRIPT or ONNXRUNTIME
     device: str
     precision: str
+    warmup_rounds: int  # calls per batch size before the runtime has settled (TorchScript profiles)
 
     def prepare_thread(self) -> None:
         """Per-thread set-up, run once on the inference thread before the first batch."""

@@ -40,6 +40,7 @@ class OnnxRuntimeBackend:
 
     runtime = ONNXRUNTIME
     device = "cpu"
+    warmup_rounds = 1
 
     def __init__(self, path: Path, *, threads: int, precision: str = "fp32", arena: bool = True,
                  optimised: Path | None = None) -> None:
@@ -60,6 +61,7 @@ class OnnxRuntimeBackend:
             try:
                 optimised.parent.mkdir(parents=True, exist_ok=True)
                 options.optimized_model_filepath = str(optimised)
+                options.log_severity_level = 3  # its notice that the graph fits this CPU only: known, keyed so
             except OSError as exc:
                 logger.warning("cannot keep the optimised graph in %s: %s", optimised.parent, exc)
         return onnxruntime.InferenceSession(str(path), options, providers=providers)

@@ -1,0 +1,98 @@
+"""Which INT8 scheme ONNX Runtime should get on this CPU: FP32 against static INT8 (QDQ,
+per-channel) as u8×s8, u8×s8 with 7-bit weights (reduced range, what export writes), and s8×s8,
+each timed in-process at batch 1 and 8 with agreement against FP32 on the calibration photos.
+
+    python benchmarks/ort_int8_bench.py [--repeats 20]
+
+On x86, ONNX Runtime multiplies u8×s8 with VNNI (vpdpbusd) where the CPU has it (AVX512-VNNI or
+AVX-VNNI); without it, with AVX2's vpmaddubsw, which saturates on large products: the reduced
+range avoids that at a small cost in precision. s8×s8 has no fast path without VNNI. Writes
+``benchmarks/results/ort_int8_bench.{json,md}`` with the machine's instruction sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from http_bench import RESULTS  # noqa: E402
+from machine import describe, one_line  # noqa: E402
+
+SCHEMES = {"u8s8": ("QUInt8", False), "u8s8 reduced (export's)": ("QUInt8", True), "s8s8": ("QInt8", False)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from resnet_serve.backends.onnxruntime import OnnxRuntimeBackend
+    from resnet_serve.backends.torch.checkpoints import random_init
+    from resnet_serve.backends.torch.onnx_export import _head, _Photos, export_onnx
+    from resnet_serve.photos import calibration_files, load_pixels
+    from resnet_serve.spec import RESNET18
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="ort_int8_bench")
+    args = parser.parse_args(argv)
+    pixels = load_pixels(calibration_files(None), RESNET18)
+
+    def timed(backend: OnnxRuntimeBackend, batch: int) -> float:
+        x = np.resize(pixels, (batch, *pixels.shape[1:]))
+        for _ in range(3):
+            backend.run(x)
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            backend.run(x)
+            times.append(time.perf_counter() - start)
+        return round(statistics.median(times) * 1000, 2)
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        fp32 = export_onnx(RESNET18, random_init(RESNET18), folder / "fp32.onnx")
+        quant_pre_process(str(fp32), str(folder / "prepared.onnx"))
+        import onnx
+
+        head = _head(onnx.load(str(folder / "prepared.onnx")).graph)
+        models = {"fp32": fp32}
+        for name, (activations, reduced) in SCHEMES.items():
+            models[name] = folder / f"{activations}-{reduced}.onnx"
+            quantize_static(str(folder / "prepared.onnx"), str(models[name]), _Photos(pixels),
+                            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduced,
+                            activation_type=getattr(QuantType, activations), weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head)
+        reference = OnnxRuntimeBackend(fp32, threads=args.threads).run(pixels)
+        for name, path in models.items():
+            backend = OnnxRuntimeBackend(path, threads=args.threads)
+            probs = backend.run(pixels)
+            rows[name] = {"b1_ms": timed(backend, 1), "b8_ms": timed(backend, 8),
+                          "top1_agreement": float((probs.argmax(1) == reference.argmax(1)).mean()),
+                          "max_abs_diff": float(np.abs(probs - reference).max())}
+    lines = ["| model | batch 1 ms | batch 8 ms | img/s at 8 | top-1 vs FP32 | max abs Δp |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {r['b1_ms']} | {r['b8_ms']} | {round(8000 / r['b8_ms'], 1)} | {r['top1_agreement']:.0%} | "
+              f"{r['max_abs_diff']:.1e} |" for n, r in rows.items()]
+    machine = describe()
+    lines.append(f"\nONNX Runtime {ort.__version__}, {args.threads} threads, random-init ResNet-18 ({len(pixels)} "
+                 f"photos; agreement on random weights says little); machine: {one_line(machine)}.")
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,297 @@
+"""``make docker-check``: build the slim and torch images and check them end to end, for real.
+
+On this machine: install and start the Docker engine if it is missing (Debian's docker.io,
+``dockerd --storage-driver=vfs --bridge=none --iptables=false --ip-masq=false``), build a
+stand-in Python base from Debian when ``python:3.11-slim`` cannot be pulled, export the model
+repository with the host's full install (``MODELS=context``: the torch build stage would copy
+gigabytes into every layer under vfs, and the official weights cannot be downloaded here, so it
+is exported once from random-init weights, loudly), build ``resnet-serve:slim`` and
+``resnet-serve:torch`` with pip reaching the host's package indexes over loopback, then run each
+on the host network: healthy in time, classifies real photos, not root, answers every accepted
+request of a burst during ``docker stop`` and exits 0; then docker compose with the locust profile.
+Prints image sizes, start times and RSS, writes ``benchmarks/results/docker_check.{json,md}``,
+and removes the containers it started (the images stay).
+
+    python deploy/docker/check.py [--skip-torch] [--weights random|official]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import http.server
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD = ROOT / "build" / "docker"
+RESULTS = ROOT / "benchmarks" / "results"
+STAND_IN = "resnet-serve-base:bookworm"
+DOCKERD = ["dockerd", "--storage-driver=vfs", "--bridge=none", "--iptables=false", "--ip-masq=false"]
+PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "horse.png")
+
+
+def sh(*command: str, check: bool = True, capture: bool = False, env: dict[str, str] | None = None,
+       timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    print("+", " ".join(command), flush=True)
+    return subprocess.run(command, check=check, text=True, capture_output=capture, env=env, timeout=timeout)
+
+
+def engine_ready() -> bool:
+    return shutil.which("docker") is not None and sh("docker", "info", check=False, capture=True).returncode == 0
+
+
+def ensure_engine() -> None:
+    """The Docker engine, installed with apt and started here if it is not running."""
+    if engine_ready():
+        return
+    if shutil.which("dockerd") is None:
+        sh("apt-get", "update", "-q")
+        sh("apt-get", "install", "-y", "-q", "--no-install-recommends", "docker.io", "debootstrap")
+    BUILD.mkdir(parents=True, exist_ok=True)
+    with (BUILD / "dockerd.log").open("ab") as log:
+        subprocess.Popen(DOCKERD, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    for _ in range(120):
+        if engine_ready():
+            return
+        time.sleep(1)
+    raise SystemExit(f"the Docker engine did not start; see {BUILD / 'dockerd.log'}")
+
+
+def image_exists(name: str) -> bool:
+    return sh("docker", "image", "inspect", name, check=False, capture=True).returncode == 0
+
+
+def base_image() -> str:
+    """python:3.11-slim where it can be pulled, else a stand-in from Debian bookworm's python3."""
+    if image_exists("python:3.11-slim") or sh("docker", "pull", "python:3.11-slim", check=False,
+                                                timeout=120).returncode == 0:
+        return "python:3.11-slim"
+    if not image_exists(STAND_IN):
+        if shutil.which("debootstrap") is None:
+            sh("apt-get", "install", "-y", "-q", "--no-install-recommends", "debootstrap")
+        rootfs = BUILD / "rootfs"
+        shutil.rmtree(rootfs, ignore_errors=True)
+        sh("debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm",
+           str(rootfs), "http://deb.debian.org/debian")
+        sh("chroot", str(rootfs), "apt-get", "clean")
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(["docker", "import", "-", STAND_IN], stdin=tar.stdout, check=True)
+        tar.wait()
+        shutil.rmtree(rootfs, ignore_errors=True)
+    return STAND_IN
+
+
+def export_models(weights: str) -> None:
+    """The repository baked into the images (MODELS=context), exported by the host's full install."""
+    models = BUILD / "models"
+    if (models / "resnet18" / "1" / "model.json").is_file():
+        return
+    shutil.rmtree(models, ignore_errors=True)
+    sh(sys.executable, "-m", "resnet_serve", "export", "--weights", weights, "--repository", str(models),
+       "--format", "torchscript,onnx", "--precision", "fp32,int8")
+
+
+@contextlib.contextmanager
+def loopback_indexes() -> Iterator[dict[str, str]]:
+    """pip's settings for the builds: the host's local indexes (file://) served on loopback, so a
+    build on the host network reaches them as the host does; remote indexes as they are."""
+    config = sh(sys.executable, "-m", "pip", "config", "list", capture=True).stdout
+    settings = dict(line.split("=", 1) for line in config.splitlines() if "=" in line)
+    value = lambda key: " ".join(v.strip("'\"") for k, v in settings.items() if k.endswith(f".{key}"))  # noqa: E731
+    extra, links = value("extra-index-url").split(), value("find-links").split()
+    folders = [u.removeprefix("file://") for u in extra if u.startswith("file://")] + links
+    servers, rewritten = [], {}
+    for folder in dict.fromkeys(folders):
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)
+        handler.log_message = lambda *args: None  # type: ignore[method-assign]
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        rewritten[folder] = f"http://127.0.0.1:{server.server_address[1]}"
+    pip = {"PIP_EXTRA_INDEX_URL": " ".join(rewritten.get(u.removeprefix("file://"), u) for u in extra),
+           "PIP_FIND_LINKS": " ".join(rewritten.get(link, link) for link in links),
+           "PIP_TRUSTED_HOST": "127.0.0.1"}
+    try:
+        yield {k: v for k, v in pip.items() if v}
+    finally:
+        for server in servers:
+            server.shutdown()
+
+
+def build(target: str, base: str, pip: dict[str, str]) -> float:
+    started = time.perf_counter()
+    args = [f"--build-arg={k}={v}" for k, v in {**pip, "BASE": base, "MODELS": "context"}.items()]
+    if target == "torch":  # PyTorch's own index is out of reach here: torch comes through pip's settings
+        args.append("--build-arg=TORCH_INDEX=")
+    env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+    sh("docker", "build", "--network", "host", "--target", target, "-t", f"resnet-serve:{target}", *args, str(ROOT),
+       env=env)
+    return round(time.perf_counter() - started, 1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def inspect(container: str, template: str) -> str:
+    return sh("docker", "inspect", "-f", template, container, capture=True).stdout.strip()
+
+
+def rss_mb(container: str) -> float:
+    pid = inspect(container, "{{.State.Pid}}")
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError("no VmRSS")
+
+
+def photos() -> list[bytes]:
+    import skimage
+    from PIL import Image
+
+    data = Path(skimage.__file__).parent / "data"
+    encoded = []
+    for name in PHOTOS:
+        buffer = io.BytesIO()
+        Image.open(data / name).convert("RGB").save(buffer, "JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+async def burst_during_stop(url: str, container: str, images: list[bytes], count: int = 16) -> list[int | str]:
+    """``count`` uploads in flight, then ``docker stop``: every accepted one must be answered."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        async def one(i: int) -> int | str:
+            try:
+                files = {"file": ("p.jpg", images[i % len(images)] + os.urandom(8), "image/jpeg")}
+                return (await client.post("/predict", files=files)).status_code
+            except httpx.HTTPError as exc:
+                return type(exc).__name__
+
+        tasks = [asyncio.create_task(one(i)) for i in range(count)]
+        for _ in range(500):  # until the server holds them all (its in-flight gauge)
+            text = (await client.get("/metrics")).text
+            held = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("resnet_serve_in_flight{"))
+            if held >= count or all(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0.01)
+        stop = asyncio.create_task(asyncio.to_thread(sh, "docker", "stop", "--time", "30", container))
+        outcomes = await asyncio.gather(*tasks)
+        await stop
+    return outcomes
+
+
+def check_image(target: str, images: list[bytes]) -> dict[str, object]:
+    """Run the image on the host network and check it as the issue asks; what it measured."""
+    port, name = free_port(), f"resnet-serve-check-{target}"
+    sh("docker", "rm", "-f", name, check=False, capture=True)
+    started = time.perf_counter()
+    sh("docker", "run", "-d", "--name", name, "--network", "host", "-e", "RESNET_SERVE_HOST=127.0.0.1",
+       "-e", f"RESNET_SERVE_PORT={port}", f"resnet-serve:{target}")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        ready_s = healthy_s = None
+        for _ in range(2400):
+            if ready_s is None:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                        ready_s = round(time.perf_counter() - started, 2)
+            if inspect(name, "{{.State.Health.Status}}") == "healthy":
+                healthy_s = round(time.perf_counter() - started, 2)
+                break
+            if inspect(name, "{{.State.Running}}") != "true":
+                raise SystemExit(sh("docker", "logs", name, capture=True).stdout[-3000:])
+            time.sleep(0.1)
+        else:
+            raise SystemExit(f"{target} never became healthy")
+        answers = [httpx.post(f"{url}/predict", files={"file": ("p.jpg", data, "image/jpeg")}, timeout=60) for data in images]
+        assert all(a.status_code == 200 and a.json()["predictions"] for a in answers), [a.text for a in answers]
+        model = httpx.get(f"{url}/model", timeout=10).json()
+        uid = sh("docker", "exec", name, "id", "-u", capture=True).stdout.strip()
+        assert uid != "0", "the server runs as root"
+        for _ in range(4):  # some load, then the resident set
+            asyncio.run(_load(url, images))
+        rss = rss_mb(name)
+        outcomes = asyncio.run(burst_during_stop(url, name, images))
+        exit_code = inspect(name, "{{.State.ExitCode}}")
+        assert set(outcomes) <= {200}, f"requests accepted before the stop were lost: {outcomes}"
+        assert exit_code == "0", f"exit code {exit_code} after docker stop"
+    finally:
+        sh("docker", "rm", "-f", name, check=False, capture=True)
+    size = int(sh("docker", "image", "inspect", "-f", "{{.Size}}", f"resnet-serve:{target}", capture=True).stdout)
+    return {"image_mb": round(size / 1e6, 1), "start_to_ready_s": ready_s, "start_to_healthy_s": healthy_s,
+            "rss_after_load_mb": rss, "uid": uid, "runtime": model["runtime"], "precision": model["precision"],
+            "weights": model["weights"], "burst_during_stop": {str(k): outcomes.count(k) for k in set(outcomes)},
+            "exit_code": int(exit_code)}
+
+
+async def _load(url: str, images: list[bytes], concurrency: int = 8) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        await asyncio.gather(*(client.post("/predict", files={"file": ("p.jpg", images[i % len(images)] + os.urandom(8))})
+                               for i in range(concurrency * 4)))
+
+
+def compose_with_locust(images: list[bytes]) -> str:
+    """docker compose: the service (slim) and the locust profile, headless, on the host network."""
+    folder = BUILD / "bench-images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, data in enumerate(images):
+        (folder / f"{i}.jpg").write_bytes(data)
+    env = {**os.environ, "BENCH_IMAGES": str(folder), "LOCUST_DURATION": "15s", "RESNET_SERVE_PORT": str(free_port())}
+    compose = ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "--profile", "load"]
+    try:
+        run = sh(*compose, "up", "--abort-on-container-exit", "--exit-code-from", "locust", capture=True, env=env,
+                 timeout=900)
+    finally:
+        sh(*compose, "down", "--remove-orphans", check=False, capture=True, env=env)
+    stats = [line for line in run.stdout.splitlines() if "/predict" in line or "Aggregated" in line]
+    return "\n".join(stats[-4:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-torch", action="store_true", help="build and check the slim image only")
+    parser.add_argument("--weights", choices=["random", "official"], default="random",
+                        help="weights of the exported model (official needs the file or a download)")
+    args = parser.parse_args(argv)
+    ensure_engine()
+    base = base_image()
+    export_models(args.weights)
+    targets = ["slim"] if args.skip_torch else ["slim", "torch"]
+    with loopback_indexes() as pip:
+        build_s = {target: build(target, base, pip) for target in targets}
+    images = photos()
+    report = {target: {"build_s": build_s[target], **check_image(target, images)} for target in targets}
+    locust = compose_with_locust(images) if shutil.which("docker-compose") else "docker-compose is not installed"
+    lines = ["| image | size MB | start to ready s | start to healthy s | RSS after load MB | user | runtime |",
+             "|---|---:|---:|---:|---:|---|---|"]
+    lines += [f"| resnet-serve:{t} | {r['image_mb']} | {r['start_to_ready_s']} | {r['start_to_healthy_s']} | "
+              f"{r['rss_after_load_mb']} | {r['uid']} | {r['runtime']} {r['precision']} |" for t, r in report.items()]
+    text = "\n".join(lines) + f"\n\nBase image: {base}. docker compose --profile load (locust, 15 s):\n\n{locust}\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "docker_check.json").write_text(json.dumps({"base": base, "images": report, "locust": locust},
+                                                          indent=2) + "\n")
+    (RESULTS / "docker_check.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
