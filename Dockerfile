@@ -11,16 +11,20 @@
 # Build arguments:
 #   BASE       the Python base image (python:3.11-slim; `make docker-check` builds a stand-in
 #              from Debian where Docker Hub is out of reach)
-#   MODELS     export (default): the repository is exported in a builder stage with the torch
-#              extra; context: copied from build/docker/models, exported beforehand on the host
-#              (`resnet-serve export --repository build/docker/models ...`)
+#   MODELS     export (default): the repositories are exported in a builder stage with the torch
+#              extra; context: copied from build/docker/models/{slim,torch}, exported beforehand
+#              (`make docker-check` does it with the host's full install)
 #   WEIGHTS    official (default: downloaded and hash-checked while building) or random (loudly:
 #              predictions are meaningless; for places that cannot download the official file)
+#   SLIM_PRECISIONS   the ONNX artefacts baked into slim: int8 (default: the smallest image and
+#              footprint; the image serves INT8) or fp32,int8 (then RESNET_SERVE_PRECISION picks)
+#   TORCH_PRECISIONS  the TorchScript artefacts baked into torch: fp32,int8 (add fp16 for CUDA)
 #   TORCH_INDEX  where torch comes from: PyTorch's CPU wheels by default; for NVIDIA GPUs
 #              https://download.pytorch.org/whl/cu130 (the CUDA runtime comes inside the wheels; the
 #              host needs the driver and the container toolkit)
 #   PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS / PIP_TRUSTED_HOST: pip's settings for
-#              the build stages only; nothing of them stays in an image
+#              the build stages only; nothing of them stays in an image. A CA bundle for the
+#              indexes comes as a BuildKit secret: --secret id=pip_cert,src=/path/to/ca.pem
 #
 # Layers are few on purpose: a storage driver like vfs copies every layer whole, and the torch
 # virtualenv is gigabytes.
@@ -37,15 +41,22 @@ ARG PIP_TRUSTED_HOST
 COPY pyproject.toml README.md /src/
 COPY src /src/src
 # hadolint ignore=DL3013
-RUN python3 -m venv /opt/venv \
+RUN --mount=type=secret,id=pip_cert \
+    python3 -m venv /opt/venv \
+ && if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
  && PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL:+$PIP_EXTRA_INDEX_URL }${TORCH_INDEX}" \
     /opt/venv/bin/pip install --no-cache-dir "/src[torch]" \
  && rm -rf /src
 
+# Each image gets a repository holding what it serves: slim the ONNX artefacts, torch TorchScript.
 FROM torch-env AS models-export
 ARG WEIGHTS=official
-RUN /opt/venv/bin/resnet-serve export --weights "${WEIGHTS}" --repository /models \
-    --format torchscript,onnx --precision fp32,int8
+ARG SLIM_PRECISIONS=int8
+ARG TORCH_PRECISIONS=fp32,int8
+RUN /opt/venv/bin/resnet-serve export --weights "${WEIGHTS}" --repository /models/slim \
+        --format onnx --precision "${SLIM_PRECISIONS}" \
+ && /opt/venv/bin/resnet-serve export --weights "${WEIGHTS}" --repository /models/torch \
+        --format torchscript --precision "${TORCH_PRECISIONS}"
 
 FROM ${BASE} AS models-context
 COPY build/docker/models /models
@@ -61,10 +72,16 @@ ARG PIP_FIND_LINKS
 ARG PIP_TRUSTED_HOST
 COPY pyproject.toml README.md /src/
 COPY src /src/src
+# pip itself and what only exporting uses (ONNX Runtime's quantization and tools) leave the image.
 # hadolint ignore=DL3013
-RUN python3 -m venv /opt/venv \
+RUN --mount=type=secret,id=pip_cert \
+    python3 -m venv /opt/venv \
+ && if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
  && /opt/venv/bin/pip install --no-cache-dir /src \
- && rm -rf /src
+ && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools \
+ && rm -rf /src /opt/venv/lib/python3*/site-packages/onnxruntime/transformers \
+    /opt/venv/lib/python3*/site-packages/onnxruntime/tools /opt/venv/lib/python3*/site-packages/onnxruntime/quantization \
+ && find /opt/venv/lib -type d -name tests -prune -exec rm -rf {} +
 
 # --- A load generator for docker compose's "load" profile: locust and our locustfile.
 FROM ${BASE} AS load
@@ -74,7 +91,9 @@ ARG PIP_FIND_LINKS
 ARG PIP_TRUSTED_HOST
 COPY benchmarks/locustfile.py benchmarks/images.py /bench/
 # hadolint ignore=DL3013
-RUN python3 -m venv /opt/venv \
+RUN --mount=type=secret,id=pip_cert \
+    python3 -m venv /opt/venv \
+ && if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
  && /opt/venv/bin/pip install --no-cache-dir "locust>=2.20" \
  && useradd --create-home --uid 10001 app
 ENV PATH=/opt/venv/bin:$PATH
@@ -85,7 +104,7 @@ ENTRYPOINT ["locust", "-f", "/bench/locustfile.py"]
 # --- The torch image: TorchScript; the models first, the venv last (the largest layer).
 FROM ${BASE} AS torch
 RUN useradd --create-home --uid 10001 app
-COPY --from=models /models /models
+COPY --from=models /models/torch /models
 COPY --from=torch-env /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     RESNET_SERVE_HOST=0.0.0.0 \
@@ -97,25 +116,26 @@ USER 10001
 WORKDIR /home/app
 EXPOSE 8000
 HEALTHCHECK --interval=3s --timeout=2s --start-period=120s --retries=3 \
-  CMD ["python3", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('RESNET_SERVE_PORT', '8000') + '/health/ready', timeout=2).status != 200)"]
+  CMD ["python3", "-I", "-S", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('RESNET_SERVE_PORT', '8000') + '/health/ready', timeout=2).status != 200)"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["resnet-serve", "serve"]
 
 # --- The slim image (the default target): ONNX Runtime.
 FROM ${BASE} AS slim
 RUN useradd --create-home --uid 10001 app
-COPY --from=models /models /models
+COPY --from=models /models/slim /models
 COPY --from=slim-env /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     RESNET_SERVE_HOST=0.0.0.0 \
     RESNET_SERVE_PORT=8000 \
     RESNET_SERVE_MODEL_REPOSITORY=/models \
     RESNET_SERVE_RUNTIME=onnxruntime \
+    RESNET_SERVE_PRECISION=int8 \
     RESNET_SERVE_LOG_FORMAT=json
 USER 10001
 WORKDIR /home/app
 EXPOSE 8000
-HEALTHCHECK --interval=3s --timeout=2s --start-period=60s --retries=3 \
-  CMD ["python3", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('RESNET_SERVE_PORT', '8000') + '/health/ready', timeout=2).status != 200)"]
+HEALTHCHECK --interval=2s --timeout=2s --start-period=60s --retries=3 \
+  CMD ["python3", "-I", "-S", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('RESNET_SERVE_PORT', '8000') + '/health/ready', timeout=2).status != 200)"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["resnet-serve", "serve"]

@@ -3,7 +3,9 @@
     locust -f benchmarks/locustfile.py --host http://127.0.0.1:8000 \
         --headless -u 32 -r 8 -t 60s --csv benchmarks/results/locust
 
-Set RESNET_SERVE_BENCH_IMAGES to a folder of JPEG/PNG files to use your own images.
+Set RESNET_SERVE_BENCH_IMAGES to a folder of JPEG/PNG files to use your own images. Every upload
+gets a random trailer (decoders ignore it) so the result cache never answers; set
+RESNET_SERVE_BENCH_REPEAT=1 to send the same bytes and measure the cache instead.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from images import default_images, folder_images  # noqa: E402
 
 _folder = os.environ.get("RESNET_SERVE_BENCH_IMAGES")
 IMAGES = folder_images(Path(_folder)) if _folder else default_images()
+REPEAT = os.environ.get("RESNET_SERVE_BENCH_REPEAT") == "1"
 
 
 class Uploader(HttpUser):
@@ -30,7 +33,7 @@ class Uploader(HttpUser):
 
     @task
     def predict(self) -> None:
-        data = next(self._images)
+        data = next(self._images) if REPEAT else next(self._images) + os.urandom(16)
         with self.client.post("/predict", files={"file": ("photo.jpg", data, "image/jpeg")},
                               name="/predict", catch_response=True) as response:
             if response.status_code != 200:
