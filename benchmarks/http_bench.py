@@ -39,7 +39,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from images import default_images, folder_images  # noqa: E402
-from machine import describe, one_line  # noqa: E402
+from machine import describe, one_line, write_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -403,9 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios_per_round": per_round,
         "ratios": summary,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{args.out}.md").write_text(text + "\n")
+    write_results(RESULTS / args.out, report, text)
     return 0
 
 

@@ -38,6 +38,22 @@ def one_line(machine: dict[str, object]) -> str:
     return f"{machine['cpus']} × {machine['cpu']} ({isa})"
 
 
+def write_results(stem: Path, report: dict[str, object], text: str) -> None:
+    """``stem``.json (the report) and ``stem``.md (the table), the folder made if need be."""
+    stem.parent.mkdir(exist_ok=True)
+    (stem.parent / f"{stem.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (stem.parent / f"{stem.name}.md").write_text(text + "\n")
+
+
+def publish(stem: Path, lines: list[str], note: str, report: dict[str, object]) -> None:
+    """A benchmark's table and a note ending with the machine, printed and written with
+    ``report`` (the machine added to it)."""
+    report["machine"] = describe()
+    text = "\n".join([*lines, f"\n{note}; machine: {one_line(report['machine'])}."])  # type: ignore[arg-type]
+    print(text)
+    write_results(stem, report, text)
+
+
 def save_metrics(report: dict[str, object], stem: Path) -> None:
     """Add the machine to ``report``, print it as a metric/value table, and write ``stem``.json
     and ``stem``.md."""
@@ -45,6 +61,4 @@ def save_metrics(report: dict[str, object], stem: Path) -> None:
     lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in report.items() if k != "machine"]
     lines.append(f"| machine | {one_line(report['machine'])} |")  # type: ignore[arg-type]
     print("\n".join(lines))
-    stem.parent.mkdir(exist_ok=True)
-    (stem.parent / f"{stem.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (stem.parent / f"{stem.name}.md").write_text("\n".join(lines) + "\n")
+    write_results(stem, report, "\n".join(lines))

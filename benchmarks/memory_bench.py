@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from http_bench import RESULTS, free_port, run_load  # noqa: E402
 from images import default_images  # noqa: E402
-from machine import describe, one_line  # noqa: E402
+from machine import describe, one_line, write_results  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 
@@ -174,11 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"\n{args.concurrency} clients for {args.duration:g} s each; machine: {one_line(machine)}.")
     text = "\n".join(lines)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(
-        {"machine": machine, "command": " ".join(["memory_bench.py", *(argv or sys.argv[1:])]),
-         "concurrency": args.concurrency, "duration_s": args.duration, "configurations": report}, indent=2) + "\n")
-    (RESULTS / f"{args.out}.md").write_text(text + "\n")
+    write_results(RESULTS / args.out, {"machine": machine, "command": " ".join(["memory_bench.py", *(argv or sys.argv[1:])]),
+                                       "concurrency": args.concurrency, "duration_s": args.duration,
+                                       "configurations": report}, text)
     plot(report, RESULTS / f"{args.out}.png")
     return 0 if all(set(r["statuses"]) == {"200"} for r in report.values()) else 1  # type: ignore[arg-type]
 

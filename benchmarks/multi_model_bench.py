@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from http_bench import RESULTS, spawned_server  # noqa: E402
 from http_bench import run_load as measure  # noqa: E402
 from images import default_images  # noqa: E402
-from machine import describe, one_line  # noqa: E402
+from machine import describe, one_line, write_results  # noqa: E402
 
 
 def export_two(folder: Path) -> tuple[Path, list[str]]:
@@ -86,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     report = {"machine": machine, "command": " ".join(["multi_model_bench.py", *(argv or sys.argv[1:])]),
               "clients_per_model": half, "duration_s": args.duration, "alone": alone, "mixed": mixed}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{args.out}.md").write_text(text + "\n")
+    write_results(RESULTS / args.out, report, text)
     ok = all(set(r["statuses"]) == {"200"} for r in [*alone.values(), *mixed.values()])
     return 0 if ok else 1
 

@@ -13,7 +13,6 @@ range avoids that at a small cost in precision. s8×s8 has no fast path without 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from http_bench import RESULTS  # noqa: E402
-from machine import describe, one_line  # noqa: E402
+from machine import publish  # noqa: E402
 
 SCHEMES = {"u8s8": ("QUInt8", False), "u8s8 reduced (export's)": ("QUInt8", True), "s8s8": ("QInt8", False)}
 
@@ -83,14 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| model | batch 1 ms | batch 8 ms | img/s at 8 | top-1 vs FP32 | max abs Δp |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {n} | {r['b1_ms']} | {r['b8_ms']} | {round(8000 / r['b8_ms'], 1)} | {r['top1_agreement']:.0%} | "
               f"{r['max_abs_diff']:.1e} |" for n, r in rows.items()]
-    machine = describe()
-    lines.append(f"\nONNX Runtime {ort.__version__}, {args.threads} threads, random-init ResNet-18 ({len(pixels)} "
-                 f"photos; agreement on random weights says little); machine: {one_line(machine)}.")
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    (RESULTS / f"{args.out}.md").write_text(text + "\n")
+    publish(RESULTS / args.out, lines, f"ONNX Runtime {ort.__version__}, {args.threads} threads, random-init "
+            f"ResNet-18 ({len(pixels)} photos; agreement on random weights says little)", {"rows": rows})
     return 0
 
 

@@ -16,11 +16,13 @@ import pytest
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import bulk_bench  # noqa: E402
 import burst  # noqa: E402
 import engine_bench  # noqa: E402
 import http_bench  # noqa: E402
 import memory_bench  # noqa: E402
 import multi_model_bench  # noqa: E402
+import ort_int8_bench  # noqa: E402
 import soak  # noqa: E402
 import stages_bench  # noqa: E402
 
@@ -220,3 +222,24 @@ def test_memory_bench_reports_memory_start_and_speed_per_install(slim_python: Pa
     for row in report.values():
         assert 0 < row["idle_rss_mb"] <= row["peak_rss_mb"] and row["start_to_ready_s"] > 0 and row["rps"] > 0
     assert (tmp_path / "mem.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bulk_bench_compares_offline_server_and_in_process(tmp_path: Path, offline_weights: None,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bulk_bench, "RESULTS", tmp_path)
+    assert bulk_bench.main(["--images", "24", "--small", "8", "--runtime", "torchscript", "--concurrency", "4",
+                            "--out", "bulk"]) == 0
+    report = json.loads((tmp_path / "bulk.json").read_text())
+    assert set(report["runs"]) == {"offline, small", "offline", "server"}
+    assert all(run["code"] == 0 and run["images_per_s"] > 0 for run in report["runs"].values())
+    assert report["runs"]["offline"]["peak_rss_mb"] > 0 and report["in_process_images_per_s"] > 0
+    assert set(report["ratios"]) == {"offline_vs_in_process", "server_vs_offline", "rss_growth_mb"}
+
+
+def test_ort_int8_bench_times_each_scheme_against_fp32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ort_int8_bench, "RESULTS", tmp_path)
+    assert ort_int8_bench.main(["--repeats", "1", "--out", "o"]) == 0
+    report = json.loads((tmp_path / "o.json").read_text())
+    assert set(report["rows"]) == {"fp32", "u8s8", "u8s8 reduced (export's)", "s8s8"}
+    assert report["rows"]["fp32"]["max_abs_diff"] == 0 and all(r["b8_ms"] > 0 for r in report["rows"].values())
+    assert "| s8s8 |" in (tmp_path / "o.md").read_text() and report["machine"]["cpus"] >= 1

@@ -115,3 +115,11 @@ def test_the_slim_server_serves_int8_without_the_photos_the_export_calibrated_on
         finally:
             process.kill()
             process.wait(30)
+
+
+def test_bulk_classification_through_a_server_names_the_client_extra(slim_python: Path, tmp_path: Path,
+                                                                      photo_jpegs: dict[str, bytes]) -> None:
+    (tmp_path / "a.jpg").write_bytes(photo_jpegs["coffee"])
+    done = run_slim(slim_python, "-m", "resnet_serve", "predict", str(tmp_path / "a.jpg"), "--server",
+                    "http://127.0.0.1:9")
+    assert done.returncode == 2 and "pip install 'resnet-serve[client]'" in done.stderr

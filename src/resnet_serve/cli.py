@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from resnet_serve.errors import ExportError, RepositoryError, ServeError, WeightsError
+from resnet_serve.errors import ExportError, RepositoryError, ServerUnreachable, WeightsError
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
 
 TORCH_EXTRA = "pip install 'resnet-serve[torch]'"
@@ -53,32 +53,35 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from resnet_serve.loading import open_model
-    from resnet_serve.results import top_k
-    from resnet_serve.transform import preprocess
+    from resnet_serve import bulk
 
-    settings = Settings().model_copy(update={"max_batch_size": 1})
-    engine = open_model(settings, args.model)
-    spec = engine.info.spec
+    inputs = bulk.find_inputs(args.paths)
+    skipped = 0
+    if args.resume and args.output is not None:
+        done = bulk.done_paths(args.output)
+        skipped = len(inputs)
+        inputs = [path for path in inputs if str(path) not in done]
+        skipped -= len(inputs)
+    sink = bulk.FileSink(args.output) if args.output else bulk.TextSink(sys.stdout, sys.stderr)
+    progress = bulk.Progress(len(inputs), quiet=args.quiet, stream=sys.stderr)
     try:
-        images = []
-        for path in args.images:
-            try:
-                images.append((path, preprocess(Path(path).read_bytes(), spec, max_pixels=settings.max_pixels)))
-            except (OSError, ServeError) as exc:
-                print(f"{path}: {exc}", file=sys.stderr)
-        if not images:
-            return 1
-        predictions = asyncio.run(engine.predict([image.pixels for _, image in images]))
+        if args.server:
+            summary = asyncio.run(bulk.run_remote(inputs, args.server, sink, model=args.model, k=args.top_k,
+                                                  concurrency=args.concurrency,
+                                                  api_key=args.api_key or os.environ.get("RESNET_SERVE_API_KEY"),
+                                                  ordered=not args.unordered, progress=progress))
+        else:
+            summary, info = asyncio.run(bulk.run_offline(inputs, Settings(), sink, model=args.model, k=args.top_k,
+                                                         ordered=not args.unordered, progress=progress))
+            if info.weights.is_random:
+                print("WARNING: random-init weights; these predictions are meaningless", file=sys.stderr)
     finally:
-        engine.close()
-    if engine.info.weights.is_random:
-        print("WARNING: random-init weights; these predictions are meaningless\n", file=sys.stderr)
-    for (path, _), prediction in zip(images, predictions):
-        print(path)
-        for rank, (p, i) in enumerate(zip(*top_k(prediction.probs, args.top_k)), start=1):
-            print(f"  {rank:>2}. {p * 100:6.2f}%  {i:>3}  {spec.labels.en[i]}  ({spec.labels.zh[i]})")
-    return 0
+        progress.close()
+        sink.close()
+    summary.skipped = skipped
+    if not args.quiet:
+        print(summary.line(), file=sys.stderr)
+    return 1 if summary.failed and not summary.ok else 0
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -213,17 +216,31 @@ def _export_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
     export.set_defaults(run=_export)
 
 
+def _predict_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    predict = commands.add_parser(
+        "predict", help="classify files and folders, offline or through a running server",
+        description="Classify image files: paths, folders (recursive), globs, or '-' for paths on stdin. "
+                    "One row per input (errors included), written as they finish, in constant memory.")
+    predict.add_argument("paths", nargs="+", metavar="PATH")
+    predict.add_argument("--output", type=Path, help="FILE.csv or FILE.jsonl (default: readable text on stdout)")
+    predict.add_argument("--resume", action="store_true", help="skip the inputs --output already has a row for")
+    predict.add_argument("--unordered", action="store_true", help="write rows as they finish, not in input order")
+    predict.add_argument("--model", help="a model of the repository (default: the default model)")
+    predict.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, choices=range(1, MAX_TOP_K + 1),
+                         metavar=f"1..{MAX_TOP_K}")
+    predict.add_argument("--server", help="a running server's URL instead of a model in this process")
+    predict.add_argument("--concurrency", type=int, default=8, help="requests at once with --server")
+    predict.add_argument("--api-key", help="the server's API key (or RESNET_SERVE_API_KEY)")
+    predict.add_argument("--quiet", action="store_true", help="no progress and no summary")
+    predict.set_defaults(run=_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _serve_parser(commands)
     _export_parser(commands)
-    predict = commands.add_parser("predict", help="classify image files offline")
-    predict.add_argument("images", nargs="+")
-    predict.add_argument("--model", help="a model of the repository (default: the default model)")
-    predict.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, choices=range(1, MAX_TOP_K + 1),
-                         metavar=f"1..{MAX_TOP_K}")
-    predict.set_defaults(run=_predict)
+    _predict_parser(commands)
     download = commands.add_parser("download-weights", help="fetch and verify the official ResNet-18 weights")
     download.add_argument("--dir", type=Path, default=Path("weights"))
     download.set_defaults(run=_download)
@@ -238,12 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args))
-    except (WeightsError, RepositoryError, ExportError) as exc:
+    except (WeightsError, RepositoryError, ExportError, ServerUnreachable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
         if exc.name in ("torch", "torchvision", "onnx"):
             print(f"error: '{args.command}' needs {exc.name}, which the slim install leaves out: {TORCH_EXTRA}",
                   file=sys.stderr)
+            return 2
+        if exc.name == "httpx":
+            print("error: --server needs the client: pip install 'resnet-serve[client]'", file=sys.stderr)
             return 2
         raise

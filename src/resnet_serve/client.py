@@ -10,6 +10,7 @@ Errors from the service raise ``ClientError`` with its status, code and message.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,19 @@ Image = bytes | str | Path
 
 
 class ClientError(Exception):
-    """A non-2xx answer, with the service's error code and message."""
+    """A non-2xx answer, with the service's error code and message (and ``Retry-After``)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+def retry_delay(error: ClientError, attempt: int) -> float | None:
+    """How long to wait before trying again (None: do not): only a 503 (overloaded, warming up)
+    is worth retrying; its ``Retry-After``, else an exponential backoff from 0.25 s, capped."""
+    if error.status != 503:
+        return None
+    return error.retry_after if error.retry_after is not None else min(8.0, 0.25 * 2**attempt)
 
 
 def _image(image: Image, filename: str | None) -> tuple[str, bytes, str]:
@@ -50,7 +59,9 @@ def _checked(response: httpx.Response) -> httpx.Response:
         code, message = (error["code"], error["message"]) if isinstance(error, dict) else ("error", str(error))
     except (ValueError, KeyError, TypeError):
         code, message = "http_error", response.text[:200]
-    raise ClientError(response.status_code, code, message)
+    retry_after = response.headers.get("retry-after", "")
+    raise ClientError(response.status_code, code, message,
+                      float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None)
 
 
 def _params(model: str | None, **others: object) -> dict[str, object]:
@@ -103,17 +114,26 @@ class Client:
 
 
 class AsyncClient:
-    """The same, for asyncio."""
+    """The same, for asyncio; ``retries``: how often ``predict`` retries a 503 (``retry_delay``)."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
-                 timeout: float = 30.0, **httpx_options: Any) -> None:
+                 timeout: float = 30.0, retries: int = 0, **httpx_options: Any) -> None:
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=_headers(api_key), **httpx_options)
+        self.retries = retries
 
     async def predict(self, image: Image, *, top_k: int = 3, lang: str = "en", filename: str | None = None,
                       model: str | None = None) -> PredictResponse:
-        response = await self._http.post("/predict", params=_params(model, top_k=top_k, lang=lang),
-                                         files={"file": _image(image, filename)})
-        return PredictResponse.model_validate(_checked(response).json())
+        files, attempt = {"file": _image(image, filename)}, 0
+        while True:
+            response = await self._http.post("/predict", params=_params(model, top_k=top_k, lang=lang), files=files)
+            try:
+                return PredictResponse.model_validate(_checked(response).json())
+            except ClientError as error:
+                delay = retry_delay(error, attempt)
+                if delay is None or attempt >= self.retries:
+                    raise
+            attempt += 1
+            await asyncio.sleep(delay)
 
     async def predict_batch(self, images: Sequence[Image], *, top_k: int = 3, lang: str = "en",
                             model: str | None = None) -> BatchResponse:

@@ -55,7 +55,8 @@ class Decoded:
     height: int
 
 
-def _looks_like_an_image(data: bytes) -> bool:
+def looks_like_an_image(data: bytes) -> bool:
+    """Whether the bytes start like one of the formats we decode."""
     return data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
@@ -83,7 +84,7 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
-        if _looks_like_an_image(data):
+        if looks_like_an_image(data):
             raise InvalidImage("the image is corrupt: its header cannot be read") from None
         raise UnsupportedMediaType(
             "the upload is not an image in a supported format "

@@ -131,3 +131,7 @@ class RepositoryError(Exception):
 
 class ExportError(Exception):
     """A model cannot be exported as asked: its weights, labels or artefacts do not fit."""
+
+
+class ServerUnreachable(Exception):
+    """A client cannot reach the server at all (not an answer about one image)."""

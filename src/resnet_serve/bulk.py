@@ -1,0 +1,295 @@
+"""Classifying many files: paths in, one row per input out, streamed in constant memory.
+
+Inputs (``find_inputs``): files as given; folders, recursively, keeping the files whose name or
+first bytes say image; glob patterns; ``-`` for paths read from stdin. Every input gets a row:
+one that cannot be read or decoded gets a row with its error, and the run goes on.
+
+Concurrency: one event loop. At most ``window`` inputs are in flight at once (read, predict,
+wait to be written), so memory does not grow with the number of inputs. Offline, each input goes
+through the server's own pipeline (the bounded decode pool, the batcher, the inference thread);
+with ``--server``, through the project's client, whose retries honour ``Retry-After`` on 503.
+Rows are written as they finish: in input order (a row waits only for those before it, and the
+window bounds how many wait) or, with ``ordered=False``, as they come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import glob
+import io
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+from resnet_serve.decode import looks_like_an_image
+from resnet_serve.errors import ServeError, ServerUnreachable
+from resnet_serve.inference import ModelInfo
+from resnet_serve.labels import Labels
+from resnet_serve.loading import open_model
+from resnet_serve.photos import IMAGE_SUFFIXES
+from resnet_serve.pipeline import Pipeline
+from resnet_serve.results import top_k
+from resnet_serve.settings import Settings
+
+OFFLINE_DEADLINE_S = 3600.0  # offline, an input waits only for the ones ahead of it
+REMOTE_RETRIES = 8
+COLUMNS = ("path", "class_ids", "labels_en", "labels_zh", "confidences", "width", "height", "format", "error")
+LIST_SEPARATOR = "|"
+
+
+@dataclass
+class Row:
+    """One input's answer: its Top-K, the image's size and format, or its error."""
+
+    path: str
+    class_ids: list[int] = field(default_factory=list)
+    labels_en: list[str] = field(default_factory=list)
+    labels_zh: list[str] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    error: str | None = None
+
+
+Predict = Callable[[Path], Awaitable[Row]]
+
+
+def _is_image(path: Path) -> bool:
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as f:
+            return looks_like_an_image(f.read(16))
+    except OSError:
+        return False
+
+
+def find_inputs(arguments: Iterable[str], stdin: IO[str] | None = None) -> list[Path]:
+    """The inputs in order, each once: files as given (whatever their type: a bad one gets an
+    error row), images found in folders (sorted), glob matches, and stdin's lines for ``-``."""
+    found: dict[Path, None] = {}
+    for argument in arguments:
+        if argument == "-":
+            source = stdin if stdin is not None else sys.stdin
+            found.update((Path(line.strip()), None) for line in source if line.strip())
+        elif Path(argument).is_dir():
+            found.update((p, None) for p in sorted(Path(argument).rglob("*")) if p.is_file() and _is_image(p))
+        elif any(c in argument for c in "*?[") and not Path(argument).exists():
+            found.update((Path(p), None) for p in sorted(glob.glob(argument, recursive=True)) if Path(p).is_file())
+        else:
+            found[Path(argument)] = None
+    return list(found)
+
+
+class Sink(Protocol):
+    def write(self, row: Row) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TextSink:
+    """For eyes: the path, then one line per class; errors to stderr."""
+
+    def __init__(self, out: IO[str], err: IO[str]) -> None:
+        self.out, self.err = out, err
+
+    def write(self, row: Row) -> None:
+        if row.error is not None:
+            print(f"{row.path}: {row.error}", file=self.err)
+            return
+        lines = [row.path] + [f"  {rank:>2}. {p * 100:6.2f}%  {i:>3}  {en}  ({zh})" for rank, (p, i, en, zh)
+                              in enumerate(zip(row.confidences, row.class_ids, row.labels_en, row.labels_zh), 1)]
+        print("\n".join(lines), file=self.out, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class FileSink:
+    """CSV (lists joined by ``|``) or JSON Lines, appended and flushed row by row, so a stopped
+    run loses nothing it wrote and ``--resume`` can continue it."""
+
+    def __init__(self, path: Path) -> None:
+        self.jsonl = path.suffix.lower() == ".jsonl"
+        fresh = not path.exists() or path.stat().st_size == 0
+        self.file = path.open("a", encoding="utf-8", newline="")
+        self.csv = None if self.jsonl else csv.writer(self.file)
+        if self.csv is not None and fresh:
+            self.csv.writerow(COLUMNS)
+
+    def write(self, row: Row) -> None:
+        if self.csv is None:
+            self.file.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+        else:
+            values = asdict(row)
+            self.csv.writerow([LIST_SEPARATOR.join(map(str, v)) if isinstance(v, list) else ("" if v is None else v)
+                               for v in (values[c] for c in COLUMNS)])
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def done_paths(path: Path) -> set[str]:
+    """The inputs an earlier run already wrote to ``path`` (its rows are kept, errors included)."""
+    if not path.exists():
+        return set()
+    text = path.read_text("utf-8")
+    if path.suffix.lower() == ".jsonl":
+        return {json.loads(line)["path"] for line in text.splitlines() if line.strip().endswith("}")}
+    return {row["path"] for row in csv.DictReader(io.StringIO(text)) if row.get("path")}
+
+
+class Progress:
+    """A bar on a terminal (tqdm), a line every few seconds elsewhere, or nothing (``quiet``)."""
+
+    def __init__(self, total: int, *, quiet: bool, stream: IO[str], every_s: float = 5.0) -> None:
+        self.total, self.done, self.started, self.stream, self.every_s = total, 0, time.monotonic(), stream, every_s
+        self._last = self.started
+        self.bar = None
+        if not quiet and stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", file=stream, dynamic_ncols=True)
+        self.quiet = quiet
+
+    def update(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update()
+        elif not self.quiet and time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            print(f"{self.done}/{self.total} images, {self.rate():.1f}/s", file=self.stream, flush=True)
+
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.started, 1e-9)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class Summary:
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.ok + self.failed) / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        return (f"{self.ok} ok, {self.failed} failed" + (f", {self.skipped} already done" if self.skipped else "")
+                + f" in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s)")
+
+
+async def classify(inputs: list[Path], predict: Predict, sink: Sink, *, window: int, ordered: bool = True,
+                   progress: Progress | None = None) -> Summary:
+    """Every input through ``predict`` with at most ``window`` in flight, its row to ``sink``."""
+    summary, started = Summary(), time.monotonic()
+    slots = asyncio.Semaphore(window)
+    finished: dict[int, Row] = {}
+    next_out = 0
+
+    def emit(row: Row) -> None:
+        sink.write(row)
+        if row.error is None:
+            summary.ok += 1
+        else:
+            summary.failed += 1
+        slots.release()
+        if progress is not None:
+            progress.update()
+
+    async def one(index: int, path: Path) -> None:
+        nonlocal next_out
+        try:
+            row = await predict(path)
+        except (ServeError, OSError) as exc:
+            row = Row(str(path), error=_described(exc))
+        if not ordered:
+            emit(row)
+            return
+        finished[index] = row
+        while next_out in finished:
+            emit(finished.pop(next_out))
+            next_out += 1
+
+    running: set[asyncio.Task[None]] = set()
+    for index, path in enumerate(inputs):
+        await slots.acquire()
+        task = asyncio.create_task(one(index, path))
+        running.add(task)
+        task.add_done_callback(running.discard)
+    await asyncio.gather(*running)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _described(exc: BaseException) -> str:
+    if isinstance(exc, ServeError):
+        return f"{exc.status_code} {exc.code}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def row_of(path: Path, probs: object, labels: Labels, k: int, image: tuple[int, int, str]) -> Row:
+    values, ids = top_k(probs, k)  # type: ignore[arg-type]
+    return Row(str(path), ids, [labels.en[i] for i in ids], [labels.zh[i] for i in ids],
+               [round(v, 6) for v in values], *image)
+
+
+async def run_offline(inputs: list[Path], settings: Settings, sink: Sink, *, model: str | None, k: int,
+                      ordered: bool = True, progress: Progress | None = None) -> tuple[Summary, ModelInfo]:
+    """In this process, through the server's pipeline: decode pool, batcher, inference thread."""
+    engine = await asyncio.to_thread(open_model, settings, model)
+    pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="resnet-serve-decode")
+    pipeline = Pipeline(engine, settings.model_copy(update={"cache_size": 0}), pool)
+    labels = engine.info.spec.labels
+
+    async def predict(path: Path) -> Row:
+        result = await pipeline.predict_bytes(await asyncio.to_thread(path.read_bytes),
+                                              time.monotonic() + OFFLINE_DEADLINE_S)
+        return row_of(path, result.probs, labels, k, (result.width, result.height, result.format))
+
+    window = 2 * settings.max_batch_size + settings.decode_threads  # keeps a batch queued behind the one running
+    try:
+        return await classify(inputs, predict, sink, window=window, ordered=ordered, progress=progress), engine.info
+    finally:
+        await pipeline.close(0)
+        engine.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def run_remote(inputs: list[Path], url: str, sink: Sink, *, model: str | None, k: int, concurrency: int,
+                     api_key: str | None = None, ordered: bool = True, progress: Progress | None = None) -> Summary:
+    """Through a running server with the project's client: keep-alive connections, ``concurrency``
+    requests at once, a 503 retried after its ``Retry-After``. A server that cannot be reached
+    stops the run (the rows written stay; ``--resume`` continues it)."""
+    import httpx
+
+    from resnet_serve.client import AsyncClient, ClientError
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with AsyncClient(url, api_key=api_key, retries=REMOTE_RETRIES, timeout=120.0, limits=limits) as client:
+        async def predict(path: Path) -> Row:
+            data = await asyncio.to_thread(path.read_bytes)
+            try:
+                answer = await client.predict(data, top_k=k, filename=path.name, model=model)
+            except ClientError as exc:
+                return Row(str(path), error=f"{exc.status} {exc.code}: {exc.message}")
+            except httpx.TransportError as exc:
+                raise ServerUnreachable(f"{url}: {type(exc).__name__}: {exc}") from None
+            p = answer.predictions
+            return Row(str(path), [c.class_id for c in p], [c.label_en for c in p], [c.label_zh for c in p],
+                       [round(c.confidence, 6) for c in p], answer.image.width, answer.image.height, answer.image.format)
+
+        return await classify(inputs, predict, sink, window=concurrency, ordered=ordered, progress=progress)

@@ -1,0 +1,181 @@
+"""Bulk classification (``resnet-serve predict``): inputs found, a row for each (errors marked),
+rows in order within a bounded window, ``--resume``, and the same job through a running server
+that sometimes answers 503."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from resnet_serve import bulk
+from resnet_serve.cli import main
+from tests.conftest import encode, real_server, wait_ready
+
+
+@pytest.fixture
+def folder(tmp_path: Path, photos: dict[str, Image.Image], photo_jpegs: dict[str, bytes]) -> Path:
+    """Nested folders: JPEGs, a PNG, a corrupt JPEG, a text file named .jpg, a JPEG without an
+    extension, and files that are not images at all."""
+    root = tmp_path / "photos"
+    (root / "cats" / "old").mkdir(parents=True)
+    (root / "things").mkdir()
+    (root / "cats" / "chelsea.jpg").write_bytes(photo_jpegs["chelsea"])
+    (root / "cats" / "old" / "coffee.JPEG").write_bytes(photo_jpegs["coffee"])
+    (root / "things" / "horse.png").write_bytes(encode(photos["horse"], "PNG"))
+    (root / "things" / "rocket").write_bytes(photo_jpegs["rocket"])  # an image by its bytes, not its name
+    (root / "things" / "broken.jpg").write_bytes(photo_jpegs["astronaut"][:2000])
+    (root / "things" / "notes.jpg").write_text("a text file named .jpg")
+    (root / "things" / "readme.txt").write_text("not an image, not named like one")
+    return root
+
+
+EXPECTED = ["cats/chelsea.jpg", "cats/old/coffee.JPEG", "things/broken.jpg", "things/horse.png",
+            "things/notes.jpg", "things/rocket"]
+
+
+def test_inputs_come_from_folders_globs_files_and_stdin(folder: Path) -> None:
+    found = bulk.find_inputs([str(folder)])
+    assert [str(p.relative_to(folder)) for p in found] == EXPECTED  # readme.txt is left out
+    globbed = bulk.find_inputs([str(folder / "**" / "*.jpg")])
+    assert {p.name for p in globbed} == {"chelsea.jpg", "broken.jpg", "notes.jpg"}
+    explicit = bulk.find_inputs(["-", str(folder / "things" / "readme.txt")],
+                                stdin=io.StringIO(f"{folder / 'cats' / 'chelsea.jpg'}\n\n"))
+    assert [p.name for p in explicit] == ["chelsea.jpg", "readme.txt"]  # a file named is a file taken
+
+
+@pytest.fixture
+def offline_env(seeded_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
+    monkeypatch.setenv("RESNET_SERVE_ALLOW_DOWNLOAD", "false")
+    monkeypatch.setenv("RESNET_SERVE_RUNTIME", "torchscript")
+
+
+def rows(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_input_gets_a_row_and_errors_are_marked(folder: Path, tmp_path: Path, offline_env: None,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", str(folder), "--output", str(out), "--top-k", "5"]) == 0
+    written = rows(out)
+    assert [str(Path(r["path"]).relative_to(folder)) for r in written] == EXPECTED  # input order
+    by_name = {Path(r["path"]).name: r for r in written}
+    assert by_name["broken.jpg"]["error"].startswith("400 invalid_image")
+    assert by_name["notes.jpg"]["error"].startswith("415 unsupported_media_type")
+    for name in ("chelsea.jpg", "coffee.JPEG", "horse.png", "rocket"):
+        row = by_name[name]
+        assert row["error"] is None and len(row["class_ids"]) == 5 and len(row["labels_zh"]) == 5
+        assert row["confidences"] == sorted(row["confidences"], reverse=True)
+    assert (by_name["horse.png"]["format"], by_name["chelsea.jpg"]["width"]) == ("PNG", 451)
+    assert "4 ok, 2 failed" in capsys.readouterr().err
+
+
+def test_resume_writes_each_input_once(folder: Path, tmp_path: Path, offline_env: None,
+                                       photo_jpegs: dict[str, bytes]) -> None:
+    out = tmp_path / "out.csv"
+    assert main(["predict", str(folder), "--output", str(out), "--quiet"]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 + len(EXPECTED) and lines[0].startswith("path,class_ids")
+    out.write_text("\n".join(lines[:3]) + "\n")  # as if stopped after two rows
+    (folder / "cats" / "late.jpg").write_bytes(photo_jpegs["horse"])  # and one photo more since
+    assert main(["predict", str(folder), "--output", str(out), "--resume", "--quiet"]) == 0
+    resumed = out.read_text().splitlines()
+    paths = [line.split(",", 1)[0] for line in resumed[1:]]
+    assert sorted(paths) == sorted(str(folder / p) for p in [*EXPECTED, "cats/late.jpg"])  # each once
+    assert resumed[:3] == lines[:3]  # what the first run wrote stays
+    assert main(["predict", str(folder), "--output", str(out), "--resume", "--quiet"]) == 0
+    assert out.read_text().splitlines() == resumed  # nothing left to do: no row added
+
+
+def test_rows_keep_input_order_within_a_bounded_window() -> None:
+    inputs = [Path(f"{i}.jpg") for i in range(20)]
+    in_flight, most = 0, 0
+
+    async def predict(path: Path) -> bulk.Row:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep((20 - int(path.stem)) / 2000)  # later inputs finish first
+        in_flight -= 1
+        return bulk.Row(str(path))
+
+    class Collect:
+        def __init__(self) -> None:
+            self.rows: list[str] = []
+
+        def write(self, row: bulk.Row) -> None:
+            self.rows.append(row.path)
+
+        def close(self) -> None:
+            pass
+
+    ordered, unordered = Collect(), Collect()
+    summary = asyncio.run(bulk.classify(inputs, predict, ordered, window=4))
+    assert ordered.rows == [str(p) for p in inputs] and most <= 4 and summary.ok == 20
+    asyncio.run(bulk.classify(inputs, predict, unordered, window=4, ordered=False))
+    assert sorted(unordered.rows) == sorted(ordered.rows) and unordered.rows != ordered.rows
+
+
+def test_progress_is_a_line_now_and_then_when_stderr_is_not_a_terminal() -> None:
+    stream = io.StringIO()
+    progress = bulk.Progress(3, quiet=False, stream=stream, every_s=0.0)
+    for _ in range(3):
+        progress.update()
+    assert stream.getvalue().splitlines()[-1].startswith("3/3 images")
+    silent = io.StringIO()
+    bulk.Progress(3, quiet=True, stream=silent, every_s=0.0).update()
+    assert silent.getvalue() == ""
+
+
+@pytest.fixture
+def busy_server(seeded_weights: Path, tmp_path: Path) -> Iterator[str]:
+    """A server that batches one at a time with no queue: concurrent uploads get 503s."""
+    with real_server(tmp_path / "server.log", weights=str(seeded_weights), allow_download="false",
+                     max_batch_size="1", max_queue="1", cache_size="0") as (url, process):
+        wait_ready(url, process)
+        yield url
+
+
+def test_through_a_server_that_answers_503_the_rows_match_offline(
+    busy_server: str, folder: Path, tmp_path: Path, offline_env: None
+) -> None:
+    offline, remote = tmp_path / "offline.jsonl", tmp_path / "remote.jsonl"
+    assert main(["predict", str(folder), "--output", str(offline), "--quiet"]) == 0
+    assert main(["predict", str(folder), "--output", str(remote), "--quiet", "--server", busy_server,
+                 "--concurrency", "6"]) == 0
+    metrics = httpx.get(f"{busy_server}/metrics").text
+    refused = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("resnet_serve_requests_total") and 'status="503"' in line)
+    assert refused > 0  # the server did turn requests away; they were retried
+    mine, theirs = rows(offline), rows(remote)
+    assert [r["path"] for r in mine] == [r["path"] for r in theirs]
+    for a, b in zip(mine, theirs):
+        assert (a["error"] is None) == (b["error"] is None), (a, b)
+        if a["error"] is None:
+            assert a["class_ids"][0] == b["class_ids"][0] and (a["width"], a["height"]) == (b["width"], b["height"])
+        else:
+            assert a["error"].split(":")[0] == b["error"].split(":")[0]  # same status and code
+
+
+def test_an_unreachable_server_stops_the_run_with_a_message(folder: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.monotonic()
+    assert main(["predict", str(folder), "--output", str(tmp_path / "o.csv"), "--server", "http://127.0.0.1:9"]) == 2
+    assert "http://127.0.0.1:9" in capsys.readouterr().err and time.monotonic() - started < 30
+
+
+def test_the_text_output_is_for_eyes(folder: Path, offline_env: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", str(folder / "cats" / "chelsea.jpg"), str(folder / "things" / "notes.jpg"),
+                 "--top-k", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].endswith("chelsea.jpg") and "%" in captured.out
+    assert "notes.jpg: 415" in captured.err and "1 ok, 1 failed" in captured.err
