@@ -48,7 +48,8 @@ RUN --mount=type=secret,id=pip_cert \
     /opt/venv/bin/pip install --no-cache-dir "/src[torch]" \
  && rm -rf /src
 
-# Each image gets a repository holding what it serves: slim the ONNX artefacts, torch TorchScript.
+# Each image gets a repository holding what it serves: slim the ONNX artefacts, torch TorchScript
+# and the FP32 state_dict that explanations (POST /explain) load.
 FROM torch-env AS models-export
 ARG WEIGHTS=official
 ARG SLIM_PRECISIONS=int8
@@ -56,7 +57,7 @@ ARG TORCH_PRECISIONS=fp32,int8
 RUN /opt/venv/bin/resnet-serve export --weights "${WEIGHTS}" --repository /models/slim \
         --format onnx --precision "${SLIM_PRECISIONS}" \
  && /opt/venv/bin/resnet-serve export --weights "${WEIGHTS}" --repository /models/torch \
-        --format torchscript --precision "${TORCH_PRECISIONS}"
+        --format torchscript,state_dict --precision "${TORCH_PRECISIONS}"
 
 FROM ${BASE} AS models-context
 COPY build/docker/models /models

@@ -181,6 +181,7 @@ async def test_the_default_model_is_exported_once_into_the_cache_and_reused(
     first.close()
     artefacts = list((tmp_path / "repository" / "resnet18" / "1").glob("model.fp32.pt"))
     assert first.info.compiled_from == "exported" and len(artefacts) == 1
+    assert (tmp_path / "repository" / "resnet18" / "1" / "model.fp32.state_dict.pt").is_file()  # for /explain
     second = load(settings, **cached)
     try:
         assert second.info.compiled_from == "repository"

@@ -19,6 +19,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import bulk_bench  # noqa: E402
 import burst  # noqa: E402
 import engine_bench  # noqa: E402
+import explain_bench  # noqa: E402
 import http_bench  # noqa: E402
 import memory_bench  # noqa: E402
 import multi_model_bench  # noqa: E402
@@ -243,3 +244,14 @@ def test_ort_int8_bench_times_each_scheme_against_fp32(tmp_path: Path, monkeypat
     assert set(report["rows"]) == {"fp32", "u8s8", "u8s8 reduced (export's)", "s8s8"}
     assert report["rows"]["fp32"]["max_abs_diff"] == 0 and all(r["b8_ms"] > 0 for r in report["rows"].values())
     assert "| s8s8 |" in (tmp_path / "o.md").read_text() and report["machine"]["cpus"] >= 1
+
+
+def test_explain_bench_times_explanations_and_predictions_beside_them(tmp_path: Path, offline_weights: None,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(explain_bench, "RESULTS", tmp_path)
+    assert explain_bench.main(["--duration", "1.5", "--concurrency", "2", "--explanations", "2", "--out", "x"]) == 0
+    report = json.loads((tmp_path / "x.json").read_text())
+    assert report["explanation"]["count"] == 2 and report["explanation"]["p50_ms"] > 0
+    assert report["predict_alone"]["throughput_rps"] > 0 and report["predict_alongside"]["throughput_rps"] > 0
+    assert report["explanations_alongside"].get("200", 0) >= 1 and report["p50_ratio"] > 0
+    assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG" and "| /predict c=2 alone |" in (tmp_path / "x.md").read_text()

@@ -42,7 +42,12 @@ def test_the_sync_client_and_the_api_key(settings: Settings, engine: Engine, pho
             request.method, str(request.url), headers=dict(request.headers), content=request.read()))
         with Client("http://testserver", api_key="k3y", transport=transport) as client:
             assert client.predict(photo_jpegs["coffee"]).predictions
+            why = client.explain(photo_jpegs["chelsea"], class_id=7)
+            assert [e.class_id for e in why.explanations] == [7] and (why.image.width, why.image.height) == (451, 300)
         with Client("http://testserver", transport=transport) as anonymous:
             with pytest.raises(ClientError) as error:
                 anonymous.predict(photo_jpegs["coffee"])
             assert error.value.status == 401
+            with pytest.raises(ClientError) as error:
+                anonymous.explain(photo_jpegs["coffee"])
+            assert error.value.status == 401  # explanations sit behind the same API key

@@ -34,7 +34,10 @@ def test_two_users_models_export_into_one_repository(user_repository: Path, user
     assert meta is not None and (meta.architecture, meta.num_classes, meta.version) == ("resnet18", 5, 1)
     assert meta.weights.source == "custom" and meta.weights.sha256 == sha256_of(user_files["flowers"])
     assert meta.batching.max_batch_size == 2
-    assert {(a.format, a.precision) for a in meta.artefacts} == {("torchscript", "fp32"), ("onnx", "fp32")}
+    assert {(a.format, a.precision) for a in meta.artefacts} == {("torchscript", "fp32"), ("onnx", "fp32"),
+                                                                  ("state_dict", "fp32")}
+    eager = meta.artefact("state_dict", "fp32")
+    assert eager is not None and eager.validation is not None and eager.validation.max_abs_diff == 0.0
     for artefact in meta.artefacts:
         assert sha256_of(flowers.directory / artefact.file) == artefact.sha256
         assert artefact.validation is not None and artefact.validation.photos >= 8
@@ -122,6 +125,18 @@ def test_a_new_export_is_a_new_version_and_a_version_keeps_its_weights(
     assert export_cli(*common, "--version", "1", "--precision", "bf16") == 0  # same weights: the version grows
     artefacts = Repository(tmp_path).versions()[0].metadata.artefacts  # type: ignore[union-attr]
     assert {a.precision for a in artefacts} == {"fp32", "bf16"}
+
+
+def test_the_explained_layer_is_checked_and_recorded(user_files: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--weights", str(user_files["flowers"]), "--labels", str(user_files["flowers_labels"]),
+              "--name", "flowers", "--repository", str(tmp_path), "--format", "state_dict"]
+    assert export_cli(*common, "--explain-layer", "layer9") == 2
+    assert "no module 'layer9'" in capsys.readouterr().err and not (tmp_path / "flowers" / "1").exists()
+    assert export_cli(*common, "--explain-layer", "layer3") == 0
+    (version,) = Repository(tmp_path).versions()
+    assert version.metadata is not None and version.metadata.explain_layer == "layer3"
+    assert [a.file for a in version.metadata.artefacts] == ["model.fp32.state_dict.pt"]
 
 
 @pytest.mark.parametrize("name", ["../etc", "Flowers", ".hidden", "a/b", "x" * 65])

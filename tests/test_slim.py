@@ -77,6 +77,20 @@ def test_the_slim_server_maps_no_libtorch_and_answers_as_torchscript(
         assert np.abs(slim - torchscript).max() <= 1e-4
 
 
+def test_explanations_in_the_slim_install_answer_501_naming_the_extra(
+    slim_server: tuple[str, int], photo_jpegs: dict[str, bytes]
+) -> None:
+    url, _ = slim_server
+    answer = httpx.post(f"{url}/explain", params={"model": "flowers"}, files={"file": ("a.jpg", photo_jpegs["horse"])})
+    assert answer.status_code == 501 and answer.json()["error"]["code"] == "explanations_unavailable"
+    assert "resnet-serve[torch]" in answer.json()["error"]["message"]
+    assert predict_ok(url, photo_jpegs["horse"])
+
+
+def predict_ok(url: str, photo: bytes) -> bool:
+    return httpx.post(f"{url}/predict", params={"model": "flowers"}, files={"file": ("a.jpg", photo)}).status_code == 200
+
+
 def test_what_needs_torch_names_the_extra(slim_python: Path, user_repository: Path, tmp_path: Path) -> None:
     export = run_slim(slim_python, "-m", "resnet_serve", "export", "--repository", str(tmp_path))
     assert export.returncode == 2 and EXTRA in export.stderr

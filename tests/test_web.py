@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +72,7 @@ def test_an_uploaded_photo_shows_the_apis_top3_as_bars(page: Page, base_url: str
     assert shown == expected
     expect(result.locator(".times")).to_contain_text("inference")
     expect(result.locator(".times")).to_contain_text("round trip")
-    expect(result.locator("img")).to_have_attribute("alt", "Preview of chelsea.jpg")
+    expect(result.locator("img.photo")).to_have_attribute("alt", "Preview of chelsea.jpg")
     widths = [bar.evaluate("b => b.getBoundingClientRect().width") for bar in result.locator(".fill").all()]
     assert widths == sorted(widths, reverse=True) and widths[0] > 0
 
@@ -123,6 +124,36 @@ def test_random_init_banner_and_status_line(page: Page) -> None:
     expect(page.locator("#random-banner")).to_be_visible()
     expect(page.locator("#random-banner")).to_contain_text("random-init")
     expect(page.locator("#status")).to_contain_text("batch ≤ 4")
+
+
+def test_why_lays_the_heatmap_over_the_preview_with_an_opacity_slider(page: Page, photo_files: dict[str, Path]) -> None:
+    blocked: list[str] = []
+    page.on("console", lambda message: blocked.append(message.text) if "Content Security Policy" in message.text else None)
+    page.set_input_files("#file", str(photo_files["chelsea"]))
+    result = card(page, "chelsea.jpg")
+    expect(result.locator("li.prediction")).to_have_count(3)
+    why = result.locator("button.why").first
+    expect(why).to_have_text("why?")
+    why.focus()
+    page.keyboard.press("Enter")  # keyboard reachable
+    heat = result.locator("img.heat")
+    expect(heat).to_be_visible(timeout=30_000)  # the first explanation loads the eager network
+    expect(why).to_have_attribute("aria-pressed", "true")
+    size = heat.evaluate("h => [h.naturalWidth, h.naturalHeight]")
+    photo_box = result.locator("img.photo").bounding_box()
+    assert size == [451, 300] and heat.bounding_box() == photo_box
+    slider = result.locator(".opacity input[type=range]")
+    slider.fill("0.25")
+    assert heat.evaluate("h => getComputedStyle(h).opacity") == "0.25"
+    ARTIFACTS.mkdir(exist_ok=True)
+    result.screenshot(path=str(ARTIFACTS / "web-explain.png"))
+    page.locator("#lang").click()
+    expect(why).to_have_text("为什么？")
+    expect(heat).to_have_attribute("alt", re.compile("热力图"))
+    why.click()
+    expect(heat).to_be_hidden()
+    expect(why).to_have_attribute("aria-pressed", "false")
+    assert blocked == []
 
 
 def test_keyboard_reaches_the_file_picker_and_the_controls(page: Page) -> None:

@@ -117,12 +117,13 @@ def base_image() -> str:
 
 def export_models(weights: str) -> None:
     """The repositories baked into the images (MODELS=context), exported by the host's full
-    install as the Dockerfile's export stage would: slim gets ONNX INT8, torch TorchScript."""
+    install as the Dockerfile's export stage would: slim gets ONNX INT8, torch TorchScript and the
+    eager weights for explanations."""
     models = BUILD / "models"
     if all((models / image / "resnet18" / "1" / "model.json").is_file() for image in ("slim", "torch")):
         return
     shutil.rmtree(models, ignore_errors=True)
-    for image, fmt, precisions in (("slim", "onnx", "int8"), ("torch", "torchscript", "fp32,int8")):
+    for image, fmt, precisions in (("slim", "onnx", "int8"), ("torch", "torchscript,state_dict", "fp32,int8")):
         sh(sys.executable, "-m", "resnet_serve", "export", "--weights", weights, "--repository",
            str(models / image), "--format", fmt, "--precision", precisions)
 

@@ -114,12 +114,13 @@ def _export(args: argparse.Namespace) -> int:
         raise ExportError(f"--labels {args.labels}: {exc}") from None
     name = args.name or args.arch
     spec, weights = export.model_inputs(args.arch, args.weights, labels, name, geometry, settings)
-    formats = args.format or (["torchscript", "onnx"] if importlib.util.find_spec("onnx") else ["torchscript"])
+    formats = args.format or ["torchscript", *(["onnx"] if importlib.util.find_spec("onnx") else []), "state_dict"]
     job = export.ExportJob(
         spec=spec, weights=weights, repository=args.repository,
         version=args.version or export.next_version(args.repository, name), formats=formats,
         precisions=args.precision, channels_last=not args.no_channels_last, int8_backend=args.int8_backend,
         calibration=args.calibration, batching=Batching(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms),
+        explain_layer=args.explain_layer,
     )
     version = export.export(job, progress=lambda message: print(message, file=sys.stderr, flush=True))
     assert version.metadata is not None
@@ -201,7 +202,9 @@ def _export_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
     export.add_argument("--name", help="model name, [a-z0-9_.-] (default: the architecture)")
     export.add_argument("--repository", type=Path, required=True)
     export.add_argument("--version", type=int, help="default: one more than the latest")
-    export.add_argument("--format", type=_comma_list, help="torchscript,onnx (default: both where onnx is installed)")
+    export.add_argument("--format", type=_comma_list,
+                        help="torchscript,onnx,state_dict (default: all three; onnx where it is installed). "
+                             "state_dict: the FP32 weights that explanations (POST /explain) run on")
     export.add_argument("--precision", type=_comma_list, default=["fp32"], help="fp32,int8,bf16,fp16 (default fp32)")
     export.add_argument("--calibration", type=Path, help="photos for INT8 and validation (default: scikit-image's)")
     export.add_argument("--int8-backend", choices=["x86", "fbgemm", "onednn"], default="x86")
@@ -212,6 +215,8 @@ def _export_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
     export.add_argument("--mean", type=float, nargs=3)
     export.add_argument("--std", type=float, nargs=3)
     export.add_argument("--max-batch-size", type=int, help="this model's batch size (default: the server's)")
+    export.add_argument("--explain-layer", help="the module explanations look at, e.g. layer4 "
+                                                "(default: the last convolutional block)")
     export.add_argument("--max-wait-ms", type=float, help="this model's batching window (default: the server's)")
     export.set_defaults(run=_export)
 

@@ -19,6 +19,7 @@ import httpx
 
 from resnet_serve.http.schemas import (
     BatchResponse,
+    ExplainResponse,
     LabelsResponse,
     ModelResponse,
     ModelsResponse,
@@ -90,6 +91,13 @@ class Client:
         files = [("files", _image(image, None)) for image in images]
         response = self._http.post("/predict/batch", params=_params(model, top_k=top_k, lang=lang), files=files)
         return BatchResponse.model_validate(_checked(response).json())
+
+    def explain(self, image: Image, *, top_k: int = 1, class_id: int | None = None, lang: str = "en",
+                model: str | None = None) -> ExplainResponse:
+        """Grad-CAM heatmaps (base64 PNGs of the image's size) for the top classes or ``class_id``."""
+        params = _params(model, top_k=top_k, lang=lang, **({"class_id": class_id} if class_id is not None else {}))
+        response = self._http.post("/explain", params=params, files={"file": _image(image, None)})
+        return ExplainResponse.model_validate(_checked(response).json())
 
     def ready(self) -> bool:
         return self._http.get("/health/ready").status_code == 200

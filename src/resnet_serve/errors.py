@@ -72,6 +72,13 @@ class UploadTimeout(ServeError):
     code = "upload_timeout"
 
 
+class InvalidParameter(ServeError):
+    """A query parameter is out of range for this model (a class index it does not have)."""
+
+    status_code = 422
+    code = "invalid_parameter"
+
+
 class InvalidImage(ServeError):
     """The bytes are empty, truncated or corrupt."""
 
@@ -119,6 +126,13 @@ class InferenceFailed(ServeError):
 
     status_code = 500
     code = "inference_failed"
+
+
+class ExplanationsUnavailable(ServeError):
+    """This server cannot explain this model: no torch here, or no eager weights in its folder."""
+
+    status_code = 501
+    code = "explanations_unavailable"
 
 
 class WeightsError(Exception):

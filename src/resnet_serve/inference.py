@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -64,6 +65,7 @@ class ModelInfo:
     max_batch_size: int = 1
     start_s: float = 0.0
     warmup_batch_ms: dict[int, float] = field(default_factory=dict)
+    directory: Path | None = None  # the version folder it was loaded from (explanations read it)
 
     @property
     def name(self) -> str:

@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from resnet_serve.backends import ONNXRUNTIME, ORT_INT8_SCHEME, TORCHSCRIPT, Backend
-from resnet_serve.errors import RepositoryError
+from resnet_serve.errors import ExplanationsUnavailable, RepositoryError
 from resnet_serve.inference import Engine, ModelInfo
 from resnet_serve.photos import calibration_files, calibration_fingerprint
-from resnet_serve.repository import Artefact, ModelVersion, Repository, Wanted, read_version
+from resnet_serve.repository import EAGER_WEIGHTS, Artefact, ModelVersion, Repository, Wanted, read_version
 from resnet_serve.settings import Settings
 from resnet_serve.spec import ModelSpec, builtin_spec
 from resnet_serve.weights import locate
@@ -168,6 +168,11 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def explanation_artefacts() -> list[Wanted]:
+    """With torch installed, the server's own export adds the eager weights explanations use."""
+    return [Wanted(EAGER_WEIGHTS, "fp32")] if importlib.util.find_spec("torch") is not None else []
+
+
 def plan_repository(settings: Settings) -> RepositoryPlan:
     """The repository to serve. For the default one, the weights are resolved now (so
     ``RESNET_SERVE_WEIGHTS_MODE=official`` without them stops the start at once) and the export,
@@ -177,7 +182,7 @@ def plan_repository(settings: Settings) -> RepositoryPlan:
             raise RepositoryError(f"RESNET_SERVE_MODEL_REPOSITORY={settings.model_repository} is not a folder")
         return RepositoryPlan(settings.model_repository)
     root, spec = default_root(settings), default_spec(settings)
-    wanted = wanted_artefacts(settings, built_here=True)
+    wanted = wanted_artefacts(settings, built_here=True) + explanation_artefacts()
     if _default_is_current(root, spec, settings, wanted):
         return RepositoryPlan(root)
     try:
@@ -263,6 +268,24 @@ def open_backend(artefact: Artefact, path: Path, settings: Settings) -> Backend:
                               "or serve the ONNX artefact with RESNET_SERVE_RUNTIME=onnxruntime") from None
     return TorchScriptBackend.load(path, device_name=settings.device, precision=artefact.precision,
                                    threads=settings.torch_threads, int8_backend=artefact.int8_backend)
+
+
+def open_explainer(version: ModelVersion | None, spec: ModelSpec) -> object:
+    """Grad-CAM over the version's eager FP32 weights (``backends.torch.gradcam.GradCam``), or 501
+    saying what is missing: the torch extra, or the weights in the model's folder."""
+    try:
+        from resnet_serve.backends.torch.gradcam import GradCam
+    except ImportError:
+        raise ExplanationsUnavailable(f"explanations run on PyTorch, which this install lacks ({TORCH_EXTRA})") from None
+    artefact = version.metadata.artefact(EAGER_WEIGHTS, "fp32") if version and version.metadata else None
+    if version is None or artefact is None:
+        raise ExplanationsUnavailable(
+            f"{spec.name} has no eager weights in its model folder; export it again with "
+            f"--format torchscript,{EAGER_WEIGHTS} (or onnx,{EAGER_WEIGHTS})")
+    try:
+        return GradCam.load(version.artefact_path(artefact), spec, version.metadata.explain_layer)
+    except RepositoryError as exc:
+        raise ExplanationsUnavailable(str(exc)) from None
 
 
 def _per_image_ms(backend: Backend, crop: int, batch: int, seconds: float = 0.4) -> float:
@@ -380,6 +403,7 @@ def load_engine(version: ModelVersion, settings: Settings, *, exported: bool = F
         weights=version.weights, threads=settings.ort_threads if artefact.format == "onnx" else settings.torch_threads,
         runtime=backend.runtime, runtime_reason=choice.reason, channels_last=artefact.channels_last,
         compiled_from="exported" if exported else "repository", max_batch_size=served.max_batch_size,
+        directory=version.directory,
     )
     engine = Engine(backend, info)
     engine.warmup(served.max_batch_size, version.spec.crop_size)

@@ -3,6 +3,7 @@
     <repository>/<name>/<version>/model.json      what the model is (``ModelMetadata``)
                                   labels.tsv      class index, English name, Chinese name
                                   model.<precision>.pt | .onnx   the compiled artefacts
+                                  model.fp32.state_dict.pt       the eager weights (explanations)
 
 ``resnet-serve export`` writes it (``backends.torch.export``); the server serves the latest
 version of every model in it. A model whose metadata, labels or artefact is missing or damaged
@@ -33,8 +34,10 @@ logger = logging.getLogger(__name__)
 METADATA_FILE = "model.json"
 LABELS_FILE = "labels.tsv"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
-ArtefactFormat = Literal["torchscript", "onnx"]
-SUFFIXES: dict[str, str] = {"torchscript": ".pt", "onnx": ".onnx"}
+ArtefactFormat = Literal["torchscript", "onnx", "state_dict"]
+SUFFIXES: dict[str, str] = {"torchscript": ".pt", "onnx": ".onnx", "state_dict": ".state_dict.pt"}
+# Not served by a runtime: the FP32 weights that explanations load into an eager network.
+EAGER_WEIGHTS = "state_dict"
 
 
 def valid_name(name: str) -> bool:
@@ -103,6 +106,8 @@ class ModelMetadata(BaseModel):
     weights: SourceWeights
     batching: Batching = Field(default_factory=Batching)
     artefacts: list[Artefact] = Field(default_factory=list)
+    explain_layer: str | None = Field(None, description="the module explanations look at (unset: the last "
+                                                        "convolutional block, found automatically)")
     created: str = ""
     exporter: str = ""
 
@@ -209,7 +214,7 @@ class Wanted:
             return False
         if self.precision == "int8":
             return (artefact.int8_backend, artefact.calibration) == (self.int8_backend, self.calibration)
-        return self.format == "onnx" or artefact.channels_last == self.channels_last
+        return self.format != "torchscript" or artefact.channels_last == self.channels_last
 
 
 class Repository:

@@ -24,6 +24,7 @@ from typing import Literal
 
 from resnet_serve import memory, metrics
 from resnet_serve.errors import ModelNotFound, ModelUnavailable, NotReady
+from resnet_serve.explain import Explainer, Target
 from resnet_serve.loading import (
     RepositoryPlan,
     default_spec,
@@ -66,6 +67,8 @@ class Service:
         self.decode_pool = concurrent.futures.ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="resnet-serve-decode"
         )
+        self.explainer = Explainer(queue_limit=settings.explain_queue,
+                                   max_pixels=min(settings.max_pixels, settings.explain_max_pixels))
         self._engines: list[Predictor] = []
         self._loader: asyncio.Task[None] | None = None
         self._heap_trimmer: asyncio.Task[None] | None = None
@@ -176,6 +179,11 @@ class Service:
         alive = [self.model_ready(m) for m in self.models.values() if m.pipeline is not None]
         return "ready" if all(alive) else "restarting"
 
+    def explain_target(self, name: str | None = None) -> Target:
+        """The model to explain, behind the same gate as predictions (ready, not stopping)."""
+        info = self.ready_pipeline(name).engine.info
+        return Target(info.spec, info.version, info.directory, info.weights.source)
+
     @property
     def default_pipeline(self) -> Pipeline | None:
         slot = self.models.get(self.default) if self.default else None
@@ -195,7 +203,8 @@ class Service:
         if self._heap_trimmer is not None:
             self._heap_trimmer.cancel()
         grace = self.settings.shutdown_grace_s
-        await asyncio.gather(*(m.pipeline.close(grace) for m in self.models.values() if m.pipeline))
+        await asyncio.gather(self.explainer.close(grace),
+                             *(m.pipeline.close(grace) for m in self.models.values() if m.pipeline))
         for engine in self._engines:
             await asyncio.to_thread(engine.close, grace)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

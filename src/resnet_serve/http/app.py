@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from resnet_serve import __version__
-from resnet_serve.http import health, info, oip, predict, triton
+from resnet_serve.http import explain, health, info, oip, predict, triton
 from resnet_serve.http.errors import install_error_handlers
 from resnet_serve.http.middleware import RequestLog
 from resnet_serve.http.page import mount_page
@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, *, engine: Predictor | None = N
     app.state.service = service
     install_error_handlers(app)
     configure_logging(settings.log_format, settings.log_level)
-    for router in (predict.router, info.router, health.router, triton.router, oip.router,
+    for router in (predict.router, explain.router, info.router, health.router, triton.router, oip.router,
                    oip.fallback_for(triton.router, oip.router)):
         app.include_router(router)
     mount_page(app)

@@ -1,7 +1,8 @@
 """The Open Inference Protocol v2 (KServe, Triton) beside our own API, through the same pipelines.
 
 Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, and per model (``{name}``,
-or ``{name}/versions/{version}`` for the version served): metadata, ``/ready`` and ``POST /infer``.
+or ``{name}/versions/{version}`` for the version served): metadata, ``/ready`` and ``POST /infer``;
+and our extension ``POST .../explain`` (Grad-CAM, as ``POST /explain``, in the protocol's tensors).
 Triton's own extensions (model configuration, statistics, repository index) are in
 ``http.triton``. The tensors are described in ``http.oip_codec``.
 
@@ -18,21 +19,24 @@ import functools
 import time
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.routing import Match
 
 from resnet_serve import __version__
-from resnet_serve.errors import MethodNotAllowed, ModelNotFound, NotFound, UnsupportedMediaType
+from resnet_serve.errors import MalformedRequest, MethodNotAllowed, ModelNotFound, NotFound, UnsupportedMediaType
 from resnet_serve.http.auth import require_api_key
 from resnet_serve.http.dependencies import ServiceDep
 from resnet_serve.http.errors import OipRoute
 from resnet_serve.http.oip_codec import (
     BINARY_HEADER,
+    BYTES_INPUT,
     InferRequest,
     InferResponse,
     Readiness,
+    ResponseOutput,
     V2Error,
     inlined_schema,
     model_metadata,
@@ -131,6 +135,55 @@ async def infer(name: str, request: Request, service: ServiceDep, version: str |
             raise outcome
     return InferResponse(model_name=name, model_version=str(slot.version), id=parsed.id,
                          outputs=outputs(wanted, results, pipeline))  # type: ignore[arg-type]
+
+
+EXPLAIN_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": inlined_schema(InferRequest),
+    "example": {"parameters": {"top_k": 1}, "inputs": [
+        {"name": BYTES_INPUT, "shape": [1], "datatype": "BYTES", "data": ["<base64 JPEG>"]}]}}}}}
+
+
+def _int_parameter(request: InferRequest, name: str, default: int | None) -> int | None:
+    value = request.parameters.get(name, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise MalformedRequest(f"parameter {name!r} must be an integer")
+    return value  # type: ignore[no-any-return]
+
+
+@router.post("/models/{name}/explain", summary="Explanation (Grad-CAM; our extension)",
+             dependencies=[Depends(require_api_key)], response_model=InferResponse,
+             responses={**INFER_ERRORS, 501: {"model": V2Error, "description": "this install cannot explain"}},
+             openapi_extra=EXPLAIN_BODY)
+@router.post("/models/{name}/versions/{version}/explain", summary="Explanation (one version)",
+             dependencies=[Depends(require_api_key)], response_model=InferResponse, responses=INFER_ERRORS,
+             openapi_extra=EXPLAIN_BODY)
+async def explain(name: str, request: Request, service: ServiceDep, version: str | None = None) -> InferResponse:
+    """What ``POST /explain`` answers, as protocol tensors: one image in (``INPUT``, BYTES, shape
+    [1]); request parameters ``top_k`` (default 1) and ``class_id``; outputs ``class_ids`` (INT64
+    [k]), ``confidences`` (FP32 [k]), ``heatmaps`` (BYTES [k], base64 PNGs of the image's size)
+    and ``grids`` (FP32 [k, h, w])."""
+    start = time.monotonic()
+    slot = served(service, name, version)
+    target, explainer = service.explain_target(slot.name), service.explainer
+    if not explainer.has_room():
+        raise explainer.overloaded()
+    body = await read_body(request, max_bytes=4 * service.settings.max_upload_bytes)
+    parsed, binary = parse_body(body, request.headers.get(BINARY_HEADER))
+    top_k = _int_parameter(parsed, "top_k", 1) or 1
+    classes = target.classes(_int_parameter(parsed, "class_id", None), top_k)
+    encoded, items = request_inputs(parsed, binary, service.ready_pipeline(slot.name))
+    if not encoded or len(items) != 1:
+        raise MalformedRequest(f"explain takes one encoded image: input {BYTES_INPUT!r}, BYTES, shape [1]")
+    done = await explainer.explain(target, items[0], start + service.settings.request_timeout_s,
+                                   classes=classes, top_k=top_k)
+    k, grids = len(done.maps), np.stack([m.grid for m in done.maps])
+    return InferResponse(model_name=name, model_version=str(slot.version), id=parsed.id, outputs=[
+        ResponseOutput(name="class_ids", datatype="INT64", shape=[k], data=[m.class_id for m in done.maps]),
+        ResponseOutput(name="confidences", datatype="FP32", shape=[k],
+                       data=[float(done.probs[m.class_id]) for m in done.maps]),
+        ResponseOutput(name="heatmaps", datatype="BYTES", shape=[k], data=[m.heatmap_png for m in done.maps]),
+        ResponseOutput(name="grids", datatype="FP32", shape=list(grids.shape), data=grids.ravel().tolist()),
+    ])
 
 
 def fallback_for(*routers: APIRouter) -> APIRouter:

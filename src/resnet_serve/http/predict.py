@@ -28,7 +28,7 @@ from resnet_serve.service import Service
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-def _multipart_body(field: str, schema: dict[str, Any], *, raw: bool) -> dict[str, Any]:
+def multipart_body(field: str, schema: dict[str, Any], *, raw: bool) -> dict[str, Any]:
     content: dict[str, Any] = {"multipart/form-data": {"schema": {
         "type": "object", "required": [field], "properties": {field: schema}}}}
     if raw:
@@ -77,13 +77,13 @@ ONE_IMAGE: dict[str, Any] = {
     "summary": "Classify one image",
     "description": f"Send the image as multipart/form-data field `{FILE_FIELD}` (or as the raw body). "
                    "The format is detected from the bytes.",
-    "openapi_extra": _multipart_body(FILE_FIELD, BINARY, raw=True),
+    "openapi_extra": multipart_body(FILE_FIELD, BINARY, raw=True),
 }
 SEVERAL_IMAGES: dict[str, Any] = {
     "summary": "Classify several images in one request",
     "description": f"Send up to {MAX_BATCH_FILES} images as repeated multipart fields `{BATCH_FIELD}`. Each "
                    "image is answered on its own: a bad one gets its error, the others their predictions.",
-    "openapi_extra": _multipart_body(BATCH_FIELD, {"type": "array", "items": BINARY}, raw=False),
+    "openapi_extra": multipart_body(BATCH_FIELD, {"type": "array", "items": BINARY}, raw=False),
 }
 
 

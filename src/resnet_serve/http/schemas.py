@@ -197,3 +197,32 @@ def class_scores(labels: Labels, result: ImageResult, k: int, lang: Language) ->
         )
         for rank, (confidence, class_id) in enumerate(zip(values, indices), start=1)
     ]
+
+
+class ExplainedClass(BaseModel):
+    class_id: int
+    label: str = Field(description="the class name in the requested language")
+    label_en: str
+    label_zh: str
+    confidence: float = Field(ge=0.0, le=1.0, description="softmax probability")
+    heatmap_png: str = Field(description="base64 PNG (RGBA) of the image's own width x height: the map coloured "
+                                         "blue (cold) to red (hot) over the model's crop, transparent outside it")
+    grid: list[list[float]] = Field(description="the map at the layer's resolution over the crop, rows top "
+                                                "to bottom, in [0, 1]")
+
+
+class ExplainResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    predictions: list[ClassScore] = Field(description="the top_k classes, as /predict ranks them")
+    explanations: list[ExplainedClass] = Field(description="one per explained class")
+    image: ImageInfo
+    method: str = Field("grad-cam", description="Grad-CAM on an eager FP32 copy of the served network")
+    layer: str = Field(description="the module explained, e.g. layer4")
+    crop_box: tuple[float, float, float, float] = Field(
+        description="where the model's crop lies in the image: left, top, right, bottom (pixels)")
+    explain_time_ms: float = Field(description="Grad-CAM itself: one forward and one backward pass per class")
+    total_time_ms: float = Field(description="server time from request to response, queue and drawing included")
+    model: str
+    model_version: int
+    weights: str = Field(description="official, custom or random-init (explanations meaningless)")

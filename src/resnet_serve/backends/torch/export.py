@@ -34,12 +34,14 @@ from resnet_serve.backends.torch.checkpoints import (
     resolve,
 )
 from resnet_serve.backends.torch.compile import CompileOptions, compile_model
+from resnet_serve.backends.torch.gradcam import find_layer
 from resnet_serve.backends.torch.graph import ServingNetwork, build_network
 from resnet_serve.backends.torch.runtime import torchscript_quietly
-from resnet_serve.errors import ExportError
+from resnet_serve.errors import ExportError, RepositoryError
 from resnet_serve.labels import Labels, imagenet_labels, write_labels
 from resnet_serve.photos import calibration_files, calibration_fingerprint, load_pixels
 from resnet_serve.repository import (
+    EAGER_WEIGHTS,
     LABELS_FILE,
     SUFFIXES,
     Artefact,
@@ -79,6 +81,7 @@ class ExportJob:
     int8_backend: str = "x86"
     calibration: Path | None = None
     batching: Batching = field(default_factory=Batching)
+    explain_layer: str | None = None
 
 
 def classification_architectures() -> list[str]:
@@ -103,10 +106,10 @@ def default_geometry(architecture: str) -> Geometry:
                     interpolation=t.interpolation.value, mean=tuple(t.mean), std=tuple(t.std))
 
 
-def _eager(job: ExportJob) -> ServingNetwork:
-    net = build_network(job.spec)
-    net.load_state_dict(job.weights.state_dict)
-    return ServingNetwork(net.eval(), job.spec, torch.float32, channels_last=False).eval()
+def _eager(spec: ModelSpec, state_dict: dict[str, torch.Tensor]) -> ServingNetwork:
+    net = build_network(spec)
+    net.load_state_dict(state_dict)
+    return ServingNetwork(net.eval(), spec, torch.float32, channels_last=False).eval()
 
 
 def _compare(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -116,18 +119,25 @@ def _compare(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
             "top5_overlap": float(np.mean(top5))}
 
 
-def _run_artefact(fmt: str, path: Path, pixels: np.ndarray) -> np.ndarray:
+def _run_artefact(fmt: str, path: Path, pixels: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """The written artefact, loaded back as the server will load it, on the validation photos."""
     if fmt == "onnx":
         from resnet_serve.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(path, threads=torch.get_num_threads()).run(pixels)
+    if fmt == EAGER_WEIGHTS:
+        with torch.inference_mode():
+            return _eager(spec, torch.load(path, map_location="cpu", weights_only=True))(torch.from_numpy(pixels)).numpy()
     with torchscript_quietly(), torch.inference_mode():
         return torch.jit.load(str(path), map_location="cpu")(torch.from_numpy(pixels)).float().numpy()
 
 
 def _write(job: ExportJob, fmt: str, precision: str, path: Path) -> dict[str, object]:
     """Compile one artefact into ``path``; what it was built with."""
+    if fmt == EAGER_WEIGHTS:
+        torch.save({k: v.detach().float().contiguous() if v.is_floating_point() else v
+                    for k, v in job.weights.state_dict.items()}, path)
+        return {}
     if fmt == "onnx":
         from resnet_serve.backends.torch.onnx_export import export_onnx, quantize_onnx
 
@@ -157,12 +167,12 @@ def build_artefact(job: ExportJob, fmt: str, precision: str, directory: Path, pi
                    reference: np.ndarray, progress: Progress) -> Artefact:
     """Compile, write, load back and validate one artefact."""
     if fmt not in SUFFIXES:
-        raise ExportError(f"unknown format {fmt!r}; use torchscript or onnx")
+        raise ExportError(f"unknown format {fmt!r}; use torchscript, onnx or {EAGER_WEIGHTS}")
     name = f"model.{precision}{SUFFIXES[fmt]}"
     started = time.perf_counter()
     progress(f"{job.spec.name}: building {fmt} {precision}")
     options = _write(job, fmt, precision, directory / name)
-    figures = _compare(_run_artefact(fmt, directory / name, pixels), reference)
+    figures = _compare(_run_artefact(fmt, directory / name, pixels, job.spec), reference)
     if precision == "fp32" and figures["max_abs_diff"] > FP32_TOLERANCE:
         raise ExportError(f"{job.spec.name} {fmt} fp32 differs from eager PyTorch by {figures['max_abs_diff']:.2e} "
                           f"(more than {FP32_TOLERANCE:g}) on {len(pixels)} photos; refusing to write it")
@@ -180,7 +190,7 @@ def _metadata(job: ExportJob, artefacts: list[Artefact]) -> ModelMetadata:
                         mean=spec.mean, std=spec.std)
     return ModelMetadata(
         name=spec.name, version=job.version, architecture=spec.architecture, num_classes=spec.num_classes,
-        geometry=geometry, batching=job.batching, artefacts=artefacts,
+        geometry=geometry, batching=job.batching, artefacts=artefacts, explain_layer=job.explain_layer,
         weights=SourceWeights(source=info.source, sha256=info.sha256, path=str(info.path) if info.path else None),
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         exporter=f"resnet-serve {__version__}",
@@ -199,15 +209,20 @@ def export(job: ExportJob, progress: Progress = logger.info) -> ModelVersion:
     if existing is not None and not same_model(existing, job):
         raise ExportError(f"{final} already holds another model (other weights, labels or geometry); "
                           "choose another --version or remove it")
+    if job.explain_layer is None and existing is not None and existing.metadata is not None:
+        job = dataclasses.replace(job, explain_layer=existing.metadata.explain_layer)
+    try:
+        find_layer(build_network(job.spec), job.explain_layer)
+    except RepositoryError as exc:
+        raise ExportError(f"--explain-layer: {exc}") from None
     staging = final.parent / f".{job.version}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(final, staging) if existing is not None else staging.mkdir(parents=True)
     try:
         pixels = load_pixels(calibration_files(job.calibration)[:VALIDATION_PHOTOS], job.spec)
         with torch.inference_mode():
-            reference = _eager(job)(torch.from_numpy(pixels)).numpy()
-        built = [build_artefact(job, f, p, staging, pixels, reference, progress)
-                 for f in job.formats for p in job.precisions]
+            reference = _eager(job.spec, job.weights.state_dict)(torch.from_numpy(pixels)).numpy()
+        built = [build_artefact(job, f, p, staging, pixels, reference, progress) for f, p in _artefacts_of(job)]
         kept = [a for a in (existing.metadata.artefacts if existing and existing.metadata else [])
                 if (a.format, a.precision) not in {(b.format, b.precision) for b in built}]
         write_labels(job.spec.labels, staging / LABELS_FILE)
@@ -216,6 +231,13 @@ def export(job: ExportJob, progress: Progress = logger.info) -> ModelVersion:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return read_version(job.spec.name, job.version, final)
+
+
+def _artefacts_of(job: ExportJob) -> list[tuple[str, str]]:
+    """(format, precision) of each artefact to build: every precision of each compiled format, and
+    the eager weights once, in FP32 (explanations' input, whatever precision serves)."""
+    pairs = [(f, p) for f in job.formats if f != EAGER_WEIGHTS for p in job.precisions]
+    return pairs + ([(EAGER_WEIGHTS, "fp32")] if EAGER_WEIGHTS in job.formats else [])
 
 
 def same_model(version: ModelVersion, job: ExportJob) -> bool:

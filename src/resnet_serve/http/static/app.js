@@ -1,4 +1,5 @@
-// resnet-serve web page: pick, drop or paste images; each gets a card with its Top-K bars.
+// resnet-serve web page: pick, drop or paste images; each gets a card with its Top-K bars, and
+// a "why?" toggle per class that lays a Grad-CAM heatmap (POST /explain) over the preview.
 // No framework and no network beyond this server. Server data is only ever set as textContent.
 "use strict";
 
@@ -11,6 +12,8 @@ const TEXT = {
     status: (m) => `${displayName(m)} on ${m.device} · ${m.precision} · batch ≤ ${m.max_batch_size} · ${m.dispatch} dispatch · weights: ${m.weights}`,
     classifying: "Classifying…", inference: "inference", roundTrip: "round trip", batch: "batch",
     preview: (name) => `Preview of ${name}`, langButton: "中文", langLabel: "切换到中文",
+    why: "why?", whyLabel: (label) => `Show where the model looked for ${label}`, opacity: "Heatmap opacity",
+    explaining: "Explaining…", heatmap: (label) => `Heatmap: where the model looked for ${label}`,
     errors: {
       not_image: "This file is not an image.",
       too_large: (mb) => `This file is larger than the ${mb} MB limit.`,
@@ -22,6 +25,7 @@ const TEXT = {
       deadline_exceeded: "The server took too long to answer. Please try again.",
       upload_timeout: "The upload took too long.",
       network: "Could not reach the server.",
+      explanations_unavailable: "This server cannot explain its predictions (it needs the torch extra).",
       other: "Something went wrong",
     },
   },
@@ -33,6 +37,8 @@ const TEXT = {
     status: (m) => `${displayName(m)} · 设备 ${m.device} · 精度 ${m.precision} · 批大小 ≤ ${m.max_batch_size} · ${m.dispatch} 调度 · 权重：${m.weights}`,
     classifying: "识别中…", inference: "推理", roundTrip: "往返", batch: "批",
     preview: (name) => `${name} 的预览`, langButton: "English", langLabel: "Switch to English",
+    why: "为什么？", whyLabel: (label) => `显示模型判断为「${label}」时关注的区域`, opacity: "热力图不透明度",
+    explaining: "正在解释…", heatmap: (label) => `热力图：模型判断为「${label}」时关注的区域`,
     errors: {
       not_image: "这个文件不是图片。",
       too_large: (mb) => `文件超过 ${mb} MB 的上限。`,
@@ -44,6 +50,7 @@ const TEXT = {
       deadline_exceeded: "服务器响应超时，请重试。",
       upload_timeout: "上传超时。",
       network: "无法连接到服务器。",
+      explanations_unavailable: "此服务器无法解释预测结果（需要安装 torch 扩展）。",
       other: "出错了",
     },
   },
@@ -63,8 +70,8 @@ function displayName(m) {
   return m.name === "resnet18" && m.architecture === "resnet18" ? "ResNet-18" : `${m.name} (${m.architecture})`;
 }
 
-function modelQuery() {
-  return state.chosen ? `&model=${encodeURIComponent(state.chosen)}` : "";
+function modelQuery(name = state.chosen) {
+  return name ? `&model=${encodeURIComponent(name)}` : "";
 }
 
 const $ = (id) => document.getElementById(id);
@@ -145,10 +152,86 @@ function errorText(card) {
   return known || `${errors.other}: ${card.errorMessage || card.error}`;
 }
 
+function labelOf(p) {
+  return state.lang === "zh" ? p.label_zh : p.label_en;
+}
+
+// The "why?" overlay: the heatmap PNG (the photo's own size) laid over the preview, both drawn
+// with object-fit: contain in the same box, so they line up; its opacity follows the slider.
+function renderOverlay(card) {
+  const heat = card.node.querySelector("img.heat");
+  const shown = card.explained !== null && card.heatmaps[card.explained];
+  heat.hidden = !shown;
+  if (shown) {
+    heat.src = card.heatmaps[card.explained].src;
+    heat.alt = t().heatmap(card.heatmaps[card.explained].label);
+    heat.style.opacity = String(card.opacity);
+  }
+}
+
+async function explain(card, p) {
+  if (card.explained === p.class_id) {
+    card.explained = null;
+    renderCard(card);
+    return;
+  }
+  card.explained = p.class_id;
+  card.explainError = null;
+  if (!card.heatmaps[p.class_id]) {
+    card.explaining = true;
+    renderCard(card);
+    const form = new FormData();
+    form.append("file", card.file, card.name);
+    try {
+      const response = await fetch(`/explain?class_id=${p.class_id}${modelQuery(card.model)}`, { method: "POST", body: form });
+      const body = await response.json().catch(() => null);
+      if (response.ok && body) {
+        card.heatmaps[p.class_id] = { src: `data:image/png;base64,${body.explanations[0].heatmap_png}`, label: labelOf(p) };
+      } else {
+        card.explained = null;
+        card.explainError = { code: (body && body.error && body.error.code) || `http_${response.status}`,
+                              message: body && body.error ? body.error.message : response.statusText };
+      }
+    } catch {
+      card.explained = null;
+      card.explainError = { code: "network" };
+    }
+    card.explaining = false;
+  }
+  renderCard(card);
+}
+
+function whyButton(card, p) {
+  const button = element("button", "why", t().why);
+  button.type = "button";
+  button.setAttribute("aria-pressed", String(card.explained === p.class_id));
+  button.setAttribute("aria-label", t().whyLabel(labelOf(p)));
+  button.addEventListener("click", () => explain(card, p));
+  return button;
+}
+
+function opacitySlider(card) {
+  const wrap = element("label", "opacity");
+  wrap.append(element("span", "", t().opacity));
+  const range = element("input");
+  range.type = "range";
+  range.min = "0";
+  range.max = "1";
+  range.step = "0.05";
+  range.value = String(card.opacity);
+  range.addEventListener("input", (e) => {
+    card.opacity = Number(e.target.value);
+    renderOverlay(card);
+  });
+  wrap.append(range);
+  return wrap;
+}
+
 function renderCard(card) {
   const body = card.node.querySelector(".body");
   body.replaceChildren(element("h2", "", card.name));
-  card.node.querySelector("img").alt = t().preview(card.name);
+  card.node.querySelector("img.photo").alt = t().preview(card.name);
+  renderOverlay(card);
   if (card.error) {
     body.append(element("p", "error", errorText(card)));
     return;
@@ -162,7 +245,7 @@ function renderCard(card) {
     const item = element("li", "prediction");
     const row = element("div", "row");
     const pct = (p.confidence * 100).toFixed(1) + "%";
-    row.append(element("span", "label", state.lang === "zh" ? p.label_zh : p.label_en), element("span", "pct", pct));
+    row.append(element("span", "label", labelOf(p)), element("span", "pct", pct), whyButton(card, p));
     const track = element("div", "track");
     track.setAttribute("role", "img");
     track.setAttribute("aria-label", pct);
@@ -177,14 +260,26 @@ function renderCard(card) {
     `${t().inference} ${r.inference_time_ms.toFixed(1)} ms · ${t().roundTrip} ${card.roundTripMs.toFixed(0)} ms · ${t().batch} ${r.batch_size}`
     + ($("model-picker").hidden ? "" : ` · ${r.model}`));
   body.append(list, times);
+  if (card.explaining) body.append(element("p", "pending", t().explaining));
+  if (card.explainError) {
+    const known = t().errors[card.explainError.code];
+    body.append(element("p", "error", known || `${t().errors.other}: ${card.explainError.message || card.explainError.code}`));
+  }
+  if (card.explained !== null && card.heatmaps[card.explained]) body.append(opacitySlider(card));
 }
 
 async function classify(file) {
-  const card = { name: file.name || "pasted image", result: null, error: null, node: element("article", "card") };
-  const img = element("img");
+  const card = { name: file.name || "pasted image", result: null, error: null, node: element("article", "card"),
+                 file, model: state.chosen, explained: null, heatmaps: {}, opacity: 0.6, explaining: false,
+                 explainError: null };
+  const preview = element("div", "preview");
+  const img = element("img", "photo");
+  const heat = element("img", "heat");
+  heat.hidden = true;
   if (file.type.startsWith("image/")) img.src = URL.createObjectURL(file);
-  else img.hidden = true;
-  card.node.append(img, element("div", "body"));
+  else preview.hidden = true;
+  preview.append(img, heat);
+  card.node.append(preview, element("div", "body"));
   $("results").prepend(card.node);
   state.cards.push(card);
   if (!file.type.startsWith("image/")) card.error = "not_image";
@@ -196,7 +291,7 @@ async function classify(file) {
   form.append("file", file, card.name);
   const started = performance.now();
   try {
-    const response = await fetch(`/predict?top_k=${state.topK}&lang=${state.lang}${modelQuery()}`, { method: "POST", body: form });
+    const response = await fetch(`/predict?top_k=${state.topK}&lang=${state.lang}${modelQuery(card.model)}`, { method: "POST", body: form });
     card.roundTripMs = performance.now() - started;
     const body = await response.json().catch(() => null);
     if (response.ok && body) card.result = body;
