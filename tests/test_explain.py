@@ -7,6 +7,7 @@ import asyncio
 import base64
 import dataclasses
 import io
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from resnet_serve.backends.onnxruntime import OnnxCam
 from resnet_serve.backends.torch.gradcam import GradCam, find_layer
 from resnet_serve.backends.torch.graph import build_network_of
 from resnet_serve.errors import DeadlineExceeded, ExplanationsUnavailable, Overloaded, RepositoryError
@@ -123,14 +125,35 @@ def test_the_heatmap_is_coloured_inside_the_crop_and_transparent_outside() -> No
     assert red.tolist() == [128, 0, 0] and blue.tolist() == [0, 0, 128]  # jet: dark red (hot) to dark blue
 
 
-def test_a_model_without_eager_weights_cannot_be_explained(user_repository: Path) -> None:
+def test_without_eager_weights_cam_explains_and_without_either_nothing_does(user_repository: Path) -> None:
     version = Repository(user_repository).latest()["flowers"]
     assert version.metadata is not None and version.spec is not None
-    assert open_explainer(version, version.spec).layer == "layer4"  # type: ignore[attr-defined]
+    assert isinstance(open_explainer(version, version.spec), GradCam)
+    artefacts = version.metadata.artefacts
+    onnx_only = version.metadata.model_copy(update={"artefacts": [a for a in artefacts if a.format != "state_dict"]})
+    assert isinstance(open_explainer(dataclasses.replace(version, metadata=onnx_only), version.spec), OnnxCam)
     compiled_only = version.metadata.model_copy(
-        update={"artefacts": [a for a in version.metadata.artefacts if a.format != "state_dict"]})
+        update={"artefacts": [a for a in artefacts if a.format in ("torchscript", "onnx")]})
     with pytest.raises(ExplanationsUnavailable, match="--format torchscript,state_dict"):
         open_explainer(dataclasses.replace(version, metadata=compiled_only), version.spec)
+
+
+def test_cam_from_the_onnx_graph_equals_grad_cam_for_a_global_pool_and_linear_head(
+        user_repository: Path, photos: dict[str, Image.Image]) -> None:
+    """The torch-free path: the ONNX graph's features and the exported head give Grad-CAM's maps."""
+    version = Repository(user_repository).latest()["flowers"]
+    assert version.metadata is not None and version.spec is not None
+    folder, spec = version.directory, version.spec
+    assert version.metadata.artefact("cam", "fp32") is not None  # found at export: ResNet's head is pool + fc
+    cam = OnnxCam(folder / "model.fp32.onnx", folder / "model.fp32.cam.npz")
+    grad_cam = GradCam.load(folder / "model.fp32.state_dict.pt", spec)
+    for name in ("chelsea", "rocket"):
+        pixels = to_pixels(photos[name], spec)
+        ours, reference = cam(pixels, top_k=3), grad_cam(pixels, top_k=3)
+        assert (ours.method, ours.layer, list(ours.grids)) == ("cam", "layer4", list(reference.grids))
+        np.testing.assert_allclose(ours.probs, reference.probs, atol=1e-5)
+        for class_id, grid in reference.grids.items():
+            np.testing.assert_allclose(ours.grids[class_id], grid, atol=1e-4)
 
 
 class Blocking:
@@ -173,7 +196,9 @@ async def test_the_queue_is_bounded_and_the_deadline_kept(photo_jpegs: dict[str,
 
 @pytest.fixture
 async def explain_client(settings: Settings, engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    async for c in open_client(create_app(settings, engine=engine)):
+    """The API at normal explanation priority: at ``idle`` (the default, tested on its own above)
+    an explanation waits for whatever else keeps the machine busy, such as another test run."""
+    async for c in open_client(create_app(settings.model_copy(update={"explain_priority": "normal"}), engine=engine)):
         yield c
 
 
@@ -257,7 +282,8 @@ async def test_a_full_explainer_answers_503_and_predictions_go_on(settings: Sett
 
 async def test_each_served_model_is_explained_with_its_own_labels(user_repository: Path,
                                                                   photo_jpegs: dict[str, bytes]) -> None:
-    settings = Settings(model_repository=user_repository, runtime="onnxruntime", compiled_cache=False)
+    settings = Settings(model_repository=user_repository, runtime="onnxruntime", compiled_cache=False,
+                        explain_priority="normal")
     async for c in open_client(create_app(settings)):
         await c.get("/health/ready")
         for _ in range(100):
@@ -289,3 +315,20 @@ async def test_the_protocol_explains_in_its_own_tensors_and_errors(explain_clien
     two = {**body, "inputs": [{**body["inputs"][0], "shape": [2], "data": [image, image]}]}  # type: ignore[index]
     refused = await explain_client.post("/v2/models/resnet18/explain", json=two)
     assert refused.status_code == 400 and "one encoded image" in refused.json()["error"]
+
+
+@pytest.mark.parametrize(("priority", "policy", "nice"), [("idle", "SCHED_IDLE", 0), ("low", "SCHED_OTHER", 19),
+                                                          ("normal", "SCHED_OTHER", 0)])
+async def test_explanations_run_at_the_configured_cpu_priority(priority: str, policy: str, nice: int,
+                                                               photo_jpegs: dict[str, bytes]) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def opener(target: Target) -> GradCam:
+        tid = threading.get_native_id()
+        seen.append((os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)))
+        return GradCam(TopRightOnly(), QUADRANT_SPEC)
+
+    explainer = Explainer(queue_limit=1, max_pixels=10**8, priority=priority, opener=opener)
+    await explainer.explain(Target(QUADRANT_SPEC, 1, None), photo_jpegs["coffee"], time.monotonic() + 30)
+    await explainer.close(1.0)
+    assert seen == [(getattr(os, policy), nice)]

@@ -35,7 +35,7 @@ def test_two_users_models_export_into_one_repository(user_repository: Path, user
     assert meta.weights.source == "custom" and meta.weights.sha256 == sha256_of(user_files["flowers"])
     assert meta.batching.max_batch_size == 2
     assert {(a.format, a.precision) for a in meta.artefacts} == {("torchscript", "fp32"), ("onnx", "fp32"),
-                                                                  ("state_dict", "fp32")}
+                                                                  ("state_dict", "fp32"), ("cam", "fp32")}
     eager = meta.artefact("state_dict", "fp32")
     assert eager is not None and eager.validation is not None and eager.validation.max_abs_diff == 0.0
     for artefact in meta.artefacts:
@@ -155,7 +155,7 @@ def test_an_fp32_artefact_that_differs_from_eager_pytorch_is_refused(
 ) -> None:
     """A faulty compilation (simulated: its output is off by 1e-3) must not reach a repository."""
     run = export._run_artefact
-    monkeypatch.setattr(export, "_run_artefact", lambda fmt, path, pixels: run(fmt, path, pixels) + 1e-3)
+    monkeypatch.setattr(export, "_run_artefact", lambda *args: run(*args) + 1e-3)
     assert export_cli("--weights", "random", "--repository", str(tmp_path), "--format", "torchscript") == 2
     assert "refusing to write it" in capsys.readouterr().err
     assert not (tmp_path / "resnet18" / "1").exists()

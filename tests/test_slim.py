@@ -5,6 +5,8 @@ TorchScript runtime does. What needs torch says which extra brings it."""
 from __future__ import annotations
 
 import base64
+import io
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +14,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from resnet_serve.loading import load_engine
-from resnet_serve.repository import Repository
+from resnet_serve.repository import ModelMetadata, Repository, write_metadata
 from resnet_serve.settings import Settings
 from resnet_serve.transform import preprocess
 from tests.conftest import env_with, free_port, wait_ready
@@ -77,18 +80,46 @@ def test_the_slim_server_maps_no_libtorch_and_answers_as_torchscript(
         assert np.abs(slim - torchscript).max() <= 1e-4
 
 
-def test_explanations_in_the_slim_install_answer_501_naming_the_extra(
-    slim_server: tuple[str, int], photo_jpegs: dict[str, bytes]
+@pytest.fixture
+def repository_with_a_model_cam_cannot_explain(user_repository: Path, tmp_path: Path) -> Path:
+    """The users' repository, plus a copy of flowers whose metadata has no CAM head."""
+    repository = tmp_path / "repository"
+    shutil.copytree(user_repository, repository)
+    shutil.copytree(repository / "flowers", repository / "nocam")
+    folder = repository / "nocam" / "1"
+    metadata = ModelMetadata.model_validate_json((folder / "model.json").read_text())
+    write_metadata(folder, metadata.model_copy(update={"name": "nocam", "artefacts": [
+        a for a in metadata.artefacts if a.format != "cam"]}))
+    return repository
+
+
+def test_the_slim_install_explains_with_cam_where_the_head_allows_and_else_names_the_extra(
+    slim_python: Path, repository_with_a_model_cam_cannot_explain: Path, photo_jpegs: dict[str, bytes], tmp_path: Path
 ) -> None:
-    url, _ = slim_server
-    answer = httpx.post(f"{url}/explain", params={"model": "flowers"}, files={"file": ("a.jpg", photo_jpegs["horse"])})
-    assert answer.status_code == 501 and answer.json()["error"]["code"] == "explanations_unavailable"
-    assert "resnet-serve[torch]" in answer.json()["error"]["message"]
-    assert predict_ok(url, photo_jpegs["horse"])
-
-
-def predict_ok(url: str, photo: bytes) -> bool:
-    return httpx.post(f"{url}/predict", params={"model": "flowers"}, files={"file": ("a.jpg", photo)}).status_code == 200
+    port = free_port()
+    with (tmp_path / "slim.log").open("wb") as log:
+        process = subprocess.Popen(
+            [str(slim_python), "-m", "resnet_serve", "serve", "--port", str(port), "--model-repository",
+             str(repository_with_a_model_cam_cannot_explain)],
+            env=env_with(runtime="auto", compiled_cache_dir=str(tmp_path / "cache")), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, process)
+            photo = {"file": ("cat.jpg", photo_jpegs["chelsea"])}
+            answer = httpx.post(f"{url}/explain", params={"model": "flowers", "top_k": 2}, files=photo, timeout=30)
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert (body["method"], body["layer"], len(body["explanations"])) == ("cam", "layer4", 2)
+            heatmap = Image.open(io.BytesIO(base64.b64decode(body["explanations"][0]["heatmap_png"])))
+            assert heatmap.size == (451, 300)
+            refused = httpx.post(f"{url}/explain", params={"model": "nocam"}, files=photo, timeout=30)
+            assert refused.status_code == 501 and refused.json()["error"]["code"] == "explanations_unavailable"
+            assert "resnet-serve[torch]" in refused.json()["error"]["message"]
+            assert httpx.post(f"{url}/predict", params={"model": "nocam"}, files=photo).status_code == 200
+            assert "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text()  # CAM needed no torch
+        finally:
+            process.kill()
+            process.wait(30)
 
 
 def test_what_needs_torch_names_the_extra(slim_python: Path, user_repository: Path, tmp_path: Path) -> None:

@@ -4,8 +4,8 @@ Concurrency contract:
 - One worker thread (``resnet-serve-explain``, a one-thread executor) runs explanations, one at
   a time: it decodes the upload, loads the model's eager FP32 copy on first use (then keeps it),
   runs Grad-CAM and draws the PNGs. Nothing else touches the eager networks, so they need no lock.
-- It runs at the lowest CPU priority (Linux's ``SCHED_IDLE``; nice 19 elsewhere), and the
-  intra-op threads it starts inherit that: when ``/predict``'s threads need the cores they get
+- It runs at the lowest CPU priority (``RESNET_SERVE_EXPLAIN_PRIORITY``, by default Linux's
+  ``SCHED_IDLE``; nice 19 elsewhere), and the intra-op threads it starts inherit that: when ``/predict``'s threads need the cores they get
   them, and explanations use what is left (``benchmarks/explain_bench.py`` measures both).
 - Admission: at most ``explain_queue`` explanations are waiting or running; one more is refused
   at once with 503 and Retry-After. The count drops when the worker finishes a job, not when its
@@ -30,6 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
+from resnet_serve.backends import Explained
 from resnet_serve.decode import decode
 from resnet_serve.errors import DeadlineExceeded, InvalidParameter, NotReady, Overloaded
 from resnet_serve.heatmaps import heatmap_image, image_box, overlay_image, place, png_base64, png_bytes
@@ -48,12 +49,6 @@ class Explains(Protocol):
     layer: str
 
     def __call__(self, pixels: np.ndarray, classes: list[int] | None = None, top_k: int = 1) -> Explained: ...
-
-
-class Explained(Protocol):
-    probs: np.ndarray
-    grids: dict[int, np.ndarray]
-    layer: str
 
 
 @dataclass(frozen=True)
@@ -94,6 +89,7 @@ class Explanation:
     probs: np.ndarray
     maps: list[ClassMap]
     layer: str
+    method: str
     format: str
     width: int
     height: int
@@ -102,23 +98,28 @@ class Explanation:
     overlay_png: bytes | None = None
 
 
-def _lowest_priority() -> None:
-    """Run the worker thread only when the CPU has nothing else to do: Linux's ``SCHED_IDLE`` (per
-    thread, inherited by the threads it starts); elsewhere the lowest nice value. Measured in
-    ``benchmarks/explain_bench.py``: nice 19 alone still cost /predict 29% of its p50 at c=8 on a
-    2-core machine, ``SCHED_IDLE`` nothing measurable."""
+def lower_priority(priority: str) -> None:
+    """Lower the calling thread's CPU priority (Linux: per thread, inherited by the threads it
+    starts). ``idle``: ``SCHED_IDLE``, it runs when nothing else wants the CPU (elsewhere nice 19);
+    ``low``: nice 19; ``normal``: unchanged. Measured in ``benchmarks/explain_bench.py``: with
+    nice 19 /predict's p50 at c=8 on a 2-core machine grew 29% beside explanations, with
+    ``SCHED_IDLE`` 8%. The price: on a machine kept busy by other processes too, explanations wait
+    for them, up to their deadline."""
+    if priority == "normal":
+        return
     tid = threading.get_native_id()
-    try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
-    except (AttributeError, OSError):
+    if priority == "idle":
         with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, tid, LOWEST_PRIORITY)
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
+            return
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, LOWEST_PRIORITY)
 
 
 class Explainer:
     """The explanation worker of one server: its thread, its bound, its eager networks."""
 
-    def __init__(self, *, queue_limit: int, max_pixels: int,
+    def __init__(self, *, queue_limit: int, max_pixels: int, priority: str = "idle",
                  opener: Callable[[Target], Explains] | None = None) -> None:
         self.queue_limit = queue_limit
         self.max_pixels = max_pixels
@@ -127,7 +128,7 @@ class Explainer:
         self._networks: dict[tuple[str, int, Path | None], Explains] = {}
         self._closing = False
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="resnet-serve-explain", initializer=_lowest_priority)
+            1, thread_name_prefix="resnet-serve-explain", initializer=lower_priority, initargs=(priority,))
 
     async def explain(self, target: Target, data: bytes, deadline: float, *, classes: list[int] | None = None,
                       top_k: int = 1, overlay: bool = False) -> Explanation:
@@ -184,7 +185,7 @@ class Explainer:
             photo = decoded.image
             values, mask = place(maps[0].grid, photo.width, photo.height, image_box(photo.width, photo.height, spec))
             overlay_png = png_bytes(overlay_image(photo, values, mask))
-        return Explanation(explained.probs, maps, explained.layer, decoded.format, width, height, box,
+        return Explanation(explained.probs, maps, explained.layer, explained.method, decoded.format, width, height, box,
                            (time.perf_counter() - started) * 1000.0, overlay_png)
 
     async def close(self, grace_s: float) -> None:

@@ -40,7 +40,7 @@ from resnet_serve.backends import ONNXRUNTIME, ORT_INT8_SCHEME, TORCHSCRIPT, Bac
 from resnet_serve.errors import ExplanationsUnavailable, RepositoryError
 from resnet_serve.inference import Engine, ModelInfo
 from resnet_serve.photos import calibration_files, calibration_fingerprint
-from resnet_serve.repository import EAGER_WEIGHTS, Artefact, ModelVersion, Repository, Wanted, read_version
+from resnet_serve.repository import CAM_HEAD, EAGER_WEIGHTS, Artefact, ModelVersion, Repository, Wanted, read_version
 from resnet_serve.settings import Settings
 from resnet_serve.spec import ModelSpec, builtin_spec
 from resnet_serve.weights import locate
@@ -271,21 +271,31 @@ def open_backend(artefact: Artefact, path: Path, settings: Settings) -> Backend:
 
 
 def open_explainer(version: ModelVersion | None, spec: ModelSpec) -> object:
-    """Grad-CAM over the version's eager FP32 weights (``backends.torch.gradcam.GradCam``), or 501
-    saying what is missing: the torch extra, or the weights in the model's folder."""
+    """What explains this model: Grad-CAM over its eager FP32 weights where torch is installed
+    (``backends.torch.gradcam.GradCam``, any architecture), else CAM from its ONNX graph where its
+    head allows one (``backends.onnxruntime.OnnxCam``, no torch); or 501 saying what is missing."""
+    metadata = version.metadata if version is not None else None
+    if version is None or metadata is None:
+        raise ExplanationsUnavailable(f"{spec.name} was not loaded from a model folder; it cannot be explained")
+    eager, head = metadata.artefact(EAGER_WEIGHTS, "fp32"), metadata.artefact(CAM_HEAD, "fp32")
+    graph = metadata.artefact("onnx", "fp32") or metadata.artefact("onnx", "int8")
     try:
-        from resnet_serve.backends.torch.gradcam import GradCam
-    except ImportError:
-        raise ExplanationsUnavailable(f"explanations run on PyTorch, which this install lacks ({TORCH_EXTRA})") from None
-    artefact = version.metadata.artefact(EAGER_WEIGHTS, "fp32") if version and version.metadata else None
-    if version is None or artefact is None:
+        if eager is not None and importlib.util.find_spec("torch") is not None:
+            from resnet_serve.backends.torch.gradcam import GradCam
+
+            return GradCam.load(version.artefact_path(eager), spec, metadata.explain_layer)
+        if head is not None and graph is not None and importlib.util.find_spec("onnxruntime") is not None:
+            from resnet_serve.backends.onnxruntime import OnnxCam
+
+            return OnnxCam(version.artefact_path(graph), version.artefact_path(head))
+    except (RepositoryError, ValueError) as exc:
+        raise ExplanationsUnavailable(f"{spec.name}: {exc}") from None
+    if eager is None and head is None:
         raise ExplanationsUnavailable(
             f"{spec.name} has no eager weights in its model folder; export it again with "
             f"--format torchscript,{EAGER_WEIGHTS} (or onnx,{EAGER_WEIGHTS})")
-    try:
-        return GradCam.load(version.artefact_path(artefact), spec, version.metadata.explain_layer)
-    except RepositoryError as exc:
-        raise ExplanationsUnavailable(str(exc)) from None
+    raise ExplanationsUnavailable(f"explanations of {spec.name} run on PyTorch, which this install lacks "
+                                  f"({TORCH_EXTRA}); its head allows no torch-free CAM")
 
 
 def _per_image_ms(backend: Backend, crop: int, batch: int, seconds: float = 0.4) -> float:

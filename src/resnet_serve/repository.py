@@ -4,6 +4,7 @@
                                   labels.tsv      class index, English name, Chinese name
                                   model.<precision>.pt | .onnx   the compiled artefacts
                                   model.fp32.state_dict.pt       the eager weights (explanations)
+                                  model.fp32.cam.npz   a global-pool + linear head (torch-free CAM)
 
 ``resnet-serve export`` writes it (``backends.torch.export``); the server serves the latest
 version of every model in it. A model whose metadata, labels or artefact is missing or damaged
@@ -34,10 +35,11 @@ logger = logging.getLogger(__name__)
 METADATA_FILE = "model.json"
 LABELS_FILE = "labels.tsv"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
-ArtefactFormat = Literal["torchscript", "onnx", "state_dict"]
-SUFFIXES: dict[str, str] = {"torchscript": ".pt", "onnx": ".onnx", "state_dict": ".state_dict.pt"}
-# Not served by a runtime: the FP32 weights that explanations load into an eager network.
-EAGER_WEIGHTS = "state_dict"
+ArtefactFormat = Literal["torchscript", "onnx", "state_dict", "cam"]
+SUFFIXES: dict[str, str] = {"torchscript": ".pt", "onnx": ".onnx", "state_dict": ".state_dict.pt", "cam": ".cam.npz"}
+# Not served by a runtime: the FP32 weights that explanations load into an eager network, and
+# the linear head (W, b) with which the ONNX graphs' features give CAM explanations without torch.
+EAGER_WEIGHTS, CAM_HEAD = "state_dict", "cam"
 
 
 def valid_name(name: str) -> bool:

@@ -67,7 +67,7 @@ class Service:
         self.decode_pool = concurrent.futures.ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="resnet-serve-decode"
         )
-        self.explainer = Explainer(queue_limit=settings.explain_queue,
+        self.explainer = Explainer(queue_limit=settings.explain_queue, priority=settings.explain_priority,
                                    max_pixels=min(settings.max_pixels, settings.explain_max_pixels))
         self._engines: list[Predictor] = []
         self._loader: asyncio.Task[None] | None = None

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(5.0, gt=0)
 
     explain_queue: int = Field(4, ge=1, description="explanations waiting or running before 503 (one runs at a time)")
+    explain_priority: Literal["idle", "low", "normal"] = Field(
+        "idle", description="CPU priority of explanations: idle (SCHED_IDLE), low (nice 19), normal")
     explain_max_pixels: int = Field(16_000_000, ge=1, description="largest image /explain takes (its heatmap is that size)")
 
     shutdown_grace_s: float = Field(10.0, ge=0, description="time queued requests get on SIGTERM")

@@ -7,6 +7,7 @@ everything that needs torch to build a model: weights, graph, quantization, expo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -16,8 +17,11 @@ TORCHSCRIPT, ONNXRUNTIME = "torchscript", "onnxruntime"
 PLATFORMS = {TORCHSCRIPT: "pytorch_torchscript", ONNXRUNTIME: "onnxruntime_onnx"}
 # The serving graph's tensor names, whatever format it is saved in.
 GRAPH_INPUT, GRAPH_OUTPUT = "pixels", "probs"
+# ONNX graphs of models with a global-pool + linear head also output the last block's
+# activations, which CAM explanations read without torch (serving asks for ``probs`` only).
+GRAPH_FEATURES = "features"
 # Bump when the serving graph changes what it computes: default models are exported again.
-GRAPH_VERSION = "1"
+GRAPH_VERSION = "2"
 # How ONNX artefacts are quantized to INT8 (backends.torch.onnx_export.quantize_onnx).
 ORT_INT8_SCHEME = "ort-qdq-u8s8-reduced"
 
@@ -36,3 +40,14 @@ class Backend(Protocol):
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities for one batch."""
+
+
+@dataclass(frozen=True)
+class Explained:
+    """One image explained: its probabilities and, per class, a map over the model's crop at the
+    explained layer's resolution (``[h, w]`` in ``[0, 1]``), and how it was made."""
+
+    probs: np.ndarray
+    grids: dict[int, np.ndarray]
+    layer: str
+    method: str  # "grad-cam" (backends.torch.gradcam) or "cam" (backends.onnxruntime.OnnxCam)

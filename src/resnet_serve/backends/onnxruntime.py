@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from resnet_serve.backends import GRAPH_INPUT, GRAPH_OUTPUT, ONNXRUNTIME
+from resnet_serve.backends import GRAPH_FEATURES, GRAPH_INPUT, GRAPH_OUTPUT, ONNXRUNTIME, Explained
 
 logger = logging.getLogger(__name__)
 
@@ -72,3 +72,29 @@ class OnnxRuntimeBackend:
     def run(self, pixels: np.ndarray) -> np.ndarray:
         (probs,) = self.session.run([GRAPH_OUTPUT], {GRAPH_INPUT: np.ascontiguousarray(pixels)})
         return probs  # type: ignore[no-any-return]
+
+
+class OnnxCam:
+    """CAM without torch, for a model whose head is a global average pool and a linear layer: the
+    ONNX graph outputs the last block's activations ``A`` beside the probabilities, and the map of
+    class ``c`` is ``relu(W[c] · A)``, which is exactly what Grad-CAM gives for such a head. Its own
+    session with one thread, on the explainer's thread (never the inference thread's session)."""
+
+    def __init__(self, graph: Path, head: Path) -> None:
+        options = _options(1, arena=False, optimise=True)
+        self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        if GRAPH_FEATURES not in {o.name for o in self.session.get_outputs()}:
+            raise ValueError(f"{graph.name} has no {GRAPH_FEATURES!r} output (exported before CAM); export it again")
+        with np.load(head) as data:
+            self.layer, self.weight = str(data["layer"]), data["weight"].astype(np.float32)
+
+    def __call__(self, pixels: np.ndarray, classes: list[int] | None = None, top_k: int = 1) -> Explained:
+        probs, features = self.session.run([GRAPH_OUTPUT, GRAPH_FEATURES],
+                                           {GRAPH_INPUT: np.ascontiguousarray(pixels[np.newaxis])})
+        probs, activations = probs[0], features[0]
+        wanted = classes if classes is not None else [int(c) for c in np.argsort(-probs, kind="stable")[:top_k]]
+        k, h, w = activations.shape
+        maps = np.maximum(self.weight[wanted] @ activations.reshape(k, h * w), 0.0).reshape(len(wanted), h, w)
+        peaks = maps.reshape(len(wanted), -1).max(axis=1)
+        grids = {c: (m / p if p > 0 else m).astype(np.float32) for c, m, p in zip(wanted, maps, peaks)}
+        return Explained(probs, grids, self.layer, "cam")

@@ -54,7 +54,7 @@ def _answer(explanation: Explanation, target: Target, query: ExplainQuery, filen
         predictions=class_scores(labels, result, query.top_k, query.lang), explanations=explained,
         image=ImageInfo(format=explanation.format, width=explanation.width, height=explanation.height,
                         filename=filename),
-        layer=explanation.layer, crop_box=tuple(round(v, 2) for v in explanation.box),  # type: ignore[arg-type]
+        layer=explanation.layer, method=explanation.method, crop_box=tuple(round(v, 2) for v in explanation.box),  # type: ignore[arg-type]
         explain_time_ms=round(explanation.explain_ms, 3),
         total_time_ms=round((time.monotonic() - start) * 1000.0, 3),
         model=target.spec.name, model_version=target.version, weights=target.weights)

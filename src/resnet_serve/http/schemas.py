@@ -217,7 +217,9 @@ class ExplainResponse(BaseModel):
     predictions: list[ClassScore] = Field(description="the top_k classes, as /predict ranks them")
     explanations: list[ExplainedClass] = Field(description="one per explained class")
     image: ImageInfo
-    method: str = Field("grad-cam", description="Grad-CAM on an eager FP32 copy of the served network")
+    method: str = Field("grad-cam", description="grad-cam: Grad-CAM on an eager FP32 copy of the served network "
+                                                "(torch); cam: CAM from the ONNX graph, exact for a global-pool + "
+                                                "linear head (the torch-free install)")
     layer: str = Field(description="the module explained, e.g. layer4")
     crop_box: tuple[float, float, float, float] = Field(
         description="where the model's crop lies in the image: left, top, right, bottom (pixels)")

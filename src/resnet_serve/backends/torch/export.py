@@ -34,13 +34,14 @@ from resnet_serve.backends.torch.checkpoints import (
     resolve,
 )
 from resnet_serve.backends.torch.compile import CompileOptions, compile_model
-from resnet_serve.backends.torch.gradcam import find_layer
+from resnet_serve.backends.torch.gradcam import find_layer, linear_head
 from resnet_serve.backends.torch.graph import ServingNetwork, build_network
 from resnet_serve.backends.torch.runtime import torchscript_quietly
 from resnet_serve.errors import ExportError, RepositoryError
 from resnet_serve.labels import Labels, imagenet_labels, write_labels
 from resnet_serve.photos import calibration_files, calibration_fingerprint, load_pixels
 from resnet_serve.repository import (
+    CAM_HEAD,
     EAGER_WEIGHTS,
     LABELS_FILE,
     SUFFIXES,
@@ -82,6 +83,16 @@ class ExportJob:
     calibration: Path | None = None
     batching: Batching = field(default_factory=Batching)
     explain_layer: str | None = None
+    cam: CamHead | None = None  # found by export() when the head is global-pool + linear
+
+
+@dataclass(frozen=True)
+class CamHead:
+    """The layer whose activations the ONNX graphs output, and the linear head over their mean."""
+
+    layer: str
+    weight: np.ndarray  # [classes, K]
+    bias: np.ndarray  # [classes]
 
 
 def classification_architectures() -> list[str]:
@@ -119,12 +130,16 @@ def _compare(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
             "top5_overlap": float(np.mean(top5))}
 
 
-def _run_artefact(fmt: str, path: Path, pixels: np.ndarray, spec: ModelSpec) -> np.ndarray:
+def _run_artefact(fmt: str, path: Path, pixels: np.ndarray, spec: ModelSpec,
+                  weights: dict[str, torch.Tensor]) -> np.ndarray:
     """The written artefact, loaded back as the server will load it, on the validation photos."""
     if fmt == "onnx":
         from resnet_serve.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(path, threads=torch.get_num_threads()).run(pixels)
+    if fmt == CAM_HEAD:
+        with np.load(path) as head:
+            return _cam_probs(spec, _eager(spec, weights).net, str(head["layer"]), pixels, head["weight"], head["bias"])
     if fmt == EAGER_WEIGHTS:
         with torch.inference_mode():
             return _eager(spec, torch.load(path, map_location="cpu", weights_only=True))(torch.from_numpy(pixels)).numpy()
@@ -134,6 +149,10 @@ def _run_artefact(fmt: str, path: Path, pixels: np.ndarray, spec: ModelSpec) -> 
 
 def _write(job: ExportJob, fmt: str, precision: str, path: Path) -> dict[str, object]:
     """Compile one artefact into ``path``; what it was built with."""
+    if fmt == CAM_HEAD:
+        assert job.cam is not None
+        np.savez(path, layer=np.array(job.cam.layer), weight=job.cam.weight, bias=job.cam.bias)
+        return {}
     if fmt == EAGER_WEIGHTS:
         torch.save({k: v.detach().float().contiguous() if v.is_floating_point() else v
                     for k, v in job.weights.state_dict.items()}, path)
@@ -143,10 +162,11 @@ def _write(job: ExportJob, fmt: str, precision: str, path: Path) -> dict[str, ob
 
         if precision not in ("fp32", "int8"):
             raise ExportError(f"ONNX artefacts are FP32 or INT8, not {precision}")
+        features = job.cam.layer if job.cam is not None else None
         if precision == "fp32":
-            export_onnx(job.spec, job.weights, path)
+            export_onnx(job.spec, job.weights, path, features)
             return {}
-        fp32 = export_onnx(job.spec, job.weights, path.with_name(f".{path.name}.fp32"))
+        fp32 = export_onnx(job.spec, job.weights, path.with_name(f".{path.name}.fp32"), features)
         try:
             files = calibration_files(job.calibration)
             backend = quantize_onnx(fp32, path, load_pixels(files, job.spec))
@@ -172,7 +192,7 @@ def build_artefact(job: ExportJob, fmt: str, precision: str, directory: Path, pi
     started = time.perf_counter()
     progress(f"{job.spec.name}: building {fmt} {precision}")
     options = _write(job, fmt, precision, directory / name)
-    figures = _compare(_run_artefact(fmt, directory / name, pixels, job.spec), reference)
+    figures = _compare(_run_artefact(fmt, directory / name, pixels, job.spec, job.weights.state_dict), reference)
     if precision == "fp32" and figures["max_abs_diff"] > FP32_TOLERANCE:
         raise ExportError(f"{job.spec.name} {fmt} fp32 differs from eager PyTorch by {figures['max_abs_diff']:.2e} "
                           f"(more than {FP32_TOLERANCE:g}) on {len(pixels)} photos; refusing to write it")
@@ -222,6 +242,8 @@ def export(job: ExportJob, progress: Progress = logger.info) -> ModelVersion:
         pixels = load_pixels(calibration_files(job.calibration)[:VALIDATION_PHOTOS], job.spec)
         with torch.inference_mode():
             reference = _eager(job.spec, job.weights.state_dict)(torch.from_numpy(pixels)).numpy()
+        if "onnx" in job.formats:
+            job = dataclasses.replace(job, cam=find_cam_head(job, pixels, reference, progress))
         built = [build_artefact(job, f, p, staging, pixels, reference, progress) for f, p in _artefacts_of(job)]
         kept = [a for a in (existing.metadata.artefacts if existing and existing.metadata else [])
                 if (a.format, a.precision) not in {(b.format, b.precision) for b in built}]
@@ -237,7 +259,38 @@ def _artefacts_of(job: ExportJob) -> list[tuple[str, str]]:
     """(format, precision) of each artefact to build: every precision of each compiled format, and
     the eager weights once, in FP32 (explanations' input, whatever precision serves)."""
     pairs = [(f, p) for f in job.formats if f != EAGER_WEIGHTS for p in job.precisions]
-    return pairs + ([(EAGER_WEIGHTS, "fp32")] if EAGER_WEIGHTS in job.formats else [])
+    return (pairs + ([(EAGER_WEIGHTS, "fp32")] if EAGER_WEIGHTS in job.formats else [])
+            + ([(CAM_HEAD, "fp32")] if job.cam is not None else []))
+
+
+def _cam_probs(spec: ModelSpec, net: torch.nn.Module, layer: str, pixels: np.ndarray, weight: np.ndarray,
+               bias: np.ndarray) -> np.ndarray:
+    """The probabilities that ``softmax(W · mean(A) + b)`` gives, with ``A`` the layer's
+    activations in the eager network: equal to the network's own if the head is that."""
+    seen: list[torch.Tensor] = []
+    hook = find_layer(net, layer)[1].register_forward_hook(lambda _m, _i, output: seen.append(output))
+    try:
+        with torch.inference_mode():
+            ServingNetwork(net, spec, torch.float32, channels_last=False).eval()(torch.from_numpy(pixels))
+    finally:
+        hook.remove()
+    logits = seen[-1].mean(dim=(2, 3)).numpy() @ weight.T + bias
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
+
+
+def find_cam_head(job: ExportJob, pixels: np.ndarray, reference: np.ndarray, progress: Progress) -> CamHead | None:
+    """The model's global-pool + linear head, if it has one: read from the Jacobian on two photos
+    (``gradcam.linear_head``), then checked on every validation photo."""
+    net = _eager(job.spec, job.weights.state_dict).net
+    layer = find_layer(net, job.explain_layer)[0]
+    head = linear_head(net, job.spec, pixels[:2], layer)
+    if head is not None:
+        figures = _compare(_cam_probs(job.spec, net, layer, pixels, *head), reference)
+        if figures["max_abs_diff"] <= FP32_TOLERANCE:
+            return CamHead(layer, *head)
+    progress(f"{job.spec.name}: the head is not a global pool + linear layer; no torch-free CAM")
+    return None
 
 
 def same_model(version: ModelVersion, job: ExportJob) -> bool:

@@ -13,13 +13,13 @@ happen in ``resnet_serve.heatmaps``, without torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from resnet_serve.backends import Explained
 from resnet_serve.backends.torch.graph import build_network
 from resnet_serve.errors import RepositoryError
 from resnet_serve.spec import ModelSpec
@@ -42,15 +42,6 @@ def find_layer(net: nn.Module, name: str | None = None) -> tuple[str, nn.Module]
     if not blocks:
         raise RepositoryError("the network has no Conv2d layer to explain")
     return blocks[-1]
-
-
-@dataclass(frozen=True)
-class Explained:
-    """The probabilities of one image and a Grad-CAM grid (``[h, w]``, in ``[0, 1]``) per class."""
-
-    probs: np.ndarray
-    grids: dict[int, np.ndarray]
-    layer: str
 
 
 class GradCam:
@@ -90,10 +81,52 @@ class GradCam:
                     grids[int(c)] = _normalised(torch.relu((weights * activations[0].detach()).sum(0)))
         finally:
             hook.remove()
-        return Explained(probs.numpy(), grids, self.layer)
+        return Explained(probs.numpy(), grids, self.layer, "grad-cam")
 
 
 def _normalised(cam: torch.Tensor) -> np.ndarray:
     """Scaled to ``[0, 1]`` by its peak (an all-zero map stays zero)."""
     peak = float(cam.max())
     return (cam / peak if peak > 0 else cam).numpy().astype(np.float32)
+
+
+def linear_head(net: nn.Module, spec: ModelSpec, pixels: np.ndarray, layer: str | None = None,
+                chunk: int = 100) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(W [classes, K], b [classes])`` if the logits are ``W · mean(A) + b`` of the layer's
+    activations ``A`` (a global-average-pool + linear head: ResNet, EfficientNet, RegNet...), else
+    None. Read from the Jacobian of the logits with respect to ``A`` on ``pixels``: it must be the
+    same at every position of every photo. Then CAM, ``relu(W[c] · A)``, needs no autograd, and the
+    torch-free install can explain (``backends.onnxruntime.OnnxCam``)."""
+    _, module = find_layer(net, layer)
+    leaves: list[torch.Tensor] = []
+
+    def leaf(_m: nn.Module, _i: object, output: torch.Tensor) -> torch.Tensor:
+        leaves.append(output.detach().requires_grad_(True))
+        return leaves[-1]
+
+    hook = module.register_forward_hook(leaf)
+    try:
+        mean, scale = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0, 1.0 / (torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0)
+        with torch.enable_grad():
+            logits = net.float().eval()((torch.from_numpy(np.ascontiguousarray(pixels)).float() - mean) * scale)
+            if not leaves or leaves[-1].dim() != 4 or logits.dim() != 2:
+                return None
+            activations, classes = leaves[-1], logits.shape[1]
+            rows = []
+            for start in range(0, classes, chunk):
+                eye = torch.eye(classes)[start : start + chunk]
+                (jacobian,) = torch.autograd.grad(logits, activations, eye[:, None, :].expand(-1, len(pixels), -1),
+                                                  retain_graph=True, is_grads_batched=True)
+                area = jacobian.shape[-1] * jacobian.shape[-2]
+                weights = jacobian[:, 0, :, 0, 0] * area
+                if not torch.allclose(jacobian * area, weights[:, None, :, None, None].expand_as(jacobian),
+                                      atol=1e-6 * max(1.0, float(weights.abs().max()))):
+                    return None
+                rows.append(weights)
+    except RuntimeError:  # an operation batched gradients cannot go through: not a plain linear head
+        return None
+    finally:
+        hook.remove()
+    w = torch.cat(rows).detach()
+    b = (logits.detach() - activations.detach().mean(dim=(2, 3)) @ w.T).mean(0)
+    return w.numpy().astype(np.float32), b.numpy().astype(np.float32)

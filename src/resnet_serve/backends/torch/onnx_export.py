@@ -2,7 +2,9 @@
 static INT8 quantization with ONNX Runtime's quantizer.
 
 The exported graph is the one the TorchScript backend runs: ``uint8`` NCHW pixels in, float32
-probabilities out, with a dynamic batch dimension.
+probabilities out, with a dynamic batch dimension; for a model with a global-pool + linear head,
+also the last block's activations (``features``), from which CAM explanations are made without
+torch.
 """
 
 from __future__ import annotations
@@ -13,28 +15,49 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from resnet_serve.backends import GRAPH_INPUT, GRAPH_OUTPUT, ORT_INT8_SCHEME
+from resnet_serve.backends import GRAPH_FEATURES, GRAPH_INPUT, GRAPH_OUTPUT, ORT_INT8_SCHEME
 from resnet_serve.backends.torch.checkpoints import LoadedWeights
+from resnet_serve.backends.torch.gradcam import find_layer
 from resnet_serve.backends.torch.graph import ServingNetwork, build_network
 from resnet_serve.spec import ModelSpec
 
 OPSET = 17
 
 
-def export_onnx(spec: ModelSpec, weights: LoadedWeights, path: Path) -> Path:
-    """Write the FP32 serving graph as ONNX."""
+class _WithFeatures(nn.Module):
+    """The serving graph that also returns the activations of one module (for CAM)."""
+
+    def __init__(self, serving: ServingNetwork, layer: nn.Module) -> None:
+        super().__init__()
+        self.serving = serving
+        self._seen: list[torch.Tensor] = []
+        layer.register_forward_hook(lambda _m, _i, output: self._seen.append(output))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._seen.clear()
+        probs = self.serving(pixels)
+        return probs, self._seen[-1]
+
+
+def export_onnx(spec: ModelSpec, weights: LoadedWeights, path: Path, features: str | None = None) -> Path:
+    """Write the FP32 serving graph as ONNX; with ``features`` (a module's name), that module's
+    activations as a second output."""
     net = build_network(spec)
     net.load_state_dict(weights.state_dict)
-    model = ServingNetwork(net.eval(), spec, torch.float32, channels_last=False).eval()
+    model: nn.Module = ServingNetwork(net.eval(), spec, torch.float32, channels_last=False).eval()
+    outputs = [GRAPH_OUTPUT]
+    if features is not None:
+        model, outputs = _WithFeatures(model, find_layer(net, features)[1]).eval(), [GRAPH_OUTPUT, GRAPH_FEATURES]
     example = torch.zeros(1, 3, spec.crop_size, spec.crop_size, dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.onnx")
         torch.onnx.export(
             model, (example,), str(path), dynamo=False, opset_version=OPSET,
-            input_names=[GRAPH_INPUT], output_names=[GRAPH_OUTPUT],
-            dynamic_axes={GRAPH_INPUT: {0: "batch"}, GRAPH_OUTPUT: {0: "batch"}},
+            input_names=[GRAPH_INPUT], output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in [GRAPH_INPUT, *outputs]},
         )
     return path
 
