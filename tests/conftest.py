@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -239,11 +240,21 @@ def real_server(log: Path, *flags: str, **settings: str) -> Iterator[tuple[str, 
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "resnet_serve", "serve", "--port", str(port), *flags],
-            env=env_with(**settings), stdout=out, stderr=subprocess.STDOUT,
+            env=env_with(**settings), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
             yield f"http://127.0.0.1:{port}", process
         finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait(30)
+            stop_group(process)
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the server drains and stops its uvicorn workers), then SIGKILL to the whole
+    process group, so no worker outlives the test."""
+    if process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(20)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)

@@ -99,9 +99,11 @@ def test_export_writes_torchscript_and_onnx_that_load_and_agree(
     folder = repository / "resnet18" / "1"
     scripted = torch.jit.load(str(folder / "model.fp32.pt"))(pixels)
     session = onnxruntime.InferenceSession(str(folder / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
-    (onnx_probs,) = session.run(None, {"pixels": pixels.numpy()})
-    assert scripted.shape == (2, 1000)
+    assert [o.name for o in session.get_outputs()] == ["probs", "features"]  # features: for CAM without torch
+    onnx_probs, features = session.run(None, {"pixels": pixels.numpy()})
+    assert scripted.shape == (2, 1000) and features.shape == (2, 512, 7, 7)
     assert np.allclose(onnx_probs, scripted.numpy(), atol=1e-5)
+    assert (folder / "model.fp32.cam.npz").is_file()
 
 
 def test_int8_export_is_calibrated_and_reports_its_agreement(

@@ -31,7 +31,7 @@ def ray_url(seeded_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             overrides = {"weights": str(seeded_weights), "allow_download": False, "torch_threads": 1,
-                         "compiled_cache": False, "max_batch_size": 4}
+                         "compiled_cache": False, "max_batch_size": 4, "explain_priority": "normal"}
             serve.run(build_app(overrides), name="resnet-serve", route_prefix="/")
             yield f"http://127.0.0.1:{port}"
         finally:
@@ -56,6 +56,13 @@ def test_predictions_through_rays_proxy_match_the_engine(ray_url: str, photo_jpe
         assert [p["class_id"] for p in body["predictions"]] == expected[0].topk(3).indices.tolist()
     assert max(r.json()["batch_size"] for r in responses) > 1  # the replica's batcher grouped them
     assert httpx.get(f"{ray_url}/health/ready").json()["status"] == "ready"
+
+
+def test_explanations_behind_ray(ray_url: str, photo_jpegs: dict[str, bytes]) -> None:
+    answer = httpx.post(f"{ray_url}/explain", files={"file": ("c.jpg", photo_jpegs["chelsea"], "image/jpeg")},
+                        timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["method"] == "grad-cam" and answer.json()["image"]["width"] == 451
 
 
 def test_errors_keep_our_json_shape_behind_ray(ray_url: str) -> None:

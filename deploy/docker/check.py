@@ -7,7 +7,8 @@ repository with the host's full install (``MODELS=context``: the torch build sta
 gigabytes into every layer under vfs, and the official weights cannot be downloaded here, so it
 is exported once from random-init weights, loudly), build ``resnet-serve:slim`` and
 ``resnet-serve:torch`` with pip reaching the host's package indexes over loopback, then run each
-on the host network: healthy in time, classifies real photos, not root, answers every accepted
+on the host network: healthy in time, classifies real photos, explains one
+(slim: CAM without torch; torch: Grad-CAM), not root, answers every accepted
 request of a burst during ``docker stop`` and exits 0; then docker compose with the locust profile.
 Prints image sizes, start times and RSS, writes ``benchmarks/results/docker_check.{json,md}``,
 and removes the containers it started (the images stay).
@@ -120,7 +121,8 @@ def export_models(weights: str) -> None:
     install as the Dockerfile's export stage would: slim gets ONNX INT8, torch TorchScript and the
     eager weights for explanations."""
     models = BUILD / "models"
-    if all((models / image / "resnet18" / "1" / "model.json").is_file() for image in ("slim", "torch")):
+    wanted = {"slim": "model.fp32.cam.npz", "torch": "model.fp32.state_dict.pt"}  # what explanations read
+    if all((models / image / "resnet18" / "1" / file).is_file() for image, file in wanted.items()):
         return
     shutil.rmtree(models, ignore_errors=True)
     for image, fmt, precisions in (("slim", "onnx", "int8"), ("torch", "torchscript,state_dict", "fp32,int8")):
@@ -275,6 +277,9 @@ def check_image(target: str, images: list[bytes]) -> dict[str, object]:
         for _ in range(4):  # some load, then the resident set
             asyncio.run(_load(url, images))
         rss = rss_mb(name)
+        why = httpx.post(f"{url}/explain", files={"file": ("p.jpg", images[0], "image/jpeg")}, timeout=60)
+        assert why.status_code == 200 and why.json()["explanations"], why.text
+        explained_rss = rss_mb(name)
         outcomes = asyncio.run(burst_during_stop(url, name, images))
         exit_code = inspect(name, "{{.State.ExitCode}}")
         assert set(outcomes) <= {200}, f"requests accepted before the stop were lost: {outcomes}"
@@ -285,7 +290,8 @@ def check_image(target: str, images: list[bytes]) -> dict[str, object]:
     assert ready is not None and healthy is not None
     return {"image_mb": round(size / 1e6, 1), "run_to_start_s": round(began - called, 2),
             "start_to_ready_s": round(ready - began, 2), "start_to_healthy_s": round(healthy - began, 2),
-            "rss_after_load_mb": rss, "uid": uid, "runtime": model["runtime"], "precision": model["precision"],
+            "rss_after_load_mb": rss, "explain": why.json()["method"], "rss_after_explain_mb": explained_rss,
+            "uid": uid, "runtime": model["runtime"], "precision": model["precision"],
             "weights": model["weights"], "burst_during_stop": {str(k): outcomes.count(k) for k in set(outcomes)},
             "exit_code": int(exit_code)}
 
@@ -334,10 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     report = {target: {"build_s": build_s[target], **check_image(target, images)} for target in targets}
     locust = compose_with_locust(images) if shutil.which("docker-compose") else "docker-compose is not installed"
     lines = ["| image | size MB | docker run to start s | start to ready s | start to healthy s | RSS after load MB "
-             "| user | runtime | burst during docker stop | exit code |", "|---|---:|---:|---:|---:|---:|---|---|---|---:|"]
+             "| /explain (RSS after) | user | runtime | burst during docker stop | exit code |",
+             "|---|---:|---:|---:|---:|---:|---|---|---|---|---:|"]
     for t, r in report.items():
         lines.append(f"| resnet-serve:{t} | {r['image_mb']} | {r['run_to_start_s']} | {r['start_to_ready_s']} | "
-                     f"{r['start_to_healthy_s']} | {r['rss_after_load_mb']} | {r['uid']} | {r['runtime']} "
+                     f"{r['start_to_healthy_s']} | {r['rss_after_load_mb']} | {r['explain']} "
+                     f"({r['rss_after_explain_mb']} MB) | {r['uid']} | {r['runtime']} "
                      f"{r['precision']} | {r['burst_during_stop']} | {r['exit_code']} |")
     text = "\n".join(lines) + f"\n\nBase image: {base}. docker compose --profile load (locust, 15 s):\n\n{locust}\n"
     print(text)

@@ -44,7 +44,8 @@ MAX_EXPLAINED = 5  # classes per request: each costs one backward pass
 
 
 class Explains(Protocol):
-    """What the explainer needs of a loaded eager network (``backends.torch.gradcam.GradCam``)."""
+    """What explains a model: ``backends.torch.gradcam.GradCam`` (Grad-CAM on the eager network), or
+    without torch ``backends.onnxruntime.OnnxCam`` (CAM from the ONNX graph); see ``loading``."""
 
     layer: str
 
@@ -53,7 +54,7 @@ class Explains(Protocol):
 
 @dataclass(frozen=True)
 class Target:
-    """The model to explain: its spec, and the version folder that holds its eager weights."""
+    """The model to explain: its spec, and the version folder that holds what explains it."""
 
     spec: ModelSpec
     version: int
@@ -140,7 +141,7 @@ class Explainer:
         loop = asyncio.get_running_loop()
         self.pending += 1
         job = self._pool.submit(self._run, target, data, classes, top_k, overlay)
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._finished))
+        job.add_done_callback(lambda _: self._finished_on(loop))
         try:
             return await asyncio.wait_for(asyncio.wrap_future(job), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
@@ -152,6 +153,11 @@ class Explainer:
     def overloaded(self) -> Overloaded:
         return Overloaded(f"{self.pending} explanations waiting or running; try again shortly",
                           headers={"Retry-After": "2"})
+
+    def _finished_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From the worker thread: count the job done on the loop's thread (unless it has closed)."""
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._finished)
 
     def _finished(self) -> None:
         self.pending -= 1

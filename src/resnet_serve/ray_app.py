@@ -1,7 +1,7 @@
 """resnet-serve on Ray Serve, for more than one machine (the ``ray`` extra).
 
 Each replica runs the same ``Service`` and the same routes as the single-process server (the
-predict, model and health routers): the same repository of models, each with its pipeline,
+predict, explain, model and health routers): the same repository of models, each with its pipeline,
 result cache, admission control, deadlines and dynamic batcher, configured from ``Settings``. Ray provides
 the replicas, the HTTP proxy, routing between replicas and autoscaling.
 
@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
-from resnet_serve.http import health, info, predict
+from resnet_serve.http import explain, health, info, predict
 from resnet_serve.http.dependencies import get_service
 from resnet_serve.http.errors import install_error_handlers
 from resnet_serve.service import Service
@@ -27,7 +27,7 @@ from resnet_serve.settings import Settings
 
 api = FastAPI(title="resnet-serve on Ray Serve")
 install_error_handlers(api)
-for _router in (predict.router, info.router, health.router):
+for _router in (predict.router, explain.router, info.router, health.router):
     api.include_router(_router)
 
 
