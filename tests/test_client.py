@@ -26,6 +26,8 @@ async def test_the_async_client(settings: Settings, engine: Engine, photo_jpegs:
         assert [item.status for item in batch.results] == [200, 415]
         assert await client.ready() and (await client.model()).name == "resnet18"
         assert (await client.labels()).count == 1000
+        why = await client.explain(photo, top_k=2, lang="zh")
+        assert len(why.explanations) == 2 and why.explanations[0].label == why.explanations[0].label_zh
         with pytest.raises(ClientError) as error:
             await client.predict(b"not an image")
         assert (error.value.status, error.value.code) == (415, "unsupported_media_type")

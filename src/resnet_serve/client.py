@@ -69,6 +69,10 @@ def _params(model: str | None, **others: object) -> dict[str, object]:
     return {**others, "model": model} if model else others
 
 
+def _explain_params(top_k: int, class_id: int | None, lang: str, model: str | None) -> dict[str, object]:
+    return _params(model, top_k=top_k, lang=lang, **({"class_id": class_id} if class_id is not None else {}))
+
+
 def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -95,8 +99,8 @@ class Client:
     def explain(self, image: Image, *, top_k: int = 1, class_id: int | None = None, lang: str = "en",
                 model: str | None = None) -> ExplainResponse:
         """Grad-CAM heatmaps (base64 PNGs of the image's size) for the top classes or ``class_id``."""
-        params = _params(model, top_k=top_k, lang=lang, **({"class_id": class_id} if class_id is not None else {}))
-        response = self._http.post("/explain", params=params, files={"file": _image(image, None)})
+        response = self._http.post("/explain", params=_explain_params(top_k, class_id, lang, model),
+                                   files={"file": _image(image, None)})
         return ExplainResponse.model_validate(_checked(response).json())
 
     def ready(self) -> bool:
@@ -149,6 +153,12 @@ class AsyncClient:
         response = await self._http.post("/predict/batch", params=_params(model, top_k=top_k, lang=lang),
                                          files=files)
         return BatchResponse.model_validate(_checked(response).json())
+
+    async def explain(self, image: Image, *, top_k: int = 1, class_id: int | None = None, lang: str = "en",
+                      model: str | None = None) -> ExplainResponse:
+        response = await self._http.post("/explain", params=_explain_params(top_k, class_id, lang, model),
+                                         files={"file": _image(image, None)})
+        return ExplainResponse.model_validate(_checked(response).json())
 
     async def ready(self) -> bool:
         return (await self._http.get("/health/ready")).status_code == 200
