@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import io
 import sys
 import time
 from pathlib import Path
@@ -32,16 +31,6 @@ from images import default_images  # noqa: E402
 from machine import publish  # noqa: E402
 
 TARGET = 1.2
-
-
-def chelsea_jpeg() -> bytes:
-    """scikit-image's cat as a 451x300 JPEG, the issue's example upload."""
-    import skimage.data
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(skimage.data.chelsea()).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def explanation_latency(url: str, photo: bytes, count: int) -> dict[str, float]:
@@ -103,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explanations", type=int, default=20)
     parser.add_argument("--out", default="explain_bench")
     args = parser.parse_args(argv)
-    images, photo = default_images(), chelsea_jpeg()
+    images = default_images()
+    photo = images[0]  # scikit-image's cat, 451x300, as a JPEG: the issue's example upload
     env = {"RESNET_SERVE_RUNTIME": "torchscript", "RESNET_SERVE_CACHE_SIZE": "0"}
     with spawned_server(env) as (url, _):
         asyncio.run(run_load(url, images, args.concurrency, 3.0))  # warm

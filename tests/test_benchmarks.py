@@ -18,6 +18,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bulk_bench  # noqa: E402
 import burst  # noqa: E402
+import cam_output_bench  # noqa: E402
 import engine_bench  # noqa: E402
 import explain_bench  # noqa: E402
 import http_bench  # noqa: E402
@@ -255,3 +256,12 @@ def test_explain_bench_times_explanations_and_predictions_beside_them(tmp_path: 
     assert report["predict_alone"]["throughput_rps"] > 0 and report["predict_alongside"]["throughput_rps"] > 0
     assert report["explanations_alongside"].get("200", 0) >= 1 and report["p50_ratio"] > 0
     assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG" and "| /predict c=2 alone |" in (tmp_path / "x.md").read_text()
+
+
+def test_cam_output_bench_times_graphs_with_and_without_features(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cam_output_bench, "RESULTS", tmp_path)
+    assert cam_output_bench.main(["--rounds", "1", "--repeats", "2", "--out", "c"]) == 0
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert set(rows) == {f"{p} {w} features" for p in ("fp32", "int8") for w in ("with", "without")}
+    assert all(row["b1_ms"] > 0 and row["b4_ms"] > 0 for row in rows.values())

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import functools
 import http.server
-import io
 import json
 import os
 import shutil
@@ -40,9 +39,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build" / "docker"
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from images import default_images  # noqa: E402
+
 STAND_IN = "resnet-serve-base:bookworm"
 DOCKERD = ["dockerd", "--storage-driver=vfs", "--bridge=none", "--iptables=false", "--ip-masq=false"]
-PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "horse.png")
 
 
 def sh(*command: str, check: bool = True, capture: bool = False, env: dict[str, str] | None = None,
@@ -208,19 +209,6 @@ def rss_mb(container: str) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def photos() -> list[bytes]:
-    import skimage
-    from PIL import Image
-
-    data = Path(skimage.__file__).parent / "data"
-    encoded = []
-    for name in PHOTOS:
-        buffer = io.BytesIO()
-        Image.open(data / name).convert("RGB").save(buffer, "JPEG", quality=90)
-        encoded.append(buffer.getvalue())
-    return encoded
-
-
 async def burst_during_stop(url: str, container: str, images: list[bytes], count: int = 16) -> list[int | str]:
     """``count`` uploads in flight, then ``docker stop``: every accepted one must be answered."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -336,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     # fill a disk after a few runs
     sh(docker(), "builder", "prune", "--all", "--force", capture=True)
     sh(docker(), "image", "prune", "--force", capture=True)
-    images = photos()
+    images = default_images()  # the benchmarks' photos: scikit-image's, as JPEGs
     report = {target: {"build_s": build_s[target], **check_image(target, images)} for target in targets}
     locust = compose_with_locust(images) if shutil.which("docker-compose") else "docker-compose is not installed"
     lines = ["| image | size MB | docker run to start s | start to ready s | start to healthy s | RSS after load MB "

@@ -52,8 +52,7 @@ class GradCam:
     def __init__(self, net: nn.Module, spec: ModelSpec, layer: str | None = None) -> None:
         self.net = net.float().eval().requires_grad_(False)
         self.layer, self._module = find_layer(self.net, layer)
-        self.mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0
-        self.scale = 1.0 / (torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0)
+        self.spec = spec
 
     @classmethod
     def load(cls, path: Path, spec: ModelSpec, layer: str | None = None) -> GradCam:
@@ -69,8 +68,7 @@ class GradCam:
         hook = self._module.register_forward_hook(lambda _m, _i, output: captured.append(output))
         try:
             with torch.enable_grad():
-                x = (torch.from_numpy(np.ascontiguousarray(pixels))[None].float() - self.mean) * self.scale
-                logits = self.net(x.requires_grad_(True))
+                logits = self.net(normalised(pixels[np.newaxis], self.spec).requires_grad_(True))
                 activations = captured[-1]
                 probs = torch.softmax(logits.detach(), dim=1)[0]
                 wanted = classes if classes is not None else probs.topk(top_k).indices.tolist()
@@ -78,13 +76,21 @@ class GradCam:
                 for i, c in enumerate(wanted):
                     (grads,) = torch.autograd.grad(logits[0, c], activations, retain_graph=i < len(wanted) - 1)
                     weights = grads[0].mean(dim=(1, 2), keepdim=True)
-                    grids[int(c)] = _normalised(torch.relu((weights * activations[0].detach()).sum(0)))
+                    grids[int(c)] = _peak_scaled(torch.relu((weights * activations[0].detach()).sum(0)))
         finally:
             hook.remove()
         return Explained(probs.numpy(), grids, self.layer, "grad-cam")
 
 
-def _normalised(cam: torch.Tensor) -> np.ndarray:
+def normalised(pixels: np.ndarray, spec: ModelSpec) -> torch.Tensor:
+    """``uint8 [N, 3, H, W]`` pixels as the network's float input, normalised as the serving graph
+    does it (``graph.ServingNetwork``), but outside it: explanations need the logits."""
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0)
+    return (torch.from_numpy(np.ascontiguousarray(pixels)).float() - mean) * inv_std
+
+
+def _peak_scaled(cam: torch.Tensor) -> np.ndarray:
     """Scaled to ``[0, 1]`` by its peak (an all-zero map stays zero)."""
     peak = float(cam.max())
     return (cam / peak if peak > 0 else cam).numpy().astype(np.float32)
@@ -106,9 +112,8 @@ def linear_head(net: nn.Module, spec: ModelSpec, pixels: np.ndarray, layer: str 
 
     hook = module.register_forward_hook(leaf)
     try:
-        mean, scale = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0, 1.0 / (torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0)
         with torch.enable_grad():
-            logits = net.float().eval()((torch.from_numpy(np.ascontiguousarray(pixels)).float() - mean) * scale)
+            logits = net.float().eval()(normalised(pixels, spec))
             if not leaves or leaves[-1].dim() != 4 or logits.dim() != 2:
                 return None
             activations, classes = leaves[-1], logits.shape[1]
