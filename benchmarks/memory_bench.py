@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from http_bench import RESULTS, free_port, run_load  # noqa: E402
+from http_bench import RESULTS, free_port, is_ready, run_load  # noqa: E402
 from images import default_images  # noqa: E402
 from machine import describe, one_line, write_results  # noqa: E402
 
@@ -77,12 +77,9 @@ def start(command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[byt
     while True:
         if process.poll() is not None:
             raise SystemExit(f"{command} exited during start-up")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return process, url, time.perf_counter() - started
-        except httpx.TransportError:
-            pass
-        time.sleep(0.02)
+        if is_ready(url):
+            return process, url, time.perf_counter() - started
+        time.sleep(0.01)
 
 
 def measure(command: list[str], env: dict[str, str], duration: float, concurrency: int) -> dict[str, object]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,6 +65,21 @@ def test_http_bench_writes_a_table_and_json(server_url: str, tmp_path: Path, mon
     rounds = json.loads((tmp_path / "h.json").read_text())["rounds"]
     assert len(rounds) == 2 and all(set(r["env"]["results"][0]["statuses"]) == {"200"} for r in rounds)
     assert "### Median of 2 rounds" in (tmp_path / "h.md").read_text()
+
+
+def test_the_readiness_probe_reads_the_status(server_url: str) -> None:
+    assert http_bench.is_ready(server_url)
+    assert not http_bench.is_ready(f"http://127.0.0.1:{http_bench.free_port()}")  # nothing listens
+
+    class Loading(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.end_headers()
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Loading) as loading:
+        threading.Thread(target=loading.serve_forever, daemon=True).start()
+        assert not http_bench.is_ready(f"http://127.0.0.1:{loading.server_address[1]}")
+        loading.shutdown()
 
 
 def test_percentile() -> None:
