@@ -17,7 +17,7 @@ from resnet_serve.weights import WeightsInfo
 class FakeBackend:
     """Doubles its input (any shape), as a backend would answer probabilities."""
 
-    runtime, device, precision, warmup_rounds = "fake", "cpu", "fp32", 1
+    runtime, device, precision, warmup_rounds, warmup_every_size = "fake", "cpu", "fp32", 1, True
 
     def prepare_thread(self) -> None:
         pass
@@ -126,10 +126,23 @@ async def test_a_dead_inference_thread_fails_its_jobs_and_is_restarted() -> None
         engine.close()
 
 
-def test_warmup_times_every_batch_size() -> None:
-    engine = Engine(FakeBackend(), info("double"))
+@pytest.mark.parametrize(("every", "sizes"), [(True, [1, 2, 3, 4]), (False, [1, 4])])
+def test_warmup_runs_and_times_the_batch_sizes_the_runtime_needs(every: bool, sizes: list[int]) -> None:
+    class Counting(FakeBackend):
+        warmup_rounds, warmup_every_size = 2, every
+
+        def __init__(self) -> None:
+            self.batches: list[int] = []
+
+        def run(self, pixels: np.ndarray) -> np.ndarray:
+            self.batches.append(len(pixels))
+            return pixels * 2
+
+    backend = Counting()
+    engine = Engine(backend, info("double"))
     try:
-        engine.warmup(3, crop_size=4)
-        assert sorted(engine.info.warmup_batch_ms) == [1, 2, 3]
+        engine.warmup(4, crop_size=4)
+        assert sorted(engine.info.warmup_batch_ms) == sizes
+        assert backend.batches == [n for n in sizes for _ in range(2)]
     finally:
         engine.close()

@@ -243,24 +243,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _optimised_graph(artefact: Artefact, settings: Settings) -> Path | None:
-    """Where ONNX Runtime keeps this artefact's optimised graph for this CPU (None: nowhere)."""
+def _optimised_graph(artefact: Artefact, settings: Settings, runtime_version: str) -> Path | None:
+    """Where ONNX Runtime keeps this artefact's optimised graph for this CPU and ONNX Runtime
+    version (None: nowhere)."""
     if not settings.compiled_cache:
         return None
-    from importlib import metadata
-
-    machine = hashlib.sha256(f"{cpu_model()}|{metadata.version('onnxruntime')}".encode()).hexdigest()[:12]
+    machine = hashlib.sha256(f"{cpu_model()}|{runtime_version}".encode()).hexdigest()[:12]
     return settings.compiled_cache_dir / "onnxruntime" / f"{artefact.sha256[:16]}-{machine}.onnx"
 
 
 def open_backend(artefact: Artefact, path: Path, settings: Settings) -> Backend:
     if artefact.format == "onnx":
         try:
-            from resnet_serve.backends.onnxruntime import OnnxRuntimeBackend
+            from resnet_serve.backends.onnxruntime import RUNTIME_VERSION, OnnxRuntimeBackend
         except ImportError as exc:
             raise RepositoryError(f"ONNX artefacts need onnxruntime ({exc})") from None
+        optimised = _optimised_graph(artefact, settings, RUNTIME_VERSION)
         return OnnxRuntimeBackend(path, threads=settings.ort_threads, precision=artefact.precision,
-                                  arena=settings.ort_arena, optimised=_optimised_graph(artefact, settings))
+                                  arena=settings.ort_arena, optimised=optimised)
     try:
         from resnet_serve.backends.torch.runtime import TorchScriptBackend
     except ImportError:

@@ -73,6 +73,7 @@ class TorchScriptBackend:
 
     runtime = TORCHSCRIPT
     warmup_rounds = 3  # the profiling executor optimises the graph over its first calls
+    warmup_every_size = True
 
     def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], *, device: torch.device, precision: str,
                  threads: int) -> None:
