@@ -43,7 +43,7 @@ class OnnxRuntimeBackend:
     runtime = ONNXRUNTIME
     device = "cpu"
     warmup_rounds = 1
-    warmup_every_size = False  # measured: a batch size's first call costs 2-11 ms more, once
+    warmup_every_size = False
 
     def __init__(self, path: Path, *, threads: int, precision: str = "fp32", arena: bool = True,
                  optimised: Path | None = None) -> None:
