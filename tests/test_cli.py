@@ -41,6 +41,31 @@ def test_serve_answers_over_tcp_and_exits_cleanly_on_sigterm(
     assert process.wait(30) == 0
 
 
+# The command as pip's console script runs it: the entry module, then main().
+GC_PROBE = """
+import gc, sys
+import uvicorn
+from resnet_serve.__main__ import main
+print("entry", gc.isenabled())
+uvicorn.run = lambda app, **kw: print("serve", gc.isenabled(), gc.get_freeze_count() > 0,
+                                       "resnet_serve.http.app" in sys.modules, app)
+main(sys.argv[1:])
+print("after", gc.isenabled())
+"""
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    (["serve"], ["entry False", "serve True True True resnet_serve.http.app:create_app", "after True"]),
+    (["info"], ["entry False", "after True"]),
+])
+def test_the_gc_is_paused_for_start_up_imports_only(command: list[str], expected: list[str]) -> None:
+    """Paused from the entry module on; resumed before uvicorn serves, with the app's modules
+    imported and start-up's objects frozen; resumed at once by the other commands."""
+    result = subprocess.run([sys.executable, "-c", GC_PROBE, *command], env=env_with(), capture_output=True,
+                            text=True, timeout=120, check=True)
+    assert [line for line in result.stdout.splitlines() if line.split(" ")[0] in ("entry", "serve", "after")] == expected
+
+
 def test_serve_refuses_to_start_in_official_mode_without_the_weights(tmp_path: Path) -> None:
     env = env_with(weights_mode="official", allow_download="false", weights_dir=str(tmp_path))
     result = subprocess.run([*CLI, "serve", "--port", str(free_port())], env=env, capture_output=True, timeout=120)
