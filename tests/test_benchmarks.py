@@ -29,6 +29,7 @@ import multi_model_bench  # noqa: E402
 import ort_int8_bench  # noqa: E402
 import soak  # noqa: E402
 import stages_bench  # noqa: E402
+import start_bench  # noqa: E402
 
 
 @pytest.fixture
@@ -243,6 +244,20 @@ def test_memory_bench_reports_memory_start_and_speed_per_install(slim_python: Pa
         starts = row["start_to_ready_all_s"]
         assert len(starts) == 2 and 0 < min(starts) <= row["start_to_ready_s"] <= max(starts)
     assert (tmp_path / "mem.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_start_bench_times_each_tree_alternately(slim_python: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(start_bench, "RESULTS", tmp_path)
+    assert start_bench.main(["--rounds", "2", "--tree", f"again={start_bench.THIS}", "--slim-python", str(slim_python),
+                             "--out", "start"]) == 0
+    trees = json.loads((tmp_path / "start.json").read_text())["trees"]
+    assert set(trees) == {"this", "again"}
+    for row in trees.values():
+        assert len(row["starts_s"]) == 2 and 0 < row["min_s"] <= row["median_s"] <= row["max_s"]
+    assert "| again |" in (tmp_path / "start.md").read_text()
+    with pytest.raises(SystemExit):
+        start_bench.main(["--tree", f"nothing={tmp_path}"])
 
 
 def test_bulk_bench_compares_offline_server_and_in_process(tmp_path: Path, offline_weights: None,
