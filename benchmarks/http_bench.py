@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -235,10 +236,10 @@ def free_port() -> int:
 
 def is_ready(url: str) -> bool:
     """Whether ``url``'s readiness probe answers 200. A bare ``http.client`` request, like a
-    kubelet's probe: a new ``httpx.Client`` per poll builds a TLS context (tens of ms of CPU), and
-    polled every few ms on a 2-core machine it slowed the very start it was timing by ~0.4 s."""
-    host, _, port = url.removeprefix("http://").partition(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=1)
+    kubelet's probe, and cheaper per poll than a new ``httpx.Client`` (which builds a TLS
+    context); ``start_bench.py --httpx-probe`` compares the two on whole starts."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=1)
     try:
         connection.request("GET", "/health/ready")
         return connection.getresponse().status == 200

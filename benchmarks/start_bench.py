@@ -1,16 +1,26 @@
-"""Start to ready: this source tree against others, started alternately on one machine.
+"""Start to ready, and where it goes: this source tree against others, started alternately.
 
-    python benchmarks/start_bench.py [--rounds 20] [--tree NAME=SRC ...] [--precision int8]
-        [--slim-python .venv-slim/bin/python]
+    python benchmarks/start_bench.py [--rounds 20] [--tree NAME=SRC ...] [--httpx-probe]
+        [--precision int8] [--slim-python .venv-slim/bin/python]
 
-One repository is exported (ResNet-18, random-init weights, ONNX FP32 and INT8). Each tree is a
-``src/`` folder served by the slim install's interpreter through ``PYTHONPATH`` (this tree as
-``this``, plus every ``--tree``, e.g. ``before=/tmp/old/src`` from ``git worktree add``), all
-byte-compiled first as pip would. Every tree is started once to fill its caches, then round by
-round, one start of each tree in turn, timed from the process start to the first 200 from
-``/health/ready`` (a bare HTTP probe every 10 ms). On a shared 2-core machine a single start
-varies by ±0.2 s, so only the alternation and the median say which tree starts faster. Writes
-``benchmarks/results/start_bench.{json,md}``.
+One repository is exported (ResNet-18, random-init weights, ONNX FP32 and INT8). Three tables:
+
+- **Start to ready.** Each tree is a ``src/`` folder served by the slim install's interpreter
+  through ``PYTHONPATH`` (this tree as ``this``, plus every ``--tree``, e.g.
+  ``before=/tmp/old/src`` from ``git worktree add``), all byte-compiled first as pip would. Each
+  is started once to fill its caches, then round by round, one start of each in turn, timed
+  from the process start to the first 200 from ``/health/ready`` (a bare HTTP probe every
+  10 ms). ``--httpx-probe`` adds this tree polled as the benchmarks used to: ``httpx.get`` every
+  20 ms. On a shared 2-core machine one start varies by ±0.2 s, so only the alternation and the
+  median say which is faster.
+- **Imports**, in fresh slim interpreters, alternately: the third-party libraries the server
+  imports, alone; everything ``resnet-serve serve`` imports before it serves, with the GC on and
+  paused as the entry module pauses it; an ``importlib.metadata`` version lookup.
+- **Warm-up** of the ONNX Runtime backend (this environment, ``--threads``) on fresh sessions
+  each round: every batch size 1..4 once against the largest only, then each size's first call
+  after the largest-only warm-up, less its steady time.
+
+Writes ``benchmarks/results/start_bench.{json,md}``.
 """
 
 from __future__ import annotations
@@ -18,16 +28,32 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from http_bench import RESULTS  # noqa: E402
 from machine import publish  # noqa: E402
-from memory_bench import compile_sources, export_repository, slim_python, start  # noqa: E402
+from memory_bench import compile_sources, export_repository, httpx_probe, slim_python, start  # noqa: E402
 
 THIS = Path(__file__).resolve().parent.parent / "src"
+THIRD_PARTY = ("fastapi, fastapi.middleware.cors, numpy, onnxruntime, uvicorn, uvicorn.server, "
+               "uvicorn.protocols.http.httptools_impl, uvloop, PIL.Image, PIL.ImageOps, pydantic_settings, "
+               "prometheus_client, multipart, argparse")
+SERVED = "resnet_serve.cli, resnet_serve.http.app, resnet_serve.backends.onnxruntime, uvicorn.server, uvloop"
+IMPORTS = {  # name: (untimed set-up, timed statement)
+    "third-party libraries alone": ("", f"import {THIRD_PARTY}"),
+    "all the server imports, GC on": ("", f"import {SERVED}"),
+    "all the server imports, GC paused": ("import gc; gc.disable()", f"import {SERVED}"),
+    "importlib.metadata.version('onnxruntime')": ("import onnxruntime", "from importlib import metadata; "
+                                                  "metadata.version('onnxruntime')"),
+}
+MAX_BATCH = 4
 
 
 def tree(text: str) -> tuple[str, Path]:
@@ -37,24 +63,62 @@ def tree(text: str) -> tuple[str, Path]:
     return name, Path(src)
 
 
-def start_to_ready(command: list[str], env: dict[str, str]) -> float:
-    process, _, seconds = start(command, env)
+def start_to_ready(command: list[str], env: dict[str, str], old_probe: bool = False) -> float:
+    process, _, seconds = (start(command, env, httpx_probe, 0.02) if old_probe else start(command, env))
     process.terminate()
     process.wait(60)
     return seconds
+
+
+def import_seconds(python: str, setup: str, statement: str) -> float:
+    """One fresh interpreter's time for ``statement`` after ``setup`` (this tree on its path)."""
+    code = f"{setup}\nimport time\nt = time.perf_counter()\n{statement}\nprint(time.perf_counter() - t)"
+    out = subprocess.run([python, "-c", code], env={**os.environ, "PYTHONPATH": str(THIS)}, capture_output=True,
+                         text=True, check=True).stdout
+    return float(out)
+
+
+def warmup_ms(graph: Path, threads: int) -> dict[str, float]:
+    """Fresh sessions: warming every size against the largest only, and the first calls after."""
+    from resnet_serve.backends.onnxruntime import OnnxRuntimeBackend
+
+    def call(backend: OnnxRuntimeBackend, n: int) -> float:
+        started = time.perf_counter()
+        backend.run(np.zeros((n, 3, 224, 224), dtype=np.uint8))
+        return (time.perf_counter() - started) * 1000
+
+    every = OnnxRuntimeBackend(graph, threads=threads)
+    result = {"warm every size 1-4, ms": sum(call(every, n) for n in range(1, MAX_BATCH + 1))}
+    largest = OnnxRuntimeBackend(graph, threads=threads)
+    result["warm the largest only, ms"] = call(largest, MAX_BATCH)
+    first = {n: call(largest, n) for n in range(1, MAX_BATCH + 1)}
+    for n in range(1, MAX_BATCH + 1):
+        result[f"then batch {n}'s first call, ms more"] = first[n] - min(call(largest, n) for _ in range(3))
+    return result
+
+
+def medians(samples: list[dict[str, float]]) -> dict[str, dict[str, object]]:
+    return {k: {"median": round(statistics.median(s[k] for s in samples), 3),
+                "all": [round(s[k], 3) for s in samples]} for k in samples[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--tree", type=tree, action="append", default=[], metavar="NAME=SRC")
+    parser.add_argument("--httpx-probe", action="store_true", help="also time this tree polled by httpx.get")
     parser.add_argument("--precision", default="int8", choices=["fp32", "int8"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime threads (warm-up)")
     parser.add_argument("--slim-python", type=Path, help="the slim install's python (default: make .venv-slim)")
     parser.add_argument("--out", default="start_bench")
     args = parser.parse_args(argv)
     trees = {"this": THIS, **dict(args.tree)}
     compile_sources(*trees.values())
-    command = [str(args.slim_python or slim_python()), "-m", "resnet_serve", "serve"]
+    python = str(args.slim_python or slim_python())
+    command = [python, "-m", "resnet_serve", "serve"]
+    runs = {name: (name, False) for name in trees}
+    if args.httpx_probe:
+        runs["this, polled by httpx.get every 20 ms"] = ("this", True)
     with tempfile.TemporaryDirectory() as scratch:
         repository = export_repository(Path(scratch) / "models", [args.precision])
         env = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_SERVE_")}
@@ -63,16 +127,24 @@ def main(argv: list[str] | None = None) -> int:
         envs = {name: {**env, "PYTHONPATH": str(src)} for name, src in trees.items()}
         for name in trees:
             start_to_ready(command, envs[name])  # fills the caches: the optimised graph
-        times: dict[str, list[float]] = {name: [] for name in trees}
+        starts: list[dict[str, float]] = []
+        imports: list[dict[str, float]] = []
+        warmups: list[dict[str, float]] = []
+        graph = repository / "resnet18" / "1" / f"model.{args.precision}.onnx"
         for _ in range(args.rounds):
-            for name in trees:
-                times[name].append(round(start_to_ready(command, envs[name]), 3))
-    rows = {name: {"src": str(trees[name]), "median_s": round(statistics.median(t), 3), "min_s": min(t),
-                   "max_s": max(t), "starts_s": t} for name, t in times.items()}
-    lines = ["| tree | start to ready s, median | fastest | slowest |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {r['median_s']} | {r['min_s']} | {r['max_s']} |" for name, r in rows.items()]
-    publish(RESULTS / args.out, lines, f"slim install, ONNX Runtime {args.precision}, {args.rounds} alternating starts "
-            "per tree", {"command": " ".join(["start_bench.py", *(argv or sys.argv[1:])]), "trees": rows})
+            starts.append({run: start_to_ready(command, envs[tree_name], old) for run, (tree_name, old) in runs.items()})
+            imports.append({name: import_seconds(python, *code) for name, code in IMPORTS.items()})
+            warmups.append(warmup_ms(graph, args.threads))
+    report = {"starts_s": medians(starts), "imports_s": medians(imports), "warmup_ms": medians(warmups),
+              "trees": {name: str(src) for name, src in trees.items()}}
+    lines = ["| start to ready | median s | fastest | slowest |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {row['median']} | {min(row['all'])} | {max(row['all'])} |"  # type: ignore[type-var]
+              for name, row in report["starts_s"].items()]  # type: ignore[attr-defined]
+    for title, key in (("imports, fresh interpreter", "imports_s"), ("ONNX Runtime warm-up, batch up to 4", "warmup_ms")):
+        lines += ["", f"| {title} | median |", "|---|---:|"]
+        lines += [f"| {name} | {row['median']} |" for name, row in report[key].items()]  # type: ignore[attr-defined]
+    publish(RESULTS / args.out, lines, f"slim install, ONNX Runtime {args.precision}, {args.rounds} alternating rounds",
+            {"command": " ".join(["start_bench.py", *(argv or sys.argv[1:])]), **report})
     return 0
 
 

@@ -246,15 +246,20 @@ def test_memory_bench_reports_memory_start_and_speed_per_install(slim_python: Pa
     assert (tmp_path / "mem.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_start_bench_times_each_tree_alternately(slim_python: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_start_bench_times_starts_imports_and_warmup(slim_python: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(start_bench, "RESULTS", tmp_path)
-    assert start_bench.main(["--rounds", "2", "--tree", f"again={start_bench.THIS}", "--slim-python", str(slim_python),
-                             "--out", "start"]) == 0
-    trees = json.loads((tmp_path / "start.json").read_text())["trees"]
-    assert set(trees) == {"this", "again"}
-    for row in trees.values():
-        assert len(row["starts_s"]) == 2 and 0 < row["min_s"] <= row["median_s"] <= row["max_s"]
+    assert start_bench.main(["--rounds", "2", "--tree", f"again={start_bench.THIS}", "--httpx-probe",
+                             "--slim-python", str(slim_python), "--out", "start"]) == 0
+    report = json.loads((tmp_path / "start.json").read_text())
+    assert set(report["starts_s"]) == {"this", "again", "this, polled by httpx.get every 20 ms"}
+    assert set(report["imports_s"]) == set(start_bench.IMPORTS)
+    for table in ("starts_s", "imports_s"):
+        for row in report[table].values():
+            assert len(row["all"]) == 2 and 0 < min(row["all"]) <= row["median"] <= max(row["all"])
+    warmup = report["warmup_ms"]
+    assert warmup["warm every size 1-4, ms"]["median"] > 0 and warmup["warm the largest only, ms"]["median"] > 0
+    assert {f"then batch {n}'s first call, ms more" for n in range(1, 5)} <= set(warmup)
     assert "| again |" in (tmp_path / "start.md").read_text()
     with pytest.raises(SystemExit):
         start_bench.main(["--tree", f"nothing={tmp_path}"])

@@ -245,8 +245,8 @@ def check_image(target: str, images: list[bytes]) -> dict[str, object]:
     try:
         ready = healthy = None
         for attempt in range(24000):
-            # Until ready: a bare HTTP probe every 10 ms, docker inspect (a Go CLI, tens of ms
-            # of CPU) only every 0.5 s, so the check does not slow the start it times.
+            # Until ready: a bare HTTP probe every 10 ms, and docker inspect (a CLI process per
+            # call) only every 0.5 s, to take little CPU from the start being timed.
             if ready is None and is_ready(url):
                 ready = time.time()
             if (ready is not None or attempt % 50 == 0) and inspect(name, "{{.State.Health.Status}}") == "healthy":

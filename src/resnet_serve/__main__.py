@@ -3,8 +3,8 @@
 Python's cyclic garbage collector is paused from here until the command has imported what it
 needs (``cli.imports_done``). Start-up creates a few hundred thousand objects (pydantic's schemas,
 FastAPI's routes, numpy) and frees almost none, so the collections they set off were pure cost:
-without them the server was ready 0.23 s sooner (median of 20 alternating starts each, 1.18
-against 1.41 s, 2 × AMD EPYC).
+the server's imports took 1.09 s without them against 1.21 s (``benchmarks/start_bench.py``,
+2 × AMD EPYC).
 """
 
 import gc

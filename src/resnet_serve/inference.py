@@ -185,8 +185,8 @@ class Engine:
         """Run the batch sizes as often as the runtime needs to settle (its first calls optimise
         the graph or plan its memory), and time each: every size for TorchScript, whose profiling
         executor specialises per shape; the largest only for ONNX Runtime, after which another
-        size's first call costs 0-3 ms more, once (measured), while warming every size took half
-        of loading (0.16 of 0.32 s at batch 4)."""
+        size's first call costs 0.5-1.7 ms more, once, while warming every size 1-4 took 155 ms
+        against 60 (``benchmarks/start_bench.py``)."""
         every = self._backend.warmup_every_size
         for n in range(1, max_batch_size + 1) if every else [max_batch_size]:
             images = [np.zeros((3, crop_size, crop_size), dtype=np.uint8)] * n
