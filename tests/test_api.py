@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from PIL import Image, ImageOps
 
 from resnet_serve.http.app import create_app
@@ -337,3 +340,25 @@ async def test_metrics_expose_requests_batches_queue_and_cache(client: httpx.Asy
     assert sample(after, hits) - sample(before, hits) == 1
     assert 'resnet_serve_model_info{device="cpu",model="resnet18",precision="fp32",runtime="torchscript",weights="custom"} 1.0' in after
     assert "resnet_serve_queue_depth" in after and "resnet_serve_request_duration_seconds_bucket" in after
+
+
+def test_no_route_hands_its_dependencies_to_a_worker_thread() -> None:
+    """FastAPI runs a plain function or a class given to ``Depends`` (and a plain endpoint) on
+    anyio's worker threads: a thread hop per request. Every endpoint and dependency is async."""
+    def calls(dependant: Dependant) -> list[object]:
+        return [dependant.call, *(call for sub in dependant.dependencies for call in calls(sub))]
+
+    def api_routes(routes: list[Any]) -> list[APIRoute]:
+        found = []
+        for route in routes:
+            if isinstance(route, APIRoute):
+                found.append(route)
+            elif hasattr(route, "original_router"):  # FastAPI includes routers lazily
+                found += api_routes(route.original_router.routes)
+        return found
+
+    routes = api_routes(create_app(Settings()).routes)
+    assert {"/predict", "/explain", "/health/ready", "/v2/models/{name}/infer"} <= {r.path for r in routes}
+    sync = {(r.path, getattr(call, "__qualname__", call)) for r in routes for call in calls(r.dependant)
+            if not inspect.iscoroutinefunction(call)}
+    assert not sync

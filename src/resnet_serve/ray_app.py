@@ -31,7 +31,7 @@ for _router in (predict.router, explain.router, info.router, health.router):
     api.include_router(_router)
 
 
-def _replica_service() -> Service:
+async def _replica_service() -> Service:
     """Ray runs its own copy of ``api`` in each replica, so the routes find the service through
     the replica that serves them rather than through the app's state."""
     return serve.get_replica_context().servable_object.service  # type: ignore[no-any-return]
