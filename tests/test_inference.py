@@ -10,6 +10,7 @@ import pytest
 
 from resnet_serve.errors import InferenceFailed, NotReady
 from resnet_serve.inference import Engine, InferenceThread, ModelInfo
+from resnet_serve.settings import Settings
 from resnet_serve.spec import RESNET18
 from resnet_serve.weights import WeightsInfo
 
@@ -126,7 +127,7 @@ async def test_a_dead_inference_thread_fails_its_jobs_and_is_restarted() -> None
         engine.close()
 
 
-@pytest.mark.parametrize(("every", "sizes"), [(True, [1, 2, 3, 4]), (False, [4])])
+@pytest.mark.parametrize(("every", "sizes"), [(True, [1, 2, 3, 4]), (False, [1])])
 def test_warmup_runs_and_times_the_batch_sizes_the_runtime_needs(every: bool, sizes: list[int]) -> None:
     class Counting(FakeBackend):
         warmup_rounds, warmup_every_size = 2, every
@@ -146,3 +147,12 @@ def test_warmup_runs_and_times_the_batch_sizes_the_runtime_needs(every: bool, si
         assert backend.batches == [n for n in sizes for _ in range(2)]
     finally:
         engine.close()
+
+
+def test_a_batch_not_warmed_is_estimated_from_the_largest_that_was() -> None:
+    timed = info("double")
+    assert timed.batch_ms(4) is None
+    timed.warmup_batch_ms.update({1: 10.0, 2: 16.0})
+    assert timed.batch_ms(2) == 16.0 and timed.batch_ms(4) == 32.0
+    settings = Settings(max_batch_size=4, request_timeout_s=1.0)
+    assert settings.queue_limit(timed.batch_ms(4)) == 62  # (1000 ms / 2) / 32 ms = 15.6 batches of 4

@@ -75,6 +75,17 @@ class ModelInfo:
     def platform(self) -> str:
         return PLATFORMS[self.runtime]
 
+    def batch_ms(self, n: int) -> float | None:
+        """A batch of ``n``'s time: measured at warm-up, else the largest size measured scaled
+        up linearly (an overestimate on a CPU, where a batch costs less per image); None if
+        nothing was measured."""
+        if n in self.warmup_batch_ms:
+            return self.warmup_batch_ms[n]
+        if not self.warmup_batch_ms:
+            return None
+        measured = max(self.warmup_batch_ms)
+        return self.warmup_batch_ms[measured] * n / measured
+
 
 @dataclass
 class _Job:
@@ -182,13 +193,13 @@ class Engine:
         return False
 
     def warmup(self, max_batch_size: int, crop_size: int) -> None:
-        """Run the batch sizes as often as the runtime needs to settle (its first calls optimise
-        the graph or plan its memory), and time each: every size for TorchScript, whose profiling
-        executor specialises per shape; the largest only for ONNX Runtime, after which another
-        size's first call costs 0.5-1.7 ms more, once, while warming every size 1-4 took 155 ms
-        against 60 (``benchmarks/start_bench.py``)."""
+        """Run the batch sizes as often as the runtime needs to settle, and time each: every size
+        for TorchScript, whose profiling executor specialises per shape and whose first calls
+        optimise the graph; batch 1 once for ONNX Runtime, which needs no warming per shape (a
+        first batch of 4 costs about what a later one does, ``benchmarks/start_bench.py``), so
+        its run only proves the session serves before readiness says so."""
         every = self._backend.warmup_every_size
-        for n in range(1, max_batch_size + 1) if every else [max_batch_size]:
+        for n in range(1, max_batch_size + 1) if every else [1]:
             images = [np.zeros((3, crop_size, crop_size), dtype=np.uint8)] * n
             for _ in range(self._backend.warmup_rounds):
                 _, elapsed = self._thread.submit(images).result()

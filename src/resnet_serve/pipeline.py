@@ -89,7 +89,7 @@ class Pipeline:
         self.stats = PipelineStats()
         self._decode_pool = decode_pool
         self.cache = ResultCache(settings.cache_size)
-        self.queue_limit = settings.queue_limit(engine.info.warmup_batch_ms.get(settings.max_batch_size))
+        self.queue_limit = settings.queue_limit(engine.info.batch_ms(settings.max_batch_size))
         self.admission_limit = self.queue_limit + settings.max_batch_size
         self.in_flight = 0
         self.batcher: Batcher[np.ndarray, Prediction] = Batcher(

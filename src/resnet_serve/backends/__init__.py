@@ -34,7 +34,7 @@ class Backend(Protocol):
     device: str
     precision: str
     warmup_rounds: int  # calls per batch size before the runtime has settled (TorchScript profiles)
-    warmup_every_size: bool  # False: the largest batch only (see Engine.warmup)
+    warmup_every_size: bool  # False: batch 1 only (see Engine.warmup)
 
     def prepare_thread(self) -> None:
         """Per-thread set-up, run once on the inference thread before the first batch."""
