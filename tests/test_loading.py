@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from resnet_serve import loading
 from resnet_serve.backends.onnxruntime import OnnxRuntimeBackend
 from resnet_serve.cli import main
+from resnet_serve.errors import RepositoryError
 from resnet_serve.loading import candidate_runtimes, choose_runtime, load_engine
 from resnet_serve.repository import Repository
 from resnet_serve.settings import Settings
@@ -87,6 +89,33 @@ def test_onnxruntime_keeps_its_optimised_graph_for_the_next_start(both: loading.
     optimised.write_bytes(b"damaged")
     repaired = OnnxRuntimeBackend(both.artefact_path(artefact), threads=1, optimised=optimised)
     assert np.allclose(repaired.run(pixels), fresh.run(pixels), atol=1e-6) and optimised.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one byte flipped"])
+def test_a_damaged_artefact_is_refused_by_its_check_though_it_is_opened_meanwhile(
+    user_repository: Path, tmp_path: Path, damage: str
+) -> None:
+    """The SHA-256 check runs beside the opening: its verdict stands whether the runtime choked on
+    the file (truncated) or opened it anyway (a flipped weight, or its optimised graph kept)."""
+    copy = tmp_path / "repository"
+    shutil.copytree(user_repository, copy)
+    version = Repository(copy).latest()["flowers"]
+    settings = cpu(runtime="onnxruntime", compiled_cache_dir=tmp_path / "cache")
+    artefact = version.metadata.artefact("onnx", "fp32")  # type: ignore[union-attr]
+    assert artefact is not None
+    loading.open_verified(version, artefact, settings)  # intact: opens, and keeps the optimised graph
+    path = version.directory / artefact.file
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        del data[len(data) // 2:]
+    else:
+        data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(RepositoryError, match="fails its SHA-256 check"):
+        loading.open_verified(version, artefact, settings)
+    path.unlink()
+    with pytest.raises(RepositoryError, match="is missing"):
+        loading.open_verified(version, artefact, settings)
 
 
 def test_int8_through_onnx_runtime_is_exported_calibrated_and_served(
