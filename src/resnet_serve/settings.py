@@ -108,7 +108,8 @@ class Settings(BaseSettings):
         """Queued requests admitted before answering 503.
 
         By default, as many as the model can finish in half the request deadline, given the
-        measured time of a full batch (``batch_ms``, from warm-up): a request admitted later
+        time of a full batch (``batch_ms``, from warm-up: ``ModelInfo.batch_ms``, which scales
+        a smaller batch up where only that was warmed): a request admitted later
         would likely time out anyway, so refusing it at once is kinder. Without a measurement,
         16 full batches. Never fewer than one batch.
         """
