@@ -77,6 +77,25 @@ def test_the_choice_is_timed_once_per_machine_and_kept(both: loading.ModelVersio
         second.close()
 
 
+def test_with_runtime_auto_each_artefact_is_hashed_once_per_load(both: loading.ModelVersion, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The choice checks every candidate's SHA-256; opening the chosen one does not check it again."""
+    from collections import Counter
+
+    from resnet_serve import repository
+
+    hashed: Counter[str] = Counter()
+    real = repository.sha256_of
+    monkeypatch.setattr(repository, "sha256_of", lambda path: hashed.update([path.name]) or real(path))
+    settings = cpu(compiled_cache_dir=tmp_path)
+    for reason in ("timed now", "timed earlier"):
+        hashed.clear()
+        engine = load_engine(both, settings)
+        engine.close()
+        assert engine.info.runtime_reason.startswith(reason)
+        assert hashed == Counter({"model.fp32.pt": 1, "model.fp32.onnx": 1})
+
+
 def test_onnxruntime_keeps_its_optimised_graph_for_the_next_start(both: loading.ModelVersion, tmp_path: Path) -> None:
     artefact = both.metadata.artefact("onnx", "fp32")  # type: ignore[union-attr]
     assert artefact is not None

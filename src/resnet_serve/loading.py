@@ -359,11 +359,13 @@ TIE = 0.05
 
 @dataclass
 class Choice:
-    """The runtime that serves a model, why, and its backend if the choosing opened it."""
+    """The runtime that serves a model, why, and its backend if the choosing opened it;
+    ``verified``: the choosing already checked its artefact's SHA-256 (not to be hashed twice)."""
 
     wanted: Wanted
     reason: str
     backend: Backend | None = None
+    verified: bool = False
 
 
 def _intact(version: ModelVersion, candidates: list[Wanted]) -> tuple[list[Wanted], list[str]]:
@@ -394,16 +396,17 @@ def choose_runtime(version: ModelVersion, settings: Settings) -> Choice:
         logger.warning("%s; serving another runtime's artefact", problem)
     if len(present) < 2:
         reason = "; ".join(["the only runtime with an intact artefact here", *problems])
-        return Choice((present or candidates)[0], reason)
+        return Choice((present or candidates)[0], reason, verified=bool(present))
     assert version.spec is not None
     batch = model_settings(version, settings).max_batch_size
     key = "|".join([cpu_model(), f"threads {settings.torch_threads}/{settings.ort_threads}", f"batch {batch}",
                     *(w.pick(version).sha256[:16] for w in present)])
     kept = _read_choices(settings).get(key)
     if kept is not None:
-        return Choice(next(w for w in present if w.runtime == kept["runtime"]), f"timed earlier: {kept['ms']}")
-    backends = {w.runtime: open_backend(w.pick(version), version.artefact_path(w.pick(version)), settings)
-                for w in present}
+        return Choice(next(w for w in present if w.runtime == kept["runtime"]), f"timed earlier: {kept['ms']}",
+                      verified=True)
+    backends = {w.runtime: open_backend(w.pick(version), version.directory / w.pick(version).file, settings)
+                for w in present}  # checked by _intact
     ms = {runtime: round((_per_image_ms(b, version.spec.crop_size, 1) + _per_image_ms(b, version.spec.crop_size, batch))
                          / 2, 2) for runtime, b in backends.items()}
     best = min(ms, key=lambda runtime: ms[runtime])
@@ -424,7 +427,12 @@ def load_engine(version: ModelVersion, settings: Settings, *, exported: bool = F
     start = started if started is not None else time.perf_counter()
     choice = choose_runtime(version, settings)
     artefact = choice.wanted.pick(version)
-    backend = choice.backend or open_verified(version, artefact, settings)
+    if choice.backend is not None:
+        backend = choice.backend
+    elif choice.verified:
+        backend = open_backend(artefact, version.directory / artefact.file, settings)
+    else:
+        backend = open_verified(version, artefact, settings)
     served = model_settings(version, settings)
     info = ModelInfo(
         spec=version.spec, version=version.version, device=backend.device, precision=backend.precision,
