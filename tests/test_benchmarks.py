@@ -258,7 +258,8 @@ def test_start_bench_times_starts_imports_and_loading(slim_python: Path, tmp_pat
         for row in report[table].values():
             assert len(row["all"]) == 2 and 0 < min(row["all"]) <= row["median"] <= max(row["all"])
     load = report["load_ms"]
-    for row in ("SHA-256 of the artefact", "warm every size 1-4", "warm the largest only", "warm batch 1 only (the server)"):
+    for row in ("SHA-256 of the artefact", "warm every size 1-4", "warm the largest only", "warm batch 1 only (the server)",
+                "open the kept graph, weights mapped (the server)", "open the kept graph, weights inside (before)"):
         assert load[row]["median"] > 0
     assert {f"then batch {n}'s first call, more" for n in range(2, 5)} | {"no warm-up: batch 4's first call, more"} <= set(load)
     assert "| again |" in (tmp_path / "start.md").read_text()

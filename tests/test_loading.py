@@ -6,13 +6,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from resnet_serve import loading
-from resnet_serve.backends.onnxruntime import OnnxRuntimeBackend
+from resnet_serve.backends.onnxruntime import KEPT_GRAPH, KEPT_WEIGHTS, OnnxRuntimeBackend
 from resnet_serve.cli import main
 from resnet_serve.errors import RepositoryError
 from resnet_serve.loading import candidate_runtimes, choose_runtime, load_engine
@@ -97,17 +98,44 @@ def test_with_runtime_auto_each_artefact_is_hashed_once_per_load(both: loading.M
 
 
 def test_onnxruntime_keeps_its_optimised_graph_for_the_next_start(both: loading.ModelVersion, tmp_path: Path) -> None:
+    """Kept as a folder: the graph, and its weights in a file of their own that the next session
+    maps rather than copies; a damaged copy is made again, the scratch folder never left behind."""
     artefact = both.metadata.artefact("onnx", "fp32")  # type: ignore[union-attr]
     assert artefact is not None
-    optimised = tmp_path / "optimised.onnx"
+    optimised = tmp_path / "optimised"
     pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 224, 224), dtype=np.uint8)
     fresh = OnnxRuntimeBackend(both.artefact_path(artefact), threads=1, optimised=optimised)
-    assert optimised.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimised"]
+    assert sorted(p.name for p in optimised.iterdir()) == [KEPT_GRAPH, KEPT_WEIGHTS]
+    assert (optimised / KEPT_WEIGHTS).stat().st_size > 10 * (optimised / KEPT_GRAPH).stat().st_size
     again = OnnxRuntimeBackend(both.artefact_path(artefact), threads=1, optimised=optimised)
-    assert np.allclose(fresh.run(pixels), again.run(pixels), atol=1e-6)
-    optimised.write_bytes(b"damaged")
+    assert np.array_equal(fresh.run(pixels), again.run(pixels))
+    if sys.platform == "linux":
+        assert str(optimised / KEPT_WEIGHTS) in Path("/proc/self/maps").read_text()
+    (optimised / KEPT_GRAPH).write_bytes(b"damaged")
     repaired = OnnxRuntimeBackend(both.artefact_path(artefact), threads=1, optimised=optimised)
-    assert np.allclose(repaired.run(pixels), fresh.run(pixels), atol=1e-6) and optimised.stat().st_size > 1000
+    assert np.array_equal(repaired.run(pixels), fresh.run(pixels))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimised"]
+    assert (optimised / KEPT_GRAPH).stat().st_size > 1000
+
+
+def test_a_session_serving_a_kept_graph_survives_another_server_replacing_it(
+    both: loading.ModelVersion, tmp_path: Path
+) -> None:
+    """The kept weights are mapped: replacing them in place (truncate, write) would crash every
+    server that maps them with SIGBUS. A repair moves a new folder in and the old files away."""
+    artefact = both.metadata.artefact("onnx", "fp32")  # type: ignore[union-attr]
+    assert artefact is not None
+    optimised = tmp_path / "optimised"
+    pixels = np.random.default_rng(1).integers(0, 256, (1, 3, 224, 224), dtype=np.uint8)
+    OnnxRuntimeBackend(both.artefact_path(artefact), threads=1, optimised=optimised)
+    serving = OnnxRuntimeBackend(both.artefact_path(artefact), threads=1, optimised=optimised)
+    before = serving.run(pixels)
+    mapped = (optimised / KEPT_WEIGHTS).stat().st_ino
+    (optimised / KEPT_GRAPH).write_bytes(b"damaged")  # the next server to start makes it again
+    OnnxRuntimeBackend(both.artefact_path(artefact), threads=1, optimised=optimised)
+    assert (optimised / KEPT_WEIGHTS).stat().st_ino != mapped
+    assert np.array_equal(serving.run(pixels), before)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "one byte flipped"])

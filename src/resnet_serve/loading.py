@@ -245,12 +245,12 @@ def cpu_model() -> str:
 
 
 def _optimised_graph(artefact: Artefact, settings: Settings, runtime_version: str) -> Path | None:
-    """Where ONNX Runtime keeps this artefact's optimised graph for this CPU and ONNX Runtime
-    version (None: nowhere)."""
+    """The folder where ONNX Runtime keeps this artefact's optimised graph for this CPU and ONNX
+    Runtime version (None: nowhere)."""
     if not settings.compiled_cache:
         return None
     machine = hashlib.sha256(f"{cpu_model()}|{runtime_version}".encode()).hexdigest()[:12]
-    return settings.compiled_cache_dir / "onnxruntime" / f"{artefact.sha256[:16]}-{machine}.onnx"
+    return settings.compiled_cache_dir / "onnxruntime" / f"{artefact.sha256[:16]}-{machine}"
 
 
 def open_backend(artefact: Artefact, path: Path, settings: Settings) -> Backend:

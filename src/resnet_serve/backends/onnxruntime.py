@@ -9,11 +9,21 @@ a time on the inference thread anyway), every graph optimisation, and the CPU ar
 fragmentation). The optimised graph is kept next to the compiled-model cache, keyed by the
 artefact, ONNX Runtime's version and the CPU (its layouts are specific to the instruction set),
 so a restart skips the optimisation.
+
+The kept graph is a folder: the graph, and its weights in a file of their own, which ONNX Runtime
+maps into memory instead of parsing them out of the graph and copying them (opening ResNet-18
+FP32: 10 ms against 145; the pages are the page cache's, shared by every worker). A mapped file
+must never be rewritten under a running server, so a graph is written into a fresh folder and
+moved into place with one rename: another server finds the whole folder or none, and a damaged
+one is renamed away, never truncated.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +34,8 @@ from resnet_serve.backends import GRAPH_FEATURES, GRAPH_INPUT, GRAPH_OUTPUT, ONN
 logger = logging.getLogger(__name__)
 
 RUNTIME_VERSION: str = onnxruntime.__version__  # keys the optimised graph (importlib.metadata costs ~50 ms at start)
+KEPT_GRAPH = "model.onnx"  # in the kept folder, beside its weights:
+KEPT_WEIGHTS = "model.onnx.data"
 
 
 def _options(threads: int, arena: bool, optimise: bool) -> onnxruntime.SessionOptions:
@@ -37,6 +49,36 @@ def _options(threads: int, arena: bool, optimise: bool) -> onnxruntime.SessionOp
     return options
 
 
+def _staging(optimised: Path, options: onnxruntime.SessionOptions) -> Path | None:
+    """A fresh folder beside ``optimised`` for ONNX Runtime to write the optimised graph into,
+    its weights in a file of their own (None, with a warning, where none can be made)."""
+    try:
+        optimised.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{optimised.name}.", dir=optimised.parent))
+    except OSError as exc:
+        logger.warning("cannot keep the optimised graph in %s: %s", optimised.parent, exc)
+        return None
+    options.optimized_model_filepath = str(staging / KEPT_GRAPH)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", KEPT_WEIGHTS)
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    options.log_severity_level = 3  # its notice that the graph fits this CPU only: known, keyed so
+    return staging
+
+
+def _keep(staging: Path, optimised: Path) -> None:
+    """Move the freshly written graph into place with one rename; a copy already there (damaged,
+    or just kept by another server) is renamed away first, so no mapped file is ever rewritten."""
+    try:
+        if optimised.exists():
+            replaced = staging.with_name(f"{staging.name}.replaced")
+            os.rename(optimised, replaced)
+            shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(staging, optimised)
+    except OSError as exc:  # another server kept its copy meanwhile: it serves as well as this one
+        logger.debug("not keeping the optimised graph in %s: %s", optimised, exc)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 class OnnxRuntimeBackend:
     """An ONNX Runtime session on the CPU."""
 
@@ -47,27 +89,25 @@ class OnnxRuntimeBackend:
 
     def __init__(self, path: Path, *, threads: int, precision: str = "fp32", arena: bool = True,
                  optimised: Path | None = None) -> None:
-        """``optimised``: where the optimised graph is kept between starts (None: not kept)."""
+        """``optimised``: the folder where the optimised graph is kept between starts (None: not kept)."""
         self.precision = precision
         self.session = self._session(path, threads, arena, optimised)
 
     @staticmethod
     def _session(path: Path, threads: int, arena: bool, optimised: Path | None) -> onnxruntime.InferenceSession:
         providers = ["CPUExecutionProvider"]
-        if optimised is not None and optimised.is_file():
+        if optimised is not None and (optimised / KEPT_GRAPH).is_file():
             try:
-                return onnxruntime.InferenceSession(str(optimised), _options(threads, arena, False), providers=providers)
+                return onnxruntime.InferenceSession(str(optimised / KEPT_GRAPH), _options(threads, arena, False),
+                                                    providers=providers)
             except Exception as exc:  # a damaged or stale copy is made again
-                logger.warning("ignoring the optimised graph %s: %s", optimised, exc)
+                logger.warning("ignoring the optimised graph in %s: %s", optimised, exc)
         options = _options(threads, arena, True)
-        if optimised is not None:
-            try:
-                optimised.parent.mkdir(parents=True, exist_ok=True)
-                options.optimized_model_filepath = str(optimised)
-                options.log_severity_level = 3  # its notice that the graph fits this CPU only: known, keyed so
-            except OSError as exc:
-                logger.warning("cannot keep the optimised graph in %s: %s", optimised.parent, exc)
-        return onnxruntime.InferenceSession(str(path), options, providers=providers)
+        staging = _staging(optimised, options) if optimised is not None else None
+        session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        if optimised is not None and staging is not None:
+            _keep(staging, optimised)
+        return session
 
     def prepare_thread(self) -> None:
         """ONNX Runtime keeps its own thread pool; nothing to set per thread."""
