@@ -53,6 +53,10 @@ CONFIGS: dict[str, dict[str, str]] = {
               "RESNET_SERVE_CHANNELS_LAST": "false", "RESNET_SERVE_CACHE_SIZE": "0"},
     "fastest": {"RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "onednn",
                 "RESNET_SERVE_MAX_BATCH_SIZE": "8"},
+    # ONNX Runtime's intra-op threads sleeping (the default) or spinning between parallel sections
+    **{f"ort-{precision}{spin}": {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_PRECISION": precision,
+                                  "RESNET_SERVE_ORT_SPINNING": str(bool(spin)).lower()}
+       for precision in ("int8", "fp32") for spin in ("", "-spinning")},
 }
 
 
@@ -307,6 +311,11 @@ def ratios(runs: dict[str, dict[str, object]]) -> dict[str, float]:
     out: dict[str, float] = {}
     if "fastest" in runs and "naive" in runs:
         out["fastest_vs_naive_throughput"] = round(top("fastest")["throughput_rps"] / top("naive")["throughput_rps"], 2)  # type: ignore[operator]
+    for precision in ("int8", "fp32"):
+        sleeping, spinning = f"ort-{precision}", f"ort-{precision}-spinning"
+        if sleeping in runs and spinning in runs:
+            out[f"{sleeping}_sleeping_vs_spinning_throughput"] = round(
+                top(sleeping)["throughput_rps"] / top(spinning)["throughput_rps"], 2)  # type: ignore[operator]
     for name, run in runs.items():
         baseline = run.get("in_process")
         if not baseline:

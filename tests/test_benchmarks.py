@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from resnet_serve.settings import Settings
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
@@ -81,6 +83,18 @@ def test_the_readiness_probe_reads_the_status(server_url: str) -> None:
         threading.Thread(target=loading.serve_forever, daemon=True).start()
         assert not http_bench.is_ready(f"http://127.0.0.1:{loading.server_address[1]}")
         loading.shutdown()
+
+
+def test_http_bench_compares_onnx_runtime_threads_sleeping_and_spinning() -> None:
+    assert http_bench.CONFIGS["ort-int8"]["RESNET_SERVE_ORT_SPINNING"] == "false"
+    assert http_bench.CONFIGS["ort-fp32-spinning"]["RESNET_SERVE_ORT_SPINNING"] == "true"
+    Settings(**{k.removeprefix("RESNET_SERVE_").lower(): v for k, v in http_bench.CONFIGS["ort-int8-spinning"].items()})
+
+    def run(*rps: float) -> dict[str, object]:
+        return {"results": [{"concurrency": c, "throughput_rps": r} for c, r in zip((1, 32), rps)]}
+
+    runs = {"ort-int8": run(80, 120), "ort-int8-spinning": run(81, 100), "ort-fp32": run(40, 50)}
+    assert http_bench.ratios(runs) == {"ort-int8_sleeping_vs_spinning_throughput": 1.2}
 
 
 def test_percentile() -> None:
@@ -283,7 +297,7 @@ def test_ort_int8_bench_times_each_scheme_against_fp32(tmp_path: Path, monkeypat
     monkeypatch.setattr(ort_int8_bench, "RESULTS", tmp_path)
     assert ort_int8_bench.main(["--repeats", "1", "--out", "o"]) == 0
     report = json.loads((tmp_path / "o.json").read_text())
-    assert set(report["rows"]) == {"fp32", "u8s8", "u8s8 reduced (export's)", "s8s8"}
+    assert set(report["rows"]) == {"fp32", "u8s8", "u8s8 reduced (export's)", "s8s8", "u8u8 (weights zero point 128)"}
     assert report["rows"]["fp32"]["max_abs_diff"] == 0 and all(r["b8_ms"] > 0 for r in report["rows"].values())
     assert "| s8s8 |" in (tmp_path / "o.md").read_text() and report["machine"]["cpus"] >= 1
 

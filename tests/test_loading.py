@@ -119,6 +119,22 @@ def test_onnxruntime_keeps_its_optimised_graph_for_the_next_start(both: loading.
     assert (optimised / KEPT_GRAPH).stat().st_size > 1000
 
 
+@pytest.mark.parametrize("spinning", [False, True])
+def test_onnx_runtime_threads_spin_only_when_the_settings_say_so(both: loading.ModelVersion, tmp_path: Path,
+                                                                  spinning: bool) -> None:
+    """Sleeping is the default (settled by http_bench); the setting reaches ONNX Runtime both
+    when the graph is optimised now and when a restart opens the kept one."""
+    assert Settings().ort_spinning is False
+    artefact = both.metadata.artefact("onnx", "fp32")  # type: ignore[union-attr]
+    assert artefact is not None
+    settings = cpu(ort_spinning=spinning, compiled_cache_dir=tmp_path)
+    for _ in ("optimised now", "kept"):
+        backend = loading.open_backend(artefact, both.artefact_path(artefact), settings)
+        options = backend.session.get_session_options()  # type: ignore[attr-defined]
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
+    assert len(list((tmp_path / "onnxruntime").iterdir())) == 1
+
+
 def test_a_session_serving_a_kept_graph_survives_another_server_replacing_it(
     both: loading.ModelVersion, tmp_path: Path
 ) -> None:

@@ -261,7 +261,7 @@ def open_backend(artefact: Artefact, path: Path, settings: Settings) -> Backend:
             raise RepositoryError(f"ONNX artefacts need onnxruntime ({exc})") from None
         optimised = _optimised_graph(artefact, settings, RUNTIME_VERSION)
         return OnnxRuntimeBackend(path, threads=settings.ort_threads, precision=artefact.precision,
-                                  arena=settings.ort_arena, optimised=optimised)
+                                  arena=settings.ort_arena, spinning=settings.ort_spinning, optimised=optimised)
     try:
         from resnet_serve.backends.torch.runtime import TorchScriptBackend
     except ImportError:

@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default_factory=_cores, ge=1, description="torch intra-op threads")
     ort_threads: int = Field(default_factory=_cores, ge=1, description="ONNX Runtime intra-op threads")
     ort_arena: bool = Field(True, description="ONNX Runtime's CPU memory arena (off: lower idle RSS, more fragmentation)")
+    ort_spinning: bool = Field(False, description="ONNX Runtime's intra-op threads spin between parallel sections "
+                               "(off: they sleep, leaving the cores to decoding and HTTP under load)")
     channels_last: bool = Field(True, description="NHWC memory layout on CPU and CUDA")
     int8_backend: Int8Backend = "x86"
     calibration_dir: Path | None = Field(None, description="photos for INT8 calibration")

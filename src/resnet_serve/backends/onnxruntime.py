@@ -4,9 +4,11 @@ The graph is the serving graph the TorchScript backend runs (exported by
 ``backends.torch.onnx_export``, quantized by ``backends.torch.export``): ``uint8`` NCHW pixels
 in, float32 probabilities out, with a dynamic batch dimension. Session settings for serving:
 its own intra-op threads (``RESNET_SERVE_ORT_THREADS``), one inter-op thread (batches run one at
-a time on the inference thread anyway), every graph optimisation, and the CPU arena on
+a time on the inference thread anyway), every graph optimisation, the CPU arena on
 (``RESNET_SERVE_ORT_ARENA``; measured: with it off, peak RSS under load grew through
-fragmentation). The optimised graph is kept next to the compiled-model cache, keyed by the
+fragmentation), and the intra-op threads sleeping rather than spinning between parallel sections
+(``RESNET_SERVE_ORT_SPINNING``): under load the cores they would spin on are the ones the decode
+threads and the event loop need (``benchmarks/http_bench.py``, README). The optimised graph is kept next to the compiled-model cache, keyed by the
 artefact, ONNX Runtime's version and the CPU (its layouts are specific to the instruction set),
 so a restart skips the optimisation.
 
@@ -38,12 +40,13 @@ KEPT_GRAPH = "model.onnx"  # in the kept folder, beside its weights:
 KEPT_WEIGHTS = "model.onnx.data"
 
 
-def _options(threads: int, arena: bool, optimise: bool) -> onnxruntime.SessionOptions:
+def _options(threads: int, arena: bool, optimise: bool, spinning: bool = False) -> onnxruntime.SessionOptions:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.enable_cpu_mem_arena = arena
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.graph_optimization_level = (onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL if optimise
                                         else onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL)
     return options
@@ -88,21 +91,22 @@ class OnnxRuntimeBackend:
     warmup_every_size = False
 
     def __init__(self, path: Path, *, threads: int, precision: str = "fp32", arena: bool = True,
-                 optimised: Path | None = None) -> None:
+                 spinning: bool = False, optimised: Path | None = None) -> None:
         """``optimised``: the folder where the optimised graph is kept between starts (None: not kept)."""
         self.precision = precision
-        self.session = self._session(path, threads, arena, optimised)
+        self.session = self._session(path, threads, arena, spinning, optimised)
 
     @staticmethod
-    def _session(path: Path, threads: int, arena: bool, optimised: Path | None) -> onnxruntime.InferenceSession:
+    def _session(path: Path, threads: int, arena: bool, spinning: bool,
+                 optimised: Path | None) -> onnxruntime.InferenceSession:
         providers = ["CPUExecutionProvider"]
         if optimised is not None and (optimised / KEPT_GRAPH).is_file():
             try:
-                return onnxruntime.InferenceSession(str(optimised / KEPT_GRAPH), _options(threads, arena, False),
-                                                    providers=providers)
+                return onnxruntime.InferenceSession(str(optimised / KEPT_GRAPH),
+                                                    _options(threads, arena, False, spinning), providers=providers)
             except Exception as exc:  # a damaged or stale copy is made again
                 logger.warning("ignoring the optimised graph in %s: %s", optimised, exc)
-        options = _options(threads, arena, True)
+        options = _options(threads, arena, True, spinning)
         staging = _staging(optimised, options) if optimised is not None else None
         session = onnxruntime.InferenceSession(str(path), options, providers=providers)
         if optimised is not None and staging is not None:
