@@ -1,6 +1,8 @@
 """Which INT8 scheme ONNX Runtime should get on this CPU: FP32 against static INT8 (QDQ,
-per-channel) as u8×s8, u8×s8 with 7-bit weights (reduced range, what export writes), and s8×s8,
-each timed in-process at batch 1 and 8 with agreement against FP32 on the calibration photos.
+per-channel, symmetric weights) as u8×s8, u8×s8 with 7-bit weights (reduced range, what export
+writes), s8×s8, and u8×u8 (weights with zero point 128, which keeps convolutions off ONNX
+Runtime's symmetric kernels and on its general QGEMM, the one with an AMX kernel), each timed
+in-process at batch 1 and 8 with agreement against FP32 on the calibration photos.
 
     python benchmarks/ort_int8_bench.py [--repeats 20]
 
@@ -25,7 +27,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from http_bench import RESULTS  # noqa: E402
 from machine import publish  # noqa: E402
 
-SCHEMES = {"u8s8": ("QUInt8", False), "u8s8 reduced (export's)": ("QUInt8", True), "s8s8": ("QInt8", False)}
+SCHEMES = {  # name: (activations, weights, reduced range)
+    "u8s8": ("QUInt8", "QInt8", False),
+    "u8s8 reduced (export's)": ("QUInt8", "QInt8", True),
+    "s8s8": ("QInt8", "QInt8", False),
+    "u8u8 (weights zero point 128)": ("QUInt8", "QUInt8", False),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
 
         head = _head(onnx.load(str(folder / "prepared.onnx")).graph)
         models = {"fp32": fp32}
-        for name, (activations, reduced) in SCHEMES.items():
-            models[name] = folder / f"{activations}-{reduced}.onnx"
+        for name, (activations, weights, reduced) in SCHEMES.items():
+            models[name] = folder / f"{activations}-{weights}-{reduced}.onnx"
             quantize_static(str(folder / "prepared.onnx"), str(models[name]), _Photos(pixels),
                             quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduced,
-                            activation_type=getattr(QuantType, activations), weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head)
+                            activation_type=getattr(QuantType, activations), weight_type=getattr(QuantType, weights),
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head,
+                            extra_options={"WeightSymmetric": True})
         reference = OnnxRuntimeBackend(fp32, threads=args.threads).run(pixels)
         for name, path in models.items():
             backend = OnnxRuntimeBackend(path, threads=args.threads)
