@@ -39,10 +39,11 @@ CONFIGS: dict[str, dict[str, str]] = {
     "int8-onednn": {"RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "onednn", "RESNET_SERVE_DEVICE": "cpu"},
     "bf16-cl": {"RESNET_SERVE_PRECISION": "bf16", "RESNET_SERVE_DEVICE": "cpu"},
     "onnxruntime": {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_DEVICE": "cpu"},
+    "onnxruntime-int8": {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_DEVICE": "cpu"},
     "fp16-cuda": {"RESNET_SERVE_PRECISION": "fp16", "RESNET_SERVE_DEVICE": "cuda"},
     "fp32-cuda": {"RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_DEVICE": "cuda"},
 }
-CPU_CONFIGS = ["fp32", "fp32-cl", "bf16-cl", "int8-x86", "int8-fbgemm", "int8-onednn", "onnxruntime"]
+CPU_CONFIGS = ["fp32", "fp32-cl", "bf16-cl", "int8-x86", "int8-fbgemm", "int8-onednn", "onnxruntime", "onnxruntime-int8"]
 
 
 def photo_batch() -> object:
