@@ -22,6 +22,9 @@ One repository is exported (ResNet-18, random-init weights, ONNX FP32 and INT8).
   round warmed with every batch size 1..4, the largest only, or batch 1 only (what the server
   does), and the first calls after batch 1 alone, or after no warm-up at all, less their steady
   time.
+- **Workers' memory**: each tree started ``PSS_STARTS`` times more with ``WORKERS`` uvicorn workers,
+  the proportional set size of the whole process tree ``SETTLE_S`` after it is ready, so what the
+  workers share (libraries, a kept graph's mapped weights) counts once.
 
 Writes ``benchmarks/results/start_bench.{json,md}``.
 """
@@ -29,6 +32,7 @@ Writes ``benchmarks/results/start_bench.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -57,6 +61,7 @@ IMPORTS = {  # name: (untimed set-up, timed statement)
                                                   "metadata.version('onnxruntime')"),
 }
 MAX_BATCH = 4
+WORKERS, SETTLE_S, PSS_STARTS = 2, 4.0, 3
 
 
 def tree(text: str) -> tuple[str, Path]:
@@ -71,6 +76,36 @@ def start_to_ready(command: list[str], env: dict[str, str], old_probe: bool = Fa
     process.terminate()
     process.wait(60)
     return seconds
+
+
+def tree_pss_mb(root: int) -> float:
+    """The proportional set size of a process and all its descendants: what the machine pays
+    for them, each page they share (a library, a mapped file) counted once among them."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    family, total = {root}, 0.0
+    while grown := {pid for pid, parent in parents.items() if parent in family} - family:
+        family |= grown
+    for pid in family:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) / 1024
+    return total
+
+
+def workers_pss_mb(command: list[str], env: dict[str, str]) -> float:
+    """A server of ``WORKERS`` uvicorn workers, measured ``SETTLE_S`` after its first readiness
+    answer (one worker's; a worker starts in about a second here)."""
+    process, _, _ = start(command, {**env, "RESNET_SERVE_WORKERS": str(WORKERS)})
+    try:
+        time.sleep(SETTLE_S)
+        return tree_pss_mb(process.pid)
+    finally:
+        process.terminate()
+        process.wait(60)
 
 
 def import_seconds(python: str, setup: str, statement: str) -> float:
@@ -180,12 +215,14 @@ def main(argv: list[str] | None = None) -> int:
             starts.append({run: start_to_ready(command, envs[tree_name], old) for run, (tree_name, old) in runs.items()})
             imports.append({name: import_seconds(python, *code) for name, code in IMPORTS.items()})
             loads.append(load_ms(graph, args.threads, Path(scratch)))
+        pss = [{name: workers_pss_mb(command, envs[name]) for name in trees} for _ in range(PSS_STARTS)]
     report = {"starts_s": medians(starts), "imports_s": medians(imports), "load_ms": medians(loads),
-              "trees": {name: str(src) for name, src in trees.items()}}
+              "workers_pss_mb": medians(pss), "trees": {name: str(src) for name, src in trees.items()}}
     lines = ["| start to ready | median s | fastest | slowest |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {row['median']} | {min(row['all'])} | {max(row['all'])} |"  # type: ignore[type-var]
               for name, row in report["starts_s"].items()]  # type: ignore[attr-defined]
-    for title, key in (("imports, fresh interpreter", "imports_s"), ("ONNX Runtime load, batch up to 4, ms", "load_ms")):
+    for title, key in (("imports, fresh interpreter", "imports_s"), ("ONNX Runtime load, batch up to 4, ms", "load_ms"),
+                       (f"{WORKERS} workers, PSS of the whole server, MB ({PSS_STARTS} starts)", "workers_pss_mb")):
         lines += ["", f"| {title} | median |", "|---|---:|"]
         lines += [f"| {name} | {row['median']} |" for name, row in report[key].items()]  # type: ignore[attr-defined]
     publish(RESULTS / args.out, lines, f"slim install, ONNX Runtime {args.precision}, {args.rounds} alternating rounds",

@@ -276,6 +276,8 @@ def test_start_bench_times_starts_imports_and_loading(slim_python: Path, tmp_pat
                 "open the kept graph, weights mapped (the server)", "open the kept graph, weights inside (before)"):
         assert load[row]["median"] > 0
     assert {f"then batch {n}'s first call, more" for n in range(2, 5)} | {"no warm-up: batch 4's first call, more"} <= set(load)
+    assert set(report["workers_pss_mb"]) == {"this", "again"}
+    assert all(row["median"] > 30 for row in report["workers_pss_mb"].values())  # two servers' worth, at least
     assert "| again |" in (tmp_path / "start.md").read_text()
     with pytest.raises(SystemExit):
         start_bench.main(["--tree", f"nothing={tmp_path}"])
