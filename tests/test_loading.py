@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from resnet_serve import loading
-from resnet_serve.backends.onnxruntime import KEPT_GRAPH, KEPT_WEIGHTS, OnnxRuntimeBackend
+from resnet_serve.backends.onnxruntime import KEPT_GRAPH, KEPT_WEIGHTS, STALE_SCRATCH_S, OnnxRuntimeBackend
 from resnet_serve.cli import main
 from resnet_serve.errors import RepositoryError
 from resnet_serve.loading import candidate_runtimes, choose_runtime, load_engine
@@ -117,6 +119,21 @@ def test_onnxruntime_keeps_its_optimised_graph_for_the_next_start(both: loading.
     assert np.array_equal(repaired.run(pixels), fresh.run(pixels))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["optimised"]
     assert (optimised / KEPT_GRAPH).stat().st_size > 1000
+
+
+def test_scratch_folders_left_by_a_server_stopped_mid_write_are_removed(both: loading.ModelVersion,
+                                                                        tmp_path: Path) -> None:
+    artefact = both.metadata.artefact("onnx", "fp32")  # type: ignore[union-attr]
+    assert artefact is not None
+    optimised = tmp_path / "optimised"
+    abandoned, busy = tmp_path / ".optimised.abandoned", tmp_path / ".optimised.busy"
+    for folder in (abandoned, busy):
+        folder.mkdir()
+        (folder / KEPT_WEIGHTS).write_bytes(b"half written")
+    long_ago = time.time() - 2 * STALE_SCRATCH_S
+    os.utime(abandoned, (long_ago, long_ago))
+    OnnxRuntimeBackend(both.artefact_path(artefact), threads=1, optimised=optimised)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".optimised.busy", "optimised"]
 
 
 @pytest.mark.parametrize("spinning", [False, True])

@@ -22,10 +22,12 @@ one is renamed away, never truncated.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 RUNTIME_VERSION: str = onnxruntime.__version__  # keys the optimised graph (importlib.metadata costs ~50 ms at start)
 KEPT_GRAPH = "model.onnx"  # in the kept folder, beside its weights:
 KEPT_WEIGHTS = "model.onnx.data"
+STALE_SCRATCH_S = 600.0  # optimising a ResNet-18 takes seconds; a scratch folder this old is abandoned
 
 
 def _options(threads: int, arena: bool, optimise: bool, spinning: bool = False) -> onnxruntime.SessionOptions:
@@ -54,7 +57,12 @@ def _options(threads: int, arena: bool, optimise: bool, spinning: bool = False) 
 
 def _staging(optimised: Path, options: onnxruntime.SessionOptions) -> Path | None:
     """A fresh folder beside ``optimised`` for ONNX Runtime to write the optimised graph into,
-    its weights in a file of their own (None, with a warning, where none can be made)."""
+    its weights in a file of their own (None, with a warning, where none can be made). Scratch
+    folders older than ``STALE_SCRATCH_S`` are left from a server stopped mid-write: removed."""
+    for scratch in optimised.parent.glob(f".{optimised.name}.*"):
+        with contextlib.suppress(OSError):
+            if time.time() - scratch.stat().st_mtime > STALE_SCRATCH_S:
+                shutil.rmtree(scratch)
     try:
         optimised.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{optimised.name}.", dir=optimised.parent))
