@@ -10,6 +10,9 @@ photos. Writes ``benchmarks/results/engine_bench.{json,md,png}``.
 
 Weights follow the usual resolution (official file if present); speed does not depend on them,
 agreement figures do, and are labelled with the weights used.
+
+Each configuration names its runtime (TorchScript or ONNX Runtime), except ``auto-*``, where the
+service times both as ``RESNET_SERVE_RUNTIME=auto`` does and the table says what it chose and why.
 """
 
 from __future__ import annotations
@@ -31,15 +34,20 @@ from machine import describe, one_line  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
+TS = {"RESNET_SERVE_RUNTIME": "torchscript", "RESNET_SERVE_DEVICE": "cpu"}  # never left to RUNTIME=auto
+ORT = {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_DEVICE": "cpu"}
+AUTO = {"RESNET_SERVE_RUNTIME": "auto", "RESNET_SERVE_DEVICE": "cpu"}  # the service times both and chooses
 CONFIGS: dict[str, dict[str, str]] = {
-    "fp32": {"RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_CHANNELS_LAST": "false", "RESNET_SERVE_DEVICE": "cpu"},
-    "fp32-cl": {"RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_DEVICE": "cpu"},
-    "int8-x86": {"RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "x86", "RESNET_SERVE_DEVICE": "cpu"},
-    "int8-fbgemm": {"RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "fbgemm", "RESNET_SERVE_DEVICE": "cpu"},
-    "int8-onednn": {"RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "onednn", "RESNET_SERVE_DEVICE": "cpu"},
-    "bf16-cl": {"RESNET_SERVE_PRECISION": "bf16", "RESNET_SERVE_DEVICE": "cpu"},
-    "onnxruntime": {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_DEVICE": "cpu"},
-    "onnxruntime-int8": {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_DEVICE": "cpu"},
+    "fp32": {**TS, "RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_CHANNELS_LAST": "false"},
+    "fp32-cl": {**TS, "RESNET_SERVE_PRECISION": "fp32"},
+    "int8-x86": {**TS, "RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "x86"},
+    "int8-fbgemm": {**TS, "RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "fbgemm"},
+    "int8-onednn": {**TS, "RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "onednn"},
+    "bf16-cl": {**TS, "RESNET_SERVE_PRECISION": "bf16"},
+    "onnxruntime": {**ORT, "RESNET_SERVE_PRECISION": "fp32"},
+    "onnxruntime-int8": {**ORT, "RESNET_SERVE_PRECISION": "int8"},
+    "auto-fp32": {**AUTO, "RESNET_SERVE_PRECISION": "fp32"},
+    "auto-int8": {**AUTO, "RESNET_SERVE_PRECISION": "int8"},
     "fp16-cuda": {"RESNET_SERVE_PRECISION": "fp16", "RESNET_SERVE_DEVICE": "cuda"},
     "fp32-cuda": {"RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_DEVICE": "cuda"},
 }
@@ -98,7 +106,8 @@ def run_one(batch_sizes: list[int], repeats: int) -> dict[str, object]:
     warm.close()
     return {
         "device": info.device, "precision": info.precision, "channels_last": info.channels_last,
-        "weights": info.weights.source, "runtime": info.runtime, "threads": info.threads,
+        "weights": info.weights.source, "runtime": info.runtime, "runtime_reason": info.runtime_reason,
+        "threads": info.threads,
         "cold_start_s": cold.info.start_s, "warm_start_s": info.start_s, "warm_from": info.compiled_from,
         "model_file_mb": round(sum(p.stat().st_size for p in artefacts) / 1e6, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -123,7 +132,8 @@ def markdown(report: dict[str, dict[str, object]], batch_sizes: list[int]) -> st
         cells = [f"{x['p50_ms']} ({x['images_per_s']})" for x in r["results"]]  # type: ignore[union-attr]
         agree = r.get("agreement")
         agree_text = f"{agree['top1_agreement']:.0%} / {agree['top5_overlap']:.0%}" if agree else "-"  # type: ignore[index]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['cold_start_s']} | {r['warm_start_s']} | "
+        label = f"{name} → {r['runtime']} ({r['runtime_reason']})" if name.startswith("auto-") else name
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['cold_start_s']} | {r['warm_start_s']} | "
                      f"{r['model_file_mb']} | {r['peak_rss_mb']} | {agree_text} |")
     return "\n".join(lines)
 

@@ -205,6 +205,7 @@ def test_engine_bench_writes_a_table_json_and_plot(tmp_path: Path, offline_weigh
     fp32, int8 = report["configs"]["fp32"], report["configs"]["int8-x86"]
     assert [r["batch_size"] for r in fp32["results"]] == [1, 2]
     assert fp32["weights"] == "custom" and fp32["warm_from"] == "repository" and int8["precision"] == "int8"
+    assert fp32["runtime"] == int8["runtime"] == "torchscript"  # pinned: RUNTIME=auto could choose ONNX Runtime
     assert int8["model_file_mb"] < fp32["model_file_mb"]  # INT8 weights take a quarter of the bytes
     assert 0 <= int8["agreement"]["top1_agreement"] <= 1
     assert "| int8-x86 |" in (tmp_path / "e.md").read_text()
