@@ -49,10 +49,12 @@ RESULTS = Path(__file__).parent / "results"
 CONFIGS: dict[str, dict[str, str]] = {
     "env": {},
     "default": {},
-    "naive": {"RESNET_SERVE_MAX_BATCH_SIZE": "1", "RESNET_SERVE_PRECISION": "fp32",
-              "RESNET_SERVE_CHANNELS_LAST": "false", "RESNET_SERVE_CACHE_SIZE": "0"},
-    "fastest": {"RESNET_SERVE_PRECISION": "int8", "RESNET_SERVE_INT8_BACKEND": "onednn",
-                "RESNET_SERVE_MAX_BATCH_SIZE": "8"},
+    # naive and fastest are TorchScript's settings (channels-last, the INT8 backend): pinned to it,
+    # since RESNET_SERVE_RUNTIME=auto might serve ONNX Runtime instead
+    "naive": {"RESNET_SERVE_RUNTIME": "torchscript", "RESNET_SERVE_MAX_BATCH_SIZE": "1",
+              "RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_CHANNELS_LAST": "false", "RESNET_SERVE_CACHE_SIZE": "0"},
+    "fastest": {"RESNET_SERVE_RUNTIME": "torchscript", "RESNET_SERVE_PRECISION": "int8",
+                "RESNET_SERVE_INT8_BACKEND": "onednn", "RESNET_SERVE_MAX_BATCH_SIZE": "8"},
     # ONNX Runtime's intra-op threads sleeping (the default) or spinning between parallel sections
     **{f"ort-{precision}{spin}": {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_PRECISION": precision,
                                   "RESNET_SERVE_ORT_SPINNING": str(bool(spin)).lower()}

@@ -88,6 +88,8 @@ def test_the_readiness_probe_reads_the_status(server_url: str) -> None:
 def test_http_bench_compares_onnx_runtime_threads_sleeping_and_spinning() -> None:
     assert http_bench.CONFIGS["ort-int8"]["RESNET_SERVE_ORT_SPINNING"] == "false"
     assert http_bench.CONFIGS["ort-fp32-spinning"]["RESNET_SERVE_ORT_SPINNING"] == "true"
+    assert http_bench.CONFIGS["naive"]["RESNET_SERVE_RUNTIME"] == http_bench.CONFIGS["fastest"]["RESNET_SERVE_RUNTIME"] \
+        == "torchscript"  # their settings are TorchScript's: never left to RUNTIME=auto
     Settings(**{k.removeprefix("RESNET_SERVE_").lower(): v for k, v in http_bench.CONFIGS["ort-int8-spinning"].items()})
 
     def run(*rps: float) -> dict[str, object]:
