@@ -136,6 +136,14 @@ def test_scratch_folders_left_by_a_server_stopped_mid_write_are_removed(both: lo
     assert sorted(p.name for p in tmp_path.iterdir()) == [".optimised.busy", "optimised"]
 
 
+def test_a_graph_that_does_not_open_leaves_no_scratch_folder(tmp_path: Path) -> None:
+    damaged = tmp_path / "model.onnx"
+    damaged.write_bytes(b"not a graph")
+    with pytest.raises(Exception, match="(?i)protobuf|load|invalid"):
+        OnnxRuntimeBackend(damaged, threads=1, optimised=tmp_path / "cache" / "optimised")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 @pytest.mark.parametrize("spinning", [False, True])
 def test_onnx_runtime_threads_spin_only_when_the_settings_say_so(both: loading.ModelVersion, tmp_path: Path,
                                                                   spinning: bool) -> None:

@@ -116,7 +116,12 @@ class OnnxRuntimeBackend:
                 logger.warning("ignoring the optimised graph in %s: %s", optimised, exc)
         options = _options(threads, arena, True, spinning)
         staging = _staging(optimised, options) if optimised is not None else None
-        session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        try:
+            session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        except Exception:
+            if staging is not None:  # a graph that does not open leaves no scratch folder behind
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         if optimised is not None and staging is not None:
             _keep(staging, optimised)
         return session
