@@ -36,6 +36,7 @@ RESULTS = Path(__file__).parent / "results"
 
 TS = {"RESNET_SERVE_RUNTIME": "torchscript", "RESNET_SERVE_DEVICE": "cpu"}  # never left to RUNTIME=auto
 ORT = {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_DEVICE": "cpu"}
+OPENVINO = {"RESNET_SERVE_RUNTIME": "openvino", "RESNET_SERVE_DEVICE": "cpu"}  # the openvino extra
 AUTO = {"RESNET_SERVE_RUNTIME": "auto", "RESNET_SERVE_DEVICE": "cpu"}  # the service times both and chooses
 CONFIGS: dict[str, dict[str, str]] = {
     "fp32": {**TS, "RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_CHANNELS_LAST": "false"},
@@ -46,12 +47,15 @@ CONFIGS: dict[str, dict[str, str]] = {
     "bf16-cl": {**TS, "RESNET_SERVE_PRECISION": "bf16"},
     "onnxruntime": {**ORT, "RESNET_SERVE_PRECISION": "fp32"},
     "onnxruntime-int8": {**ORT, "RESNET_SERVE_PRECISION": "int8"},
+    "openvino": {**OPENVINO, "RESNET_SERVE_PRECISION": "fp32"},
+    "openvino-int8": {**OPENVINO, "RESNET_SERVE_PRECISION": "int8"},
     "auto-fp32": {**AUTO, "RESNET_SERVE_PRECISION": "fp32"},
     "auto-int8": {**AUTO, "RESNET_SERVE_PRECISION": "int8"},
     "fp16-cuda": {"RESNET_SERVE_PRECISION": "fp16", "RESNET_SERVE_DEVICE": "cuda"},
     "fp32-cuda": {"RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_DEVICE": "cuda"},
 }
-CPU_CONFIGS = ["fp32", "fp32-cl", "bf16-cl", "int8-x86", "int8-fbgemm", "int8-onednn", "onnxruntime", "onnxruntime-int8"]
+CPU_CONFIGS = ["fp32", "fp32-cl", "bf16-cl", "int8-x86", "int8-fbgemm", "int8-onednn", "onnxruntime", "onnxruntime-int8",
+               "openvino", "openvino-int8"]
 
 
 def photo_batch() -> object:

@@ -1,7 +1,8 @@
 """Memory, start time and speed of each way to serve the same model, in one run on one machine.
 
     python benchmarks/memory_bench.py [--duration 60] [--concurrency 32]
-        [--slim-python .venv-slim/bin/python] [--baseline-src DIR] [--starts 5]
+        [--slim-python .venv-slim/bin/python] [--openvino-python .venv-openvino/bin/python]
+        [--baseline-src DIR] [--starts 5]
 
 One repository is exported first (ResNet-18, random-init weights, TorchScript and ONNX, FP32 and
 INT8; speed and memory do not depend on the weight values). Then each configuration is a fresh
@@ -9,6 +10,9 @@ server process:
 
 - ``slim onnxruntime fp32`` / ``slim onnxruntime int8``: the slim install (``pip install .``, no
   torch), ONNX Runtime; its virtualenv is made at ``.venv-slim`` if ``--slim-python`` is not given
+- ``slim+openvino openvino fp32`` / ``... int8``: ``pip install '.[openvino]'`` (no torch either),
+  OpenVINO serving the same ONNX artefacts; made at ``.venv-openvino`` if ``--openvino-python``
+  is not given
 - ``full torchscript fp32`` / ``full torchscript int8``: this environment (the torch extra)
 - ``baseline torchscript fp32``: ``--baseline-src``, another source tree (the commit before this
   work, say) served by this environment from its own compiled-model cache, warmed first
@@ -54,13 +58,14 @@ def status_kb(pid: int, field: str) -> int:
     raise RuntimeError(f"no {field} for {pid}")
 
 
-def slim_python() -> Path:
-    """The slim install's interpreter, made (``pip install .`` into ``.venv-slim``) if missing."""
-    venv = ROOT / ".venv-slim"
+def slim_python(extra: str | None = None) -> Path:
+    """The slim install's interpreter, made (``pip install .`` into ``.venv-slim``) if missing;
+    with ``extra``, ``pip install '.[extra]'`` into ``.venv-<extra>`` (still no torch)."""
+    venv = ROOT / (f".venv-{extra}" if extra else ".venv-slim")
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", str(ROOT)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", f"{ROOT}[{extra}]" if extra else str(ROOT)], check=True)
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(ROOT)], check=True)
     return python
 
@@ -144,11 +149,13 @@ def configurations(args: argparse.Namespace, repository: Path, scratch: Path) ->
     served = {**base, "RESNET_SERVE_MODEL_REPOSITORY": str(repository), "RESNET_SERVE_CACHE_SIZE": "0",
               "RESNET_SERVE_COMPILED_CACHE_DIR": str(scratch / "cache"), "RESNET_SERVE_DEVICE": "cpu"}
     slim = [str(args.slim_python or slim_python()), "-m", "resnet_serve", "serve"]
+    openvino = [str(args.openvino_python or slim_python("openvino")), "-m", "resnet_serve", "serve"]
     full = [sys.executable, "-m", "resnet_serve", "serve"]
     configs = {
         f"{install} {runtime} {precision}": (command, {**served, "RESNET_SERVE_RUNTIME": runtime,
                                                        "RESNET_SERVE_PRECISION": precision})
-        for install, runtime, command in (("slim", "onnxruntime", slim), ("full", "torchscript", full))
+        for install, runtime, command in (("slim", "onnxruntime", slim), ("slim+openvino", "openvino", openvino),
+                                          ("full", "torchscript", full))
         for precision in args.precisions
     }
     if args.baseline_src:
@@ -185,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--slim-python", type=Path, help="the slim install's python (default: make .venv-slim)")
+    parser.add_argument("--openvino-python", type=Path,
+                        help="the openvino extra's python (default: make .venv-openvino)")
     parser.add_argument("--baseline-src", type=Path, help="another source tree's src/ to serve for comparison")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
     parser.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE", help="more environment for every server")

@@ -173,15 +173,28 @@ ROOT = Path(__file__).parent.parent
 SLIM = ROOT / ".venv-slim"  # kept between runs (ignored by git); the project is reinstalled each run
 
 
-@pytest.fixture(scope="session")
-def slim_python() -> Path:
-    python = SLIM / "bin" / "python"
+def torch_free_python(venv: Path, requirement: str) -> Path:
+    """A virtualenv with ``pip install <requirement>`` (made once, kept between runs; ignored by
+    git), this checkout reinstalled into it each run."""
+    python = venv / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(SLIM)], check=True, timeout=300)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", str(ROOT)], check=True, timeout=1200)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", requirement], check=True, timeout=1200)
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(ROOT)],
                    check=True, timeout=600)
     return python
+
+
+@pytest.fixture(scope="session")
+def slim_python() -> Path:
+    """``pip install .``: the slim server."""
+    return torch_free_python(SLIM, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def openvino_python() -> Path:
+    """``pip install '.[openvino]'``: the slim server with OpenVINO, still without torch."""
+    return torch_free_python(ROOT / ".venv-openvino", f"{ROOT}[openvino]")
 
 
 async def probs_of(engine: Engine, uploads: list[bytes]) -> torch.Tensor:

@@ -247,14 +247,16 @@ def test_multi_model_bench_puts_each_model_mixed_next_to_alone(user_repository: 
     assert "| flowers |" in (tmp_path / "m.md").read_text() and report["machine"]["cpus"] >= 1
 
 
-def test_memory_bench_reports_memory_start_and_speed_per_install(slim_python: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_memory_bench_reports_memory_start_and_speed_per_install(slim_python: Path, openvino_python: Path,
+                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory_bench, "RESULTS", tmp_path)
     assert memory_bench.main(["--duration", "1", "--concurrency", "2", "--precisions", "fp32", "--slim-python",
-                              str(slim_python), "--starts", "2", "--out", "mem"]) == 0
+                              str(slim_python), "--openvino-python", str(openvino_python), "--starts", "2",
+                              "--out", "mem"]) == 0
     report = json.loads((tmp_path / "mem.json").read_text())["configurations"]
-    assert set(report) == {"slim onnxruntime fp32", "full torchscript fp32"}
+    assert set(report) == {"slim onnxruntime fp32", "slim+openvino openvino fp32", "full torchscript fp32"}
     assert report["slim onnxruntime fp32"]["runtime"] == "onnxruntime"
+    assert report["slim+openvino openvino fp32"]["runtime"] == "openvino"
     assert report["full torchscript fp32"]["runtime"] == "torchscript"
     for row in report.values():
         assert 0 < row["idle_rss_mb"] <= row["peak_rss_mb"] and row["rps"] > 0

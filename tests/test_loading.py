@@ -29,11 +29,14 @@ def cpu(**changes: object) -> Settings:
 
 
 def test_auto_takes_every_installed_runtime_that_can_run_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert candidate_runtimes(cpu()) == ["torchscript", "onnxruntime"]
-    assert candidate_runtimes(cpu(precision="bf16")) == ["torchscript"]  # ONNX Runtime here: FP32, INT8
+    assert candidate_runtimes(cpu()) == ["torchscript", "onnxruntime", "openvino"]
+    assert candidate_runtimes(cpu(precision="bf16")) == ["torchscript"]  # the others here: FP32, INT8
     assert candidate_runtimes(cpu(runtime="onnxruntime")) == ["onnxruntime"]
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
+    missing: set[str] = {"torch"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name in missing else real(name))
+    assert candidate_runtimes(cpu()) == ["onnxruntime", "openvino"]  # pip install '.[openvino]'
+    missing.add("openvino")
     assert candidate_runtimes(cpu()) == ["onnxruntime"]  # the slim install
 
 
@@ -43,15 +46,20 @@ def both(user_repository: Path) -> loading.ModelVersion:
     return Repository(user_repository).latest()["flowers"]
 
 
-@pytest.mark.parametrize(("torchscript_ms", "onnxruntime_ms", "expected"),
-                         [(10.0, 5.0, "onnxruntime"), (5.0, 10.0, "torchscript"), (10.4, 10.0, "torchscript")])
-def test_the_faster_runtime_is_chosen_torchscript_on_a_tie(
+@pytest.mark.parametrize(("timings", "expected"), [
+    ((10.0, 5.0, 8.0), "onnxruntime"),
+    ((5.0, 10.0, 10.0), "torchscript"),
+    ((10.4, 10.0, 10.2), "torchscript"),  # a tie within 5%: TorchScript, the design's runtime
+    ((10.0, 5.2, 5.0), "onnxruntime"),  # ... then ONNX Runtime, the slim install's
+    ((10.0, 9.0, 4.0), "openvino"),
+])
+def test_the_fastest_runtime_is_chosen_the_first_one_on_a_tie(
     both: loading.ModelVersion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    torchscript_ms: float, onnxruntime_ms: float, expected: str,
+    timings: tuple[float, float, float], expected: str,
 ) -> None:
     """The rule, with the timings given (the real timing is exercised below)."""
-    monkeypatch.setattr(loading, "_per_image_ms", lambda backend, crop, batch: (
-        torchscript_ms if backend.runtime == "torchscript" else onnxruntime_ms))
+    ms = dict(zip(["torchscript", "onnxruntime", "openvino"], timings, strict=True))
+    monkeypatch.setattr(loading, "_per_image_ms", lambda backend, crop, batch: ms[backend.runtime])
     choice = choose_runtime(both, cpu(compiled_cache_dir=tmp_path))
     assert choice.wanted.runtime == expected and choice.backend is not None and choice.backend.runtime == expected
 
@@ -66,7 +74,7 @@ def test_the_choice_is_timed_once_per_machine_and_kept(both: loading.ModelVersio
         assert first.info.runtime_reason.startswith("timed now")
         kept = json.loads((tmp_path / "runtime-choices.json").read_text())
         ((key, choice),) = kept.items()
-        assert loading.cpu_model() in key and set(choice["ms"]) == {"torchscript", "onnxruntime"}
+        assert loading.cpu_model() in key and set(choice["ms"]) == {"torchscript", "onnxruntime", "openvino"}
         assert choice["runtime"] == first.info.runtime
         pixels = preprocess(photo_jpegs["coffee"], both.spec, max_pixels=10**9).pixels  # type: ignore[arg-type]
         answer = asyncio.run(first.predict([pixels]))[0].probs
@@ -82,7 +90,8 @@ def test_the_choice_is_timed_once_per_machine_and_kept(both: loading.ModelVersio
 
 def test_with_runtime_auto_each_artefact_is_hashed_once_per_load(both: loading.ModelVersion, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """The choice checks every candidate's SHA-256; opening the chosen one does not check it again."""
+    """The choice checks every candidate's SHA-256, the ONNX one once though two runtimes time it;
+    opening the chosen one does not check it again."""
     from collections import Counter
 
     from resnet_serve import repository
@@ -154,7 +163,7 @@ def test_onnx_runtime_threads_spin_only_when_the_settings_say_so(both: loading.M
     assert artefact is not None
     settings = cpu(ort_spinning=spinning, compiled_cache_dir=tmp_path)
     for _ in ("optimised now", "kept"):
-        backend = loading.open_backend(artefact, both.artefact_path(artefact), settings)
+        backend = loading.open_backend("onnxruntime", artefact, both.artefact_path(artefact), settings)
         options = backend.session.get_session_options()  # type: ignore[attr-defined]
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
     assert len(list((tmp_path / "onnxruntime").iterdir())) == 1
@@ -189,9 +198,9 @@ def test_a_damaged_artefact_is_refused_by_its_check_though_it_is_opened_meanwhil
     shutil.copytree(user_repository, copy)
     version = Repository(copy).latest()["flowers"]
     settings = cpu(runtime="onnxruntime", compiled_cache_dir=tmp_path / "cache")
-    artefact = version.metadata.artefact("onnx", "fp32")  # type: ignore[union-attr]
-    assert artefact is not None
-    loading.open_verified(version, artefact, settings)  # intact: opens, and keeps the optimised graph
+    wanted = loading.wanted_for("onnxruntime", settings)
+    artefact = wanted.pick(version)
+    loading.open_verified(version, wanted, settings)  # intact: opens, and keeps the optimised graph
     path = version.directory / artefact.file
     data = bytearray(path.read_bytes())
     if damage == "truncated":
@@ -200,10 +209,10 @@ def test_a_damaged_artefact_is_refused_by_its_check_though_it_is_opened_meanwhil
         data[-100] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(RepositoryError, match="fails its SHA-256 check"):
-        loading.open_verified(version, artefact, settings)
+        loading.open_verified(version, wanted, settings)
     path.unlink()
     with pytest.raises(RepositoryError, match="is missing"):
-        loading.open_verified(version, artefact, settings)
+        loading.open_verified(version, wanted, settings)
 
 
 def test_int8_through_onnx_runtime_is_exported_calibrated_and_served(

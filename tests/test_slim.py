@@ -1,6 +1,7 @@
 """The slim install: ``pip install .`` in a fresh virtualenv has no torch; it serves a repository
 exported by the full install through ONNX Runtime, never maps libtorch, and answers as the
-TorchScript runtime does. What needs torch says which extra brings it."""
+TorchScript runtime does; so does ``pip install '.[openvino]'`` through OpenVINO. What needs torch
+says which extra brings it."""
 
 from __future__ import annotations
 
@@ -36,34 +37,50 @@ def test_the_slim_install_has_no_torch(slim_python: Path) -> None:
     assert found.stdout.split() == ["[]", "True"], found.stderr
     installed = run_slim(slim_python, "-m", "pip", "list", "--format=freeze").stdout.lower()
     assert "torch" not in installed and "nvidia" not in installed and "onnxruntime==" in installed
+    assert "openvino" not in installed
 
 
-@pytest.fixture
-def slim_server(slim_python: Path, user_repository: Path, tmp_path: Path) -> Iterator[tuple[str, int]]:
+def test_the_openvino_extra_adds_openvino_and_no_torch(openvino_python: Path) -> None:
+    installed = run_slim(openvino_python, "-m", "pip", "list", "--format=freeze").stdout.lower()
+    assert "torch" not in installed and "nvidia" not in installed and "onnx==" not in installed
+    assert "onnxruntime==" in installed and "openvino==" in installed
+
+
+INSTALLS = {"onnxruntime": ("slim_python", "onnxruntime_onnx"), "openvino": ("openvino_python", "openvino")}
+
+
+@pytest.fixture(params=list(INSTALLS))
+def slim_server(request: pytest.FixtureRequest, user_repository: Path,
+                tmp_path: Path) -> Iterator[tuple[str, int, str]]:
+    """A torch-free server: ``pip install .`` (ONNX Runtime) or ``pip install '.[openvino]'`` with
+    OpenVINO configured (``RUNTIME=auto`` there would choose by speed)."""
+    runtime = request.param
+    python = request.getfixturevalue(INSTALLS[runtime][0])
     port = free_port()
     with (tmp_path / "slim.log").open("wb") as log:
         process = subprocess.Popen(
-            [str(slim_python), "-m", "resnet_serve", "serve", "--port", str(port), "--model-repository",
-             str(user_repository)], env=env_with(runtime="auto", compiled_cache_dir=str(tmp_path / "cache")),
+            [str(python), "-m", "resnet_serve", "serve", "--port", str(port), "--model-repository",
+             str(user_repository)], env=env_with(runtime="auto" if runtime == "onnxruntime" else runtime,
+                                                 compiled_cache_dir=str(tmp_path / "cache")),
             stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_ready(f"http://127.0.0.1:{port}", process)
-            yield f"http://127.0.0.1:{port}", process.pid
+            yield f"http://127.0.0.1:{port}", process.pid, runtime
         finally:
             process.kill()
             process.wait(30)
 
 
 def test_the_slim_server_maps_no_libtorch_and_answers_as_torchscript(
-    slim_server: tuple[str, int], user_repository: Path, photo_jpegs: dict[str, bytes]
+    slim_server: tuple[str, int, str], user_repository: Path, photo_jpegs: dict[str, bytes]
 ) -> None:
-    url, pid = slim_server
+    url, pid, runtime = slim_server
     maps = Path(f"/proc/{pid}/maps").read_text()
-    assert "onnxruntime" in maps and "libtorch" not in maps and "torch/lib" not in maps
+    assert f"lib{runtime}" in maps and "libtorch" not in maps and "torch/lib" not in maps
     photos = [photo_jpegs[n] for n in ("chelsea", "coffee", "rocket", "astronaut", "horse")]
     for name, version in Repository(user_repository).latest().items():
         model = httpx.get(f"{url}/model", params={"model": name}).json()
-        assert (model["runtime"], model["platform"], model["torch_version"]) == ("onnxruntime", "onnxruntime_onnx", None)
+        assert (model["runtime"], model["platform"], model["torch_version"]) == (runtime, INSTALLS[runtime][1], None)
         body = {"inputs": [{"name": "INPUT", "shape": [len(photos)], "datatype": "BYTES",
                             "data": [base64.b64encode(p).decode() for p in photos]}]}
         (output,) = httpx.post(f"{url}/v2/models/{name}/infer", json=body, timeout=60).json()["outputs"]

@@ -169,8 +169,9 @@ def _info(args: argparse.Namespace) -> int:
     report = {
         "torch": _installed("torch"),
         "onnxruntime": _installed("onnxruntime"),
+        "openvino": _installed("openvino"),
         "repository": str(settings.model_repository or default_root(settings)),
-        "artefacts": [f"{w.format} {w.precision}" for w in wanted],
+        "artefacts": list(dict.fromkeys(f"{w.format} {w.precision}" for w in wanted)),
         "weights": found.source if found else "not found locally",
         "weights_path": str(found.path) if found and found.path else None,
         "weights_sha256": found.sha256 if found else None,
@@ -196,7 +197,7 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore
     serve.add_argument("--workers", type=int, help="processes, each with its own models")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     serve.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16", "int8"])
-    serve.add_argument("--runtime", choices=["torchscript", "onnxruntime"])
+    serve.add_argument("--runtime", choices=["auto", "torchscript", "onnxruntime", "openvino"])
     serve.add_argument("--model-repository", type=Path, help="serve every model in this repository")
     serve.add_argument("--default-model", help="the model /predict serves without ?model=")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

@@ -195,9 +195,10 @@ class Engine:
     def warmup(self, max_batch_size: int, crop_size: int) -> None:
         """Run the batch sizes as often as the runtime needs to settle, and time each: every size
         for TorchScript, whose profiling executor specialises per shape and whose first calls
-        optimise the graph; batch 1 once for ONNX Runtime, which needs no warming per shape (a
-        first batch of 4 costs about what a later one does, ``benchmarks/start_bench.py``), so
-        its run only proves the session serves before readiness says so."""
+        optimise the graph, and once each for OpenVINO, which prepares each shape on its first
+        call; batch 1 once for ONNX Runtime, which needs no warming per shape (a first batch of 4
+        costs about what a later one does, ``benchmarks/start_bench.py``), so its run only proves
+        the session serves before readiness says so."""
         every = self._backend.warmup_every_size
         for n in range(1, max_batch_size + 1) if every else [1]:
             images = [np.zeros((3, crop_size, crop_size), dtype=np.uint8)] * n

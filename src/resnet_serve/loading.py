@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resnet_serve.backends import ONNXRUNTIME, ORT_INT8_SCHEME, TORCHSCRIPT, Backend
+from resnet_serve.backends import ONNXRUNTIME, OPENVINO, ORT_INT8_SCHEME, TORCHSCRIPT, Backend
 from resnet_serve.errors import ExplanationsUnavailable, RepositoryError
 from resnet_serve.inference import Engine, ModelInfo
 from resnet_serve.photos import calibration_files, calibration_fingerprint
@@ -49,6 +49,9 @@ from resnet_serve.weights import locate
 logger = logging.getLogger(__name__)
 
 TORCH_EXTRA = "pip install 'resnet-serve[torch]'"
+OPENVINO_EXTRA = "pip install 'resnet-serve[openvino]'"
+# Each runtime and the package it needs, in the order a tie is settled (TorchScript first).
+RUNTIME_PACKAGES = {TORCHSCRIPT: "torch", ONNXRUNTIME: "onnxruntime", OPENVINO: "openvino"}
 
 
 @dataclass(frozen=True)
@@ -66,11 +69,11 @@ def accelerator_present() -> bool:
 
 def candidate_runtimes(settings: Settings) -> list[str]:
     """The runtimes that may serve: the configured one, or for ``auto`` every installed one that
-    can run these settings (ONNX Runtime here: the CPU, FP32 or INT8)."""
+    can run these settings (ONNX Runtime and OpenVINO here: the CPU, FP32 or INT8)."""
     if settings.runtime != "auto":
         return [settings.runtime]
-    installed = [runtime for runtime, module in ((TORCHSCRIPT, "torch"), (ONNXRUNTIME, "onnxruntime"))
-                 if importlib.util.find_spec(module) is not None]
+    installed = [runtime for runtime, package in RUNTIME_PACKAGES.items()
+                 if importlib.util.find_spec(package) is not None]
     cpu = settings.device == "cpu" or (settings.device == "auto" and not accelerator_present())
     if not cpu or settings.precision in ("fp16", "bf16"):
         installed = [r for r in installed if r == TORCHSCRIPT]
@@ -101,13 +104,13 @@ def wanted_for(runtime: str, settings: Settings, *, built_here: bool = False) ->
     """The artefact ``runtime`` needs to serve these settings. ``built_here``: for the built-in
     model, which the server builds itself, down to the INT8 calibration photos (reading them needs
     the torch extra's scikit-image when no folder is given)."""
-    if runtime == ONNXRUNTIME:
+    if runtime in (ONNXRUNTIME, OPENVINO):
         if settings.precision not in ("auto", "fp32", "int8") or settings.device not in ("auto", "cpu"):
-            raise RepositoryError("RESNET_SERVE_RUNTIME=onnxruntime runs FP32 or INT8 on the CPU only")
+            raise RepositoryError(f"RESNET_SERVE_RUNTIME={runtime} runs FP32 or INT8 on the CPU only")
         if settings.precision == "int8":
             calibration = _calibration(settings) if built_here else None
-            return Wanted("onnx", "int8", int8_backend=ORT_INT8_SCHEME, calibration=calibration)
-        return Wanted("onnx", "fp32")
+            return Wanted("onnx", "int8", int8_backend=ORT_INT8_SCHEME, calibration=calibration, served_by=runtime)
+        return Wanted("onnx", "fp32", served_by=runtime)
     device, precision = torchscript_target(settings)
     if precision == "int8":
         calibration = _calibration(settings) if built_here else None
@@ -116,7 +119,7 @@ def wanted_for(runtime: str, settings: Settings, *, built_here: bool = False) ->
 
 
 def wanted_artefacts(settings: Settings, *, built_here: bool = False) -> list[Wanted]:
-    """One artefact per candidate runtime."""
+    """One artefact per candidate runtime (ONNX Runtime and OpenVINO want the same one)."""
     return [wanted_for(runtime, settings, built_here=built_here) for runtime in candidate_runtimes(settings)]
 
 
@@ -244,23 +247,37 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _optimised_graph(artefact: Artefact, settings: Settings, runtime_version: str) -> Path | None:
-    """The folder where ONNX Runtime keeps this artefact's optimised graph for this CPU and ONNX
-    Runtime version (None: nowhere)."""
+def _compiled_cache(artefact: Artefact, settings: Settings, runtime: str, runtime_version: str) -> Path | None:
+    """Where ``runtime`` keeps what it compiled from this artefact for this CPU and runtime
+    version (None: nowhere)."""
     if not settings.compiled_cache:
         return None
     machine = hashlib.sha256(f"{cpu_model()}|{runtime_version}".encode()).hexdigest()[:12]
-    return settings.compiled_cache_dir / "onnxruntime" / f"{artefact.sha256[:16]}-{machine}"
+    return settings.compiled_cache_dir / runtime / f"{artefact.sha256[:16]}-{machine}"
 
 
-def open_backend(artefact: Artefact, path: Path, settings: Settings) -> Backend:
-    if artefact.format == "onnx":
+def runtime_threads(runtime: str, settings: Settings) -> int:
+    return {ONNXRUNTIME: settings.ort_threads, OPENVINO: settings.openvino_threads}.get(runtime, settings.torch_threads)
+
+
+def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Settings) -> Backend:
+    """``runtime``'s backend for the artefact."""
+    threads = runtime_threads(runtime, settings)
+    if runtime == OPENVINO:
+        try:
+            from resnet_serve.backends.openvino import RUNTIME_VERSION as OPENVINO_VERSION
+            from resnet_serve.backends.openvino import OpenVinoBackend
+        except ImportError as exc:
+            raise RepositoryError(f"RESNET_SERVE_RUNTIME=openvino needs OpenVINO ({OPENVINO_EXTRA}; {exc})") from None
+        return OpenVinoBackend(path, threads=threads, precision=artefact.precision,
+                               cache=_compiled_cache(artefact, settings, OPENVINO, OPENVINO_VERSION))
+    if runtime == ONNXRUNTIME:
         try:
             from resnet_serve.backends.onnxruntime import RUNTIME_VERSION, OnnxRuntimeBackend
         except ImportError as exc:
             raise RepositoryError(f"ONNX artefacts need onnxruntime ({exc})") from None
-        optimised = _optimised_graph(artefact, settings, RUNTIME_VERSION)
-        return OnnxRuntimeBackend(path, threads=settings.ort_threads, precision=artefact.precision,
+        optimised = _compiled_cache(artefact, settings, ONNXRUNTIME, RUNTIME_VERSION)
+        return OnnxRuntimeBackend(path, threads=threads, precision=artefact.precision,
                                   arena=settings.ort_arena, spinning=settings.ort_spinning, optimised=optimised)
     try:
         from resnet_serve.backends.torch.runtime import TorchScriptBackend
@@ -268,19 +285,25 @@ def open_backend(artefact: Artefact, path: Path, settings: Settings) -> Backend:
         raise RepositoryError(f"TorchScript artefacts need torch ({TORCH_EXTRA}); "
                               "or serve the ONNX artefact with RESNET_SERVE_RUNTIME=onnxruntime") from None
     return TorchScriptBackend.load(path, device_name=settings.device, precision=artefact.precision,
-                                   threads=settings.torch_threads, int8_backend=artefact.int8_backend)
+                                   threads=threads, int8_backend=artefact.int8_backend)
 
 
-def open_verified(version: ModelVersion, artefact: Artefact, settings: Settings) -> Backend:
+def open_wanted(version: ModelVersion, wanted: Wanted, settings: Settings) -> Backend:
+    """The wanted artefact of the version, opened by its runtime (not checked: see ``open_verified``)."""
+    artefact = wanted.pick(version)
+    return open_backend(wanted.runtime, artefact, version.directory / artefact.file, settings)
+
+
+def open_verified(version: ModelVersion, wanted: Wanted, settings: Settings) -> Backend:
     """Open the artefact while a second thread checks its SHA-256 (hashlib releases the GIL),
     so the check, tens of milliseconds for a ResNet-18 (``benchmarks/start_bench.py``), overlaps
     the opening rather than delaying it; ONNX Runtime mostly opens its kept optimised graph and
     never reads the artefact. A damaged or missing file is still refused, with the check's
     message even when the runtime failed to open it first."""
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="resnet-serve-verify") as pool:
-        checked = pool.submit(version.artefact_path, artefact)
+        checked = pool.submit(version.artefact_path, wanted.pick(version))
         try:
-            backend = open_backend(artefact, version.directory / artefact.file, settings)
+            backend = open_wanted(version, wanted, settings)
         except Exception:
             checked.result()
             raise
@@ -370,24 +393,26 @@ class Choice:
 
 def _intact(version: ModelVersion, candidates: list[Wanted]) -> tuple[list[Wanted], list[str]]:
     """The candidates whose artefact is there and passes its SHA-256 check, and what is wrong
-    with the others (a configured runtime's damaged artefact fails the model when it loads)."""
-    intact, problems = [], []
+    with the others (a configured runtime's damaged artefact fails the model when it loads).
+    Each artefact is checked once: ONNX Runtime and OpenVINO serve the same one."""
+    problem_of: dict[str, str | None] = {}  # artefact file: what is wrong with it, or None
     for wanted in candidates:
-        if not wanted.has(version):
-            continue
-        try:
-            version.artefact_path(wanted.pick(version))
-            intact.append(wanted)
-        except RepositoryError as exc:
-            problems.append(str(exc))
-    return intact, problems
+        if wanted.has(version) and (file := wanted.pick(version).file) not in problem_of:
+            try:
+                version.artefact_path(wanted.pick(version))
+                problem_of[file] = None
+            except RepositoryError as exc:
+                problem_of[file] = str(exc)
+    intact = [w for w in candidates if w.has(version) and problem_of[w.pick(version).file] is None]
+    return intact, [problem for problem in problem_of.values() if problem is not None]
 
 
 def choose_runtime(version: ModelVersion, settings: Settings) -> Choice:
-    """The configured runtime; or, for ``auto`` with both artefacts at hand, the faster one on this
-    machine (per image, the mean of batch 1 and the max batch; TorchScript on a tie within 5%),
-    timed at the first start and kept, keyed by CPU model, threads and artefacts. A damaged
-    artefact is left out of the choice, loudly."""
+    """The configured runtime; or, for ``auto`` with several runtimes and their artefacts at hand,
+    the fastest on this machine (per image, the mean of batch 1 and the max batch; on a tie within
+    5%, the first of TorchScript, ONNX Runtime, OpenVINO), timed at the first start and kept,
+    keyed by CPU model, runtimes, threads and artefacts. A damaged artefact is left out of the
+    choice, loudly."""
     candidates = wanted_artefacts(settings)
     if len(candidates) < 2:
         return Choice(candidates[0], "configured" if settings.runtime != "auto" else "the only runtime installed")
@@ -399,23 +424,22 @@ def choose_runtime(version: ModelVersion, settings: Settings) -> Choice:
         return Choice((present or candidates)[0], reason, verified=bool(present))
     assert version.spec is not None
     batch = model_settings(version, settings).max_batch_size
-    key = "|".join([cpu_model(), f"threads {settings.torch_threads}/{settings.ort_threads}", f"batch {batch}",
-                    *(w.pick(version).sha256[:16] for w in present)])
+    key = "|".join([cpu_model(), *(f"{w.runtime} {runtime_threads(w.runtime, settings)} threads" for w in present),
+                    f"batch {batch}", *dict.fromkeys(w.pick(version).sha256[:16] for w in present)])
     kept = _read_choices(settings).get(key)
     if kept is not None:
-        return Choice(next(w for w in present if w.runtime == kept["runtime"]), f"timed earlier: {kept['ms']}",
-                      verified=True)
-    backends = {w.runtime: open_backend(w.pick(version), version.directory / w.pick(version).file, settings)
-                for w in present}  # checked by _intact
+        return Choice(next(w for w in present if w.runtime == kept["runtime"]),
+                      "; ".join([f"timed earlier: {kept['ms']}", *problems]), verified=True)
+    backends = {w.runtime: open_wanted(version, w, settings) for w in present}  # checked by _intact
     ms = {runtime: round((_per_image_ms(b, version.spec.crop_size, 1) + _per_image_ms(b, version.spec.crop_size, batch))
                          / 2, 2) for runtime, b in backends.items()}
-    best = min(ms, key=lambda runtime: ms[runtime])
-    if TORCHSCRIPT in ms and ms[TORCHSCRIPT] <= ms[best] * (1 + TIE):
-        best = TORCHSCRIPT
+    fastest = min(ms.values())
+    best = next(runtime for runtime in RUNTIME_PACKAGES if runtime in ms and ms[runtime] <= fastest * (1 + TIE))
     _keep_choice(settings, key, {"runtime": best, "ms": ms})
     logger.info("%s/%d: %s is faster on this machine (ms per image, batch 1 and %d: %s)", version.name,
                 version.version, best, batch, ms)
-    return Choice(next(w for w in present if w.runtime == best), f"timed now: {ms}", backends[best])
+    return Choice(next(w for w in present if w.runtime == best), "; ".join([f"timed now: {ms}", *problems]),
+                  backends[best])
 
 
 def load_engine(version: ModelVersion, settings: Settings, *, exported: bool = False,
@@ -430,13 +454,13 @@ def load_engine(version: ModelVersion, settings: Settings, *, exported: bool = F
     if choice.backend is not None:
         backend = choice.backend
     elif choice.verified:
-        backend = open_backend(artefact, version.directory / artefact.file, settings)
+        backend = open_wanted(version, choice.wanted, settings)
     else:
-        backend = open_verified(version, artefact, settings)
+        backend = open_verified(version, choice.wanted, settings)
     served = model_settings(version, settings)
     info = ModelInfo(
         spec=version.spec, version=version.version, device=backend.device, precision=backend.precision,
-        weights=version.weights, threads=settings.ort_threads if artefact.format == "onnx" else settings.torch_threads,
+        weights=version.weights, threads=runtime_threads(backend.runtime, settings),
         runtime=backend.runtime, runtime_reason=choice.reason, channels_last=artefact.channels_last,
         compiled_from="exported" if exported else "repository", max_batch_size=served.max_batch_size,
         directory=version.directory,

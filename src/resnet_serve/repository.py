@@ -185,10 +185,11 @@ class Wanted:
     channels_last: bool = False
     int8_backend: str | None = None
     calibration: str | None = None
+    served_by: str | None = None  # the runtime that serves it; None: the format's own
 
     @property
     def runtime(self) -> str:
-        return ONNXRUNTIME if self.format == "onnx" else TORCHSCRIPT
+        return self.served_by or (ONNXRUNTIME if self.format == "onnx" else TORCHSCRIPT)
 
     def has(self, version: ModelVersion) -> bool:
         """Whether the version holds an artefact in this format and precision."""

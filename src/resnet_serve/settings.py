@@ -19,7 +19,7 @@ Int8Backend = Literal["fbgemm", "onednn", "x86"]
 WeightsMode = Literal["auto", "official", "random"]
 DispatchPolicy = Literal["eager", "wait"]
 LogFormat = Literal["plain", "json"]
-RuntimeName = Literal["auto", "torchscript", "onnxruntime"]
+RuntimeName = Literal["auto", "torchscript", "onnxruntime", "openvino"]
 
 MAX_TOP_K = 20
 DEFAULT_TOP_K = 3
@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     ort_arena: bool = Field(True, description="ONNX Runtime's CPU memory arena (off: lower idle RSS, more fragmentation)")
     ort_spinning: bool = Field(False, description="ONNX Runtime's intra-op threads spin between parallel sections "
                                "(off: they sleep, leaving the cores to decoding and HTTP under load)")
+    openvino_threads: int = Field(default_factory=_cores, ge=1, description="OpenVINO inference threads")
     channels_last: bool = Field(True, description="NHWC memory layout on CPU and CUDA")
     int8_backend: Int8Backend = "x86"
     calibration_dir: Path | None = Field(None, description="photos for INT8 calibration")

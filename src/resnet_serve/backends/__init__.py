@@ -1,8 +1,9 @@
 """The seam between the service and whatever runs the network: a ``Backend`` speaks numpy.
 
 Nothing above this seam imports a runtime. Each runtime lives in its own module and imports its
-own library: ``backends.onnxruntime`` (ONNX Runtime) and ``backends.torch`` (TorchScript, plus
-everything that needs torch to build a model: weights, graph, quantization, export).
+own library: ``backends.onnxruntime`` (ONNX Runtime), ``backends.openvino`` (OpenVINO, which
+serves the same ONNX artefacts) and ``backends.torch`` (TorchScript, plus everything that needs
+torch to build a model: weights, graph, quantization, export).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from typing import Protocol
 
 import numpy as np
 
-TORCHSCRIPT, ONNXRUNTIME = "torchscript", "onnxruntime"
+TORCHSCRIPT, ONNXRUNTIME, OPENVINO = "torchscript", "onnxruntime", "openvino"
 # Triton's platform names, which the Open Inference Protocol's model metadata reports.
-PLATFORMS = {TORCHSCRIPT: "pytorch_torchscript", ONNXRUNTIME: "onnxruntime_onnx"}
+PLATFORMS = {TORCHSCRIPT: "pytorch_torchscript", ONNXRUNTIME: "onnxruntime_onnx", OPENVINO: "openvino"}
+# The artefact format each runtime serves (OpenVINO reads the ONNX artefacts).
+FORMATS = {TORCHSCRIPT: "torchscript", ONNXRUNTIME: "onnx", OPENVINO: "onnx"}
 # The serving graph's tensor names, whatever format it is saved in.
 GRAPH_INPUT, GRAPH_OUTPUT = "pixels", "probs"
 # ONNX graphs of models with a global-pool + linear head also output the last block's
@@ -30,7 +33,7 @@ class Backend(Protocol):
     """A loaded network: ``uint8 [N, 3, H, W]`` pixels in, ``float32 [N, classes]`` probabilities
     out. Called from one thread only (the inference thread), so it needs no lock."""
 
-    runtime: str  # TORCHSCRIPT or ONNXRUNTIME
+    runtime: str  # TORCHSCRIPT, ONNXRUNTIME or OPENVINO
     device: str
     precision: str
     warmup_rounds: int  # calls per batch size before the runtime has settled (TorchScript profiles)

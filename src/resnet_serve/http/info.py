@@ -86,6 +86,7 @@ async def model_info(service: ServiceDep, query: ModelQueryDep) -> ModelResponse
         warmup_batch_ms=info.warmup_batch_ms,
         torch_version=installed_version("torch"),
         onnxruntime_version=installed_version("onnxruntime"),
+        openvino_version=installed_version("openvino"),
     )
 
 

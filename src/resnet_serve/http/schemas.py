@@ -113,7 +113,7 @@ class BatchResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: str = Field(description="alive, ready, loading, failed, restarting or shutting_down")
     weights: str | None = None
-    runtime: str | None = Field(None, description="torchscript or onnxruntime, once the model is loaded")
+    runtime: str | None = Field(None, description="torchscript, onnxruntime or openvino, once the model is loaded")
     detail: str | None = None
 
 
@@ -127,9 +127,9 @@ class ModelResponse(BaseModel):
     weights: str
     weights_sha256: str | None
     weights_path: str | None
-    runtime: str = Field(description="torchscript or onnxruntime")
+    runtime: str = Field(description="torchscript, onnxruntime or openvino")
     runtime_reason: str = Field(description="why this runtime: configured, the only one, or timed on this machine")
-    platform: str = Field(description="the runtime as Triton names it: pytorch_torchscript or onnxruntime_onnx")
+    platform: str = Field(description="the runtime as Triton names it: pytorch_torchscript, onnxruntime_onnx or openvino")
     device: str
     precision: str
     channels_last: bool
@@ -148,6 +148,7 @@ class ModelResponse(BaseModel):
     warmup_batch_ms: dict[int, float] = Field(description="forward time per batch size at start-up")
     torch_version: str | None = Field(description="installed torch (null: not installed)")
     onnxruntime_version: str | None = Field(description="installed ONNX Runtime (null: not installed)")
+    openvino_version: str | None = Field(None, description="installed OpenVINO (null: not installed)")
 
 
 class ModelSummary(BaseModel):

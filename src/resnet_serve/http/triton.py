@@ -19,7 +19,7 @@ from resnet_serve.repository import LABELS_FILE
 from resnet_serve.service import ServedModel, Service
 
 router = APIRouter(prefix="/v2", tags=["Triton extensions"], route_class=OipRoute)
-BACKENDS = {"torchscript": "pytorch", "onnxruntime": "onnxruntime"}
+BACKENDS = {"torchscript": "pytorch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 
 def model_config(service: Service, slot: ServedModel) -> dict[str, Any]:

@@ -378,7 +378,7 @@ def ensure_default_model(root: Path, spec: ModelSpec, weights: LoadedWeights, se
     folder = root / spec.name / "1"
     current = read_version(spec.name, 1, folder) if folder.exists() else None
     missing = [w for w in wanted if current is None or not w.fits(current)]
-    job = ExportJob(spec, weights, root, 1, formats=[w.format for w in missing or wanted],
+    job = ExportJob(spec, weights, root, 1, formats=list(dict.fromkeys(w.format for w in missing or wanted)),
                     precisions=[wanted[0].precision], channels_last=any(w.channels_last for w in wanted),
                     int8_backend=settings.int8_backend, calibration=settings.calibration_dir)
     if current is not None and same_model(current, job):

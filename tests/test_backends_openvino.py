@@ -1,0 +1,135 @@
+"""OpenVINO serving the repository's ONNX artefacts: FP32 answers as ONNX Runtime's, INT8 with the
+same Top-1, at every batch size; a result outlives the next batch; the
+compiled model is kept for the next start; the settings reach OpenVINO; through HTTP the service
+says which runtime answers; without the extra, the message names it."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from resnet_serve import loading
+from resnet_serve.backends.onnxruntime import OnnxRuntimeBackend
+from resnet_serve.backends.openvino import OpenVinoBackend
+from resnet_serve.cli import main
+from resnet_serve.errors import RepositoryError
+from resnet_serve.http.app import create_app
+from resnet_serve.repository import ModelVersion, Repository
+from resnet_serve.settings import Settings
+from resnet_serve.spec import RESNET18
+from resnet_serve.transform import preprocess
+from tests.conftest import open_client
+
+
+@pytest.fixture(scope="module")
+def repository(seeded_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("openvino") / "models"
+    assert main(["export", "--weights", str(seeded_weights), "--repository", str(folder), "--format", "onnx",
+                 "--precision", "fp32,int8", "--max-batch-size", "4"]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def version(repository: Path) -> ModelVersion:
+    return Repository(repository).latest()["resnet18"]
+
+
+@pytest.fixture(scope="module")
+def pixels(photo_jpegs: dict[str, bytes]) -> np.ndarray:
+    return np.stack([preprocess(data, RESNET18, max_pixels=10**9).pixels for data in photo_jpegs.values()])
+
+
+def graph(version: ModelVersion, precision: str) -> Path:
+    artefact = version.metadata.artefact("onnx", precision)  # type: ignore[union-attr]
+    assert artefact is not None
+    return version.artefact_path(artefact)
+
+
+def test_fp32_answers_as_onnx_runtime_at_every_batch_size(version: ModelVersion, pixels: np.ndarray) -> None:
+    openvino = OpenVinoBackend(graph(version, "fp32"), threads=2)
+    reference = OnnxRuntimeBackend(graph(version, "fp32"), threads=2).run(pixels)
+    for batch in (1, 2, 3, 4, len(pixels)):  # the batch dimension stays dynamic, as exported
+        for start in range(0, len(pixels) - batch + 1, batch):
+            probs = openvino.run(pixels[start:start + batch])
+            assert probs.shape == (batch, 1000) and probs.dtype == np.float32
+            assert np.abs(probs - reference[start:start + batch]).max() < 1e-4
+            assert np.array_equal(probs.argmax(axis=1), reference[start:start + batch].argmax(axis=1))
+
+
+def test_int8_runs_the_quantized_graph_as_onnx_runtime_does(version: ModelVersion, pixels: np.ndarray) -> None:
+    """The same QDQ graph: the same Top-1 on every photo; probabilities differ only by rounding."""
+    openvino = OpenVinoBackend(graph(version, "int8"), threads=2, precision="int8")
+    reference = OnnxRuntimeBackend(graph(version, "int8"), threads=2, precision="int8")
+    for start in range(0, len(pixels), 4):
+        batch = pixels[start:start + 4]
+        probs, expected = openvino.run(batch), reference.run(batch)
+        assert np.array_equal(probs.argmax(axis=1), expected.argmax(axis=1))
+        assert np.abs(probs - expected).max() < 0.02 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_a_result_outlives_the_next_batch(version: ModelVersion, pixels: np.ndarray) -> None:
+    """OpenVINO reuses its output buffer: the batcher hands rows out after the next batch ran."""
+    backend = OpenVinoBackend(graph(version, "fp32"), threads=1)
+    first = backend.run(pixels[:2])
+    kept = first.copy()
+    backend.run(pixels[2:4])
+    assert np.array_equal(first, kept)
+
+
+def test_the_settings_reach_openvino_and_the_compiled_model_is_kept(version: ModelVersion, pixels: np.ndarray,
+                                                                    tmp_path: Path) -> None:
+    settings = Settings(device="cpu", openvino_threads=1, compiled_cache_dir=tmp_path)
+    wanted = loading.wanted_for("openvino", settings)
+    first = loading.open_wanted(version, wanted, settings)
+    assert isinstance(first, OpenVinoBackend)
+    assert first.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert str(first.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
+    (kept,) = (tmp_path / "openvino").iterdir()
+    blobs = sorted(kept.glob("*.blob"))
+    assert blobs and kept.name.startswith(wanted.pick(version).sha256[:16])
+    stamps = [blob.stat().st_mtime_ns for blob in blobs]
+    again = loading.open_wanted(version, wanted, settings)
+    assert sorted(kept.glob("*.blob")) == blobs and [blob.stat().st_mtime_ns for blob in blobs] == stamps
+    assert np.array_equal(again.run(pixels[:2]), first.run(pixels[:2]))
+
+
+def test_without_openvino_the_message_names_the_extra(version: ModelVersion, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    monkeypatch.delitem(sys.modules, "resnet_serve.backends.openvino")
+    settings = Settings(device="cpu", runtime="openvino", compiled_cache=False)
+    with pytest.raises(RepositoryError, match=r"pip install 'resnet-serve\[openvino\]'"):
+        loading.open_wanted(version, loading.wanted_for("openvino", settings), settings)
+
+
+@pytest.fixture
+async def client(repository: Path) -> AsyncIterator[httpx.AsyncClient]:
+    settings = Settings(model_repository=repository, device="cpu", runtime="openvino", precision="int8",
+                        openvino_threads=2, compiled_cache=False)
+    async for c in open_client(create_app(settings)):
+        for _ in range(600):
+            if (await c.get("/health/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        yield c
+
+
+async def test_the_service_answers_with_openvino_and_says_so(client: httpx.AsyncClient, version: ModelVersion,
+                                                             photo_jpegs: dict[str, bytes]) -> None:
+    assert (await client.get("/health/ready")).json()["runtime"] == "openvino"
+    model = (await client.get("/model")).json()
+    assert (model["runtime"], model["precision"], model["platform"]) == ("openvino", "int8", "openvino")
+    assert sorted(model["warmup_batch_ms"]) == ["1", "2", "3", "4"]  # each shape prepared before serving
+    assert (await client.get("/v2/models/resnet18")).json()["platform"] == "openvino"
+    backend = OpenVinoBackend(graph(version, "int8"), threads=2, precision="int8")
+    for name, data in list(photo_jpegs.items())[:4]:
+        response = await client.post("/predict?top_k=1", files={"file": (f"{name}.jpg", data, "image/jpeg")})
+        assert response.status_code == 200, response.text
+        expected = backend.run(preprocess(data, RESNET18, max_pixels=10**9).pixels[np.newaxis])[0]
+        (top,) = response.json()["predictions"]
+        assert top["class_id"] == int(expected.argmax()) and abs(top["confidence"] - float(expected.max())) < 1e-4
