@@ -304,8 +304,13 @@ def test_ort_int8_bench_times_each_scheme_against_fp32(tmp_path: Path, monkeypat
     monkeypatch.setattr(ort_int8_bench, "RESULTS", tmp_path)
     assert ort_int8_bench.main(["--repeats", "1", "--out", "o"]) == 0
     report = json.loads((tmp_path / "o.json").read_text())
-    assert set(report["rows"]) == {"fp32", "u8s8", "u8s8 reduced (export's)", "s8s8", "u8u8 (weights zero point 128)"}
-    assert report["rows"]["fp32"]["max_abs_diff"] == 0 and all(r["b8_ms"] > 0 for r in report["rows"].values())
+    rows = report["rows"]
+    assert set(rows) == {"fp32", "u8s8", "u8s8 reduced (export's)", "s8s8", "u8u8 (weights zero point 128)",
+                         "u8s8 reduced, zero point 1 (QGEMM)"}
+    assert rows["fp32"]["max_abs_diff"] == 0 and all(r["b8_ms"] > 0 for r in rows.values())
+    raised, export = rows["u8s8 reduced, zero point 1 (QGEMM)"], rows["u8s8 reduced (export's)"]
+    assert raised["top1_agreement"] == export["top1_agreement"]  # the same weights, another kernel
+    assert abs(raised["max_abs_diff"] - export["max_abs_diff"]) < 5e-3
     assert "| s8s8 |" in (tmp_path / "o.md").read_text() and report["machine"]["cpus"] >= 1
 
 
