@@ -16,8 +16,6 @@ import numpy as np
 TORCHSCRIPT, ONNXRUNTIME, OPENVINO = "torchscript", "onnxruntime", "openvino"
 # Triton's platform names, which the Open Inference Protocol's model metadata reports.
 PLATFORMS = {TORCHSCRIPT: "pytorch_torchscript", ONNXRUNTIME: "onnxruntime_onnx", OPENVINO: "openvino"}
-# The artefact format each runtime serves (OpenVINO reads the ONNX artefacts).
-FORMATS = {TORCHSCRIPT: "torchscript", ONNXRUNTIME: "onnx", OPENVINO: "onnx"}
 # The serving graph's tensor names, whatever format it is saved in.
 GRAPH_INPUT, GRAPH_OUTPUT = "pixels", "probs"
 # ONNX graphs of models with a global-pool + linear head also output the last block's

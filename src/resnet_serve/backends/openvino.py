@@ -13,7 +13,8 @@ Serving settings: its own threads (``RESNET_SERVE_OPENVINO_THREADS``), one strea
 hint (batches run one at a time on the inference thread), threads not pinned to cores (the cores
 are shared with the decode threads and the event loop), and FP32 arithmetic wherever the graph is
 FP32 (OpenVINO's default on CPUs with BF16 units is BF16, which would change the answers). The
-batch dimension stays dynamic, as exported, and the compiled model is kept by OpenVINO's own cache (``CACHE_DIR``) under the compiled-model cache, so a restart skips compiling.
+batch dimension stays dynamic, as exported, and the compiled model is kept by OpenVINO's own
+cache (``CACHE_DIR``) under the compiled-model cache, so a restart skips compiling.
 The first call at each batch size prepares that shape (measured on a Xeon: about 30 ms more than
 later calls for INT8, 15 for FP32), so warm-up runs every size once. One infer request, used by
 the inference thread only; its output buffer is reused by the next batch, so ``run`` returns a
