@@ -59,6 +59,10 @@ CONFIGS: dict[str, dict[str, str]] = {
     **{f"ort-{precision}{spin}": {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_PRECISION": precision,
                                   "RESNET_SERVE_ORT_SPINNING": str(bool(spin)).lower()}
        for precision in ("int8", "fp32") for spin in ("", "-spinning")},
+    # INT8 on each CPU runtime with the service's defaults (issue 12's speed target: ONNX Runtime,
+    # and OpenVINO, against TorchScript, in interleaved rounds)
+    **{f"{short}-int8": {"RESNET_SERVE_RUNTIME": runtime, "RESNET_SERVE_PRECISION": "int8"}
+       for short, runtime in (("ts", "torchscript"), ("ov", "openvino"))},
 }
 
 
@@ -318,6 +322,10 @@ def ratios(runs: dict[str, dict[str, object]]) -> dict[str, float]:
         if sleeping in runs and spinning in runs:
             out[f"{sleeping}_sleeping_vs_spinning_throughput"] = round(
                 top(sleeping)["throughput_rps"] / top(spinning)["throughput_rps"], 2)  # type: ignore[operator]
+    for name in ("ort-int8", "ov-int8"):
+        if name in runs and "ts-int8" in runs:
+            out[f"{name}_vs_ts-int8_throughput"] = round(
+                top(name)["throughput_rps"] / top("ts-int8")["throughput_rps"], 2)  # type: ignore[operator]
     for name, run in runs.items():
         baseline = run.get("in_process")
         if not baseline:

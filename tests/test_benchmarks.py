@@ -99,6 +99,18 @@ def test_http_bench_compares_onnx_runtime_threads_sleeping_and_spinning() -> Non
     assert http_bench.ratios(runs) == {"ort-int8_sleeping_vs_spinning_throughput": 1.2}
 
 
+def test_http_bench_compares_int8_on_each_runtime_against_torchscript() -> None:
+    runtimes = {name: http_bench.CONFIGS[name]["RESNET_SERVE_RUNTIME"] for name in ("ts-int8", "ort-int8", "ov-int8")}
+    assert runtimes == {"ts-int8": "torchscript", "ort-int8": "onnxruntime", "ov-int8": "openvino"}
+    assert all(http_bench.CONFIGS[name]["RESNET_SERVE_PRECISION"] == "int8" for name in runtimes)
+
+    def run(rps: float) -> dict[str, object]:
+        return {"results": [{"concurrency": 32, "throughput_rps": rps}]}
+
+    assert http_bench.ratios({"ts-int8": run(100), "ort-int8": run(90), "ov-int8": run(150)}) == {
+        "ort-int8_vs_ts-int8_throughput": 0.9, "ov-int8_vs_ts-int8_throughput": 1.5}
+
+
 def test_percentile() -> None:
     values = [float(v) for v in range(1, 101)]
     assert http_bench.percentile(values, 50) == 51.0
