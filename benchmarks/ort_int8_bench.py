@@ -4,7 +4,9 @@ writes), s8×s8, u8×u8 (weights with zero point 128), and export's u8×s8 with 
 its zero point raised by one (the same numbers, exactly: 7-bit weights leave room; a non-zero
 zero point keeps the convolutions off ONNX Runtime's symmetric kernels and on its general u8×s8
 QGEMM, the one with an AMX kernel), each timed in-process at batch 1 and 8 with agreement against
-FP32 on the calibration photos.
+FP32 on the calibration photos. Then the kernel alone: a u8×s8 ``MatMulInteger`` of the shape of
+the last stage's 3×3 convolutions at batch 8 (M 392, K 4608, N 512) on one thread, in GMAC/s:
+what ONNX Runtime's u8×s8 QGEMM does where its convolutions do not go through it.
 
     python benchmarks/ort_int8_bench.py [--repeats 20]
 
@@ -94,9 +96,43 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| model | batch 1 ms | batch 8 ms | img/s at 8 | top-1 vs FP32 | max abs Δp |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {n} | {r['b1_ms']} | {r['b8_ms']} | {round(8000 / r['b8_ms'], 1)} | {r['top1_agreement']:.0%} | "
               f"{r['max_abs_diff']:.1e} |" for n, r in rows.items()]
+    kernel = {"matmulinteger_u8s8_1thread_gmacs": qgemm_gmacs(args.repeats)}
+    lines += ["", f"u8×s8 MatMulInteger, M {QGEMM_SHAPE[0]} K {QGEMM_SHAPE[1]} N {QGEMM_SHAPE[2]}, one thread: "
+              f"{kernel['matmulinteger_u8s8_1thread_gmacs']} GMAC/s"]
     publish(RESULTS / args.out, lines, f"ONNX Runtime {ort.__version__}, {args.threads} threads, random-init "
-            f"ResNet-18 ({len(pixels)} photos; agreement on random weights says little)", {"rows": rows})
+            f"ResNet-18 ({len(pixels)} photos; agreement on random weights says little)", {"rows": rows, **kernel})
     return 0
+
+
+QGEMM_SHAPE = (392, 4608, 512)  # the last stage's 3×3 convolutions at batch 8, as a GEMM
+
+
+def qgemm_gmacs(repeats: int) -> float:
+    """ONNX Runtime's u8×s8 QGEMM alone (the kernel its AMX path lives in), one thread: GMAC/s."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    m, k, n = QGEMM_SHAPE
+    rng = np.random.default_rng(0)
+    constants = [numpy_helper.from_array(rng.integers(-64, 64, (k, n), dtype=np.int8), "w"),
+                 numpy_helper.from_array(np.array(128, np.uint8), "a_zero"),
+                 numpy_helper.from_array(np.array(0, np.int8), "w_zero")]
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w", "a_zero", "w_zero"], ["y"])], "qgemm",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])], constants)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+                                   .SerializeToString(), options, providers=["CPUExecutionProvider"])
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    for _ in range(3):
+        session.run(None, {"a": a})
+    times = []
+    for _ in range(max(repeats, 3)):
+        start = time.perf_counter()
+        session.run(None, {"a": a})
+        times.append(time.perf_counter() - start)
+    return round(m * k * n / statistics.median(times) / 1e9, 1)
 
 
 def raise_weights(source: Path, target: Path) -> Path:

@@ -218,11 +218,12 @@ def test_engine_bench_writes_a_table_json_and_plot(tmp_path: Path, offline_weigh
     report = json.loads((tmp_path / "e.json").read_text())
     fp32, int8 = report["configs"]["fp32"], report["configs"]["int8-x86"]
     assert [r["batch_size"] for r in fp32["results"]] == [1, 2]
+    assert all(r["first_ms"] > 0 for r in fp32["results"])  # what a request pays for a new shape
     assert fp32["weights"] == "custom" and fp32["warm_from"] == "repository" and int8["precision"] == "int8"
     assert fp32["runtime"] == int8["runtime"] == "torchscript"  # pinned: RUNTIME=auto could choose ONNX Runtime
     assert int8["model_file_mb"] < fp32["model_file_mb"]  # INT8 weights take a quarter of the bytes
     assert 0 <= int8["agreement"]["top1_agreement"] <= 1
-    assert "| int8-x86 |" in (tmp_path / "e.md").read_text()
+    assert "| int8-x86 |" in (tmp_path / "e.md").read_text() and "First call at each batch size" in (tmp_path / "e.md").read_text()
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -324,6 +325,7 @@ def test_ort_int8_bench_times_each_scheme_against_fp32(tmp_path: Path, monkeypat
     assert raised["top1_agreement"] == export["top1_agreement"]  # the same weights, another kernel
     assert abs(raised["max_abs_diff"] - export["max_abs_diff"]) < 5e-3
     assert "| s8s8 |" in (tmp_path / "o.md").read_text() and report["machine"]["cpus"] >= 1
+    assert report["matmulinteger_u8s8_1thread_gmacs"] > 0
 
 
 def test_explain_bench_times_explanations_and_predictions_beside_them(tmp_path: Path, offline_weights: None,

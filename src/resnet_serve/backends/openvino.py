@@ -4,9 +4,9 @@ for CPUs where ONNX Runtime's INT8 kernels fall behind (``pip install 'resnet-se
 Why a third runtime: on an Intel Xeon with AMX, ONNX Runtime's INT8 convolutions run on its VNNI
 kernels and reach less than half of TorchScript's x86 INT8 speed, while OpenVINO's CPU plugin
 (oneDNN, AMX where present) runs the same QDQ graph faster than TorchScript and without torch
-(``benchmarks/engine_bench.py``, ``benchmarks/memory_bench.py``; README). It costs memory: its
-CPU plugin and compiled model idle about 40 MB above ONNX Runtime's session for the INT8
-ResNet-18, so the slim install stays ONNX Runtime alone. It reads the ONNX file itself: no export
+(``benchmarks/engine_bench.py``, ``benchmarks/memory_bench.py``; README). It costs memory: a server
+of the INT8 ResNet-18 idles 40–60 MB above ONNX Runtime's (``benchmarks/memory_bench.py``), so
+the slim install stays ONNX Runtime alone. It reads the ONNX file itself: no export
 step, no format of its own in the repository.
 
 Serving settings: its own threads (``RESNET_SERVE_OPENVINO_THREADS``), one stream and the latency
@@ -15,8 +15,8 @@ are shared with the decode threads and the event loop), and FP32 arithmetic wher
 FP32 (OpenVINO's default on CPUs with BF16 units is BF16, which would change the answers). The
 batch dimension stays dynamic, as exported, and the compiled model is kept by OpenVINO's own
 cache (``CACHE_DIR``) under the compiled-model cache, so a restart skips compiling.
-The first call at each batch size prepares that shape (measured on a Xeon: about 30 ms more than
-later calls for INT8, 15 for FP32), so warm-up runs every size once. One infer request, used by
+The first call at each batch size prepares that shape (on a Xeon, 24–31 ms more than later calls
+for INT8, 23–41 for FP32: ``benchmarks/engine_bench.py``), so warm-up runs every size once. One infer request, used by
 the inference thread only; its output buffer is reused by the next batch, so ``run`` returns a
 copy.
 """
@@ -39,7 +39,7 @@ class OpenVinoBackend:
     runtime = OPENVINO
     device = "cpu"
     warmup_rounds = 1
-    warmup_every_size = True  # a batch size's first call prepares its shape: ~30 ms more for INT8 on a Xeon
+    warmup_every_size = True  # a batch size's first call prepares its shape (see above)
 
     def __init__(self, path: Path, *, threads: int, precision: str = "fp32", cache: Path | None = None) -> None:
         """``cache``: the folder where OpenVINO keeps the compiled model between starts (None: not kept)."""
