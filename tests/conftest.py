@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -208,6 +209,22 @@ async def open_client(app: object) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
             yield c
+
+
+async def until_ready(client: httpx.AsyncClient, tries: int = 600) -> None:
+    """Poll ``/health/ready`` every 0.1 s until it answers 200 (or ``tries`` run out: the caller's
+    own assertions then say what is wrong)."""
+    for _ in range(tries):
+        if (await client.get("/health/ready")).status_code == 200:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def ready_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app made from ``settings``, once its models are loaded."""
+    async for client in open_client(create_app(settings)):
+        await until_ready(client)
+        yield client
 
 
 @pytest.fixture

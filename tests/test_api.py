@@ -18,7 +18,7 @@ from resnet_serve.http.app import create_app
 from resnet_serve.inference import Engine, Prediction
 from resnet_serve.settings import Settings
 from resnet_serve.spec import RESNET18
-from tests.conftest import as_jpeg, encode, open_client, probs_of
+from tests.conftest import as_jpeg, encode, open_client, probs_of, until_ready
 
 
 def upload(data: bytes, name: str = "photo.jpg", ctype: str = "image/jpeg") -> dict[str, Any]:
@@ -238,10 +238,7 @@ async def test_starts_unready_then_warms_up_with_random_init_said_loudly(
             assert first.json()["status"] == "loading"
             assert_error(await c.post("/predict", **upload(photo_jpegs["rocket"])), 503, "not_ready")
             assert_error(await c.get("/model"), 503, "not_ready")
-        for _ in range(600):
-            if (await c.get("/health/ready")).status_code == 200:
-                break
-            await asyncio.sleep(0.1)
+        await until_ready(c)
         ready = (await c.get("/health/ready")).json()
         assert ready == {"status": "ready", "weights": "random-init", "runtime": "torchscript", "detail": None}
         response = await c.post("/predict", **upload(photo_jpegs["rocket"]))

@@ -5,7 +5,6 @@ says which runtime answers; without the extra, the message names it."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,12 +18,11 @@ from resnet_serve.backends.onnxruntime import OnnxRuntimeBackend
 from resnet_serve.backends.openvino import OpenVinoBackend
 from resnet_serve.cli import main
 from resnet_serve.errors import RepositoryError
-from resnet_serve.http.app import create_app
 from resnet_serve.repository import ModelVersion, Repository
 from resnet_serve.settings import Settings
 from resnet_serve.spec import RESNET18
 from resnet_serve.transform import preprocess
-from tests.conftest import open_client
+from tests.conftest import ready_client
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +109,7 @@ def test_without_openvino_the_message_names_the_extra(version: ModelVersion, mon
 async def client(repository: Path) -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(model_repository=repository, device="cpu", runtime="openvino", precision="int8",
                         openvino_threads=2, compiled_cache=False)
-    async for c in open_client(create_app(settings)):
-        for _ in range(600):
-            if (await c.get("/health/ready")).status_code == 200:
-                break
-            await asyncio.sleep(0.1)
+    async for c in ready_client(settings):
         yield c
 
 

@@ -34,7 +34,7 @@ from resnet_serve.repository import Repository
 from resnet_serve.settings import Settings
 from resnet_serve.spec import RESNET18, ModelSpec
 from resnet_serve.transform import to_pixels
-from tests.conftest import as_jpeg, encode, open_client
+from tests.conftest import as_jpeg, encode, open_client, until_ready
 
 QUADRANT_SPEC = ModelSpec(name="quadrant", architecture="custom", labels=Labels(("top-right", "other"), ("右上", "其他")),
                           resize_size=64, crop_size=56)
@@ -285,11 +285,7 @@ async def test_each_served_model_is_explained_with_its_own_labels(user_repositor
     settings = Settings(model_repository=user_repository, runtime="onnxruntime", compiled_cache=False,
                         explain_priority="normal")
     async for c in open_client(create_app(settings)):
-        await c.get("/health/ready")
-        for _ in range(100):
-            if (await c.get("/health/ready")).status_code == 200:
-                break
-            await asyncio.sleep(0.1)
+        await until_ready(c)
         answer = (await c.post("/explain", params={"model": "parts", "lang": "zh"},
                                files={"file": ("a.jpg", photo_jpegs["horse"])})).json()
         assert answer["model"] == "parts" and answer["layer"] == "features"

@@ -3,7 +3,6 @@ state; a damaged one isolated; the protocol per model, with Triton's own client.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -20,20 +19,11 @@ from resnet_serve.http.app import create_app
 from resnet_serve.repository import Repository
 from resnet_serve.settings import Settings
 from resnet_serve.transform import preprocess
-from tests.conftest import FLOWERS, PARTS, open_client, real_server, wait_ready
+from tests.conftest import FLOWERS, PARTS, ready_client, real_server, wait_ready
 
 
 def served(repository: Path, **changes: object) -> Settings:
     return Settings(model_repository=repository, device="cpu", torch_threads=1, **changes)  # type: ignore[arg-type]
-
-
-async def ready_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in open_client(create_app(settings)):
-        for _ in range(600):
-            if (await client.get("/health/ready")).status_code == 200:
-                break
-            await asyncio.sleep(0.1)
-        yield client
 
 
 @pytest.fixture

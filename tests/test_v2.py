@@ -15,12 +15,11 @@ import torch
 from PIL import Image
 from torchvision.models import ResNet18_Weights
 
-from resnet_serve.http.app import create_app
 from resnet_serve.inference import Engine
 from resnet_serve.settings import Settings
 from resnet_serve.spec import RESNET18
-from tests.conftest import open_client, real_server, wait_ready
 from tests.conftest import probs_of as model_probs
+from tests.conftest import ready_client, real_server, wait_ready
 
 INFER = "/v2/models/resnet18/infer"
 
@@ -130,7 +129,6 @@ def triton_url(seeded_weights: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_the_real_tritonclient_talks_to_us(triton_url: str, photo_jpegs: dict[str, bytes], engine: Engine) -> None:
-    import asyncio
 
     import tritonclient.http as triton
 
@@ -158,11 +156,7 @@ async def test_the_metadata_names_the_runtime_that_really_runs(
     for name, value in {"RUNTIME": "onnxruntime", "WEIGHTS": str(seeded_weights), "ALLOW_DOWNLOAD": "false",
                         "COMPILED_CACHE_DIR": str(tmp_path), "MAX_BATCH_SIZE": "2"}.items():
         monkeypatch.setenv(f"RESNET_SERVE_{name}", value)
-    async for c in open_client(create_app(Settings())):
-        for _ in range(600):
-            if (await c.get("/health/ready")).status_code == 200:
-                break
-            await asyncio.sleep(0.1)
+    async for c in ready_client(Settings()):
         assert (await c.get("/health/ready")).json()["runtime"] == "onnxruntime"
         assert (await c.get("/v2/models/resnet18")).json()["platform"] == "onnxruntime_onnx"
         assert (await c.get("/model")).json()["platform"] == "onnxruntime_onnx"
