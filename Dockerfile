@@ -1,9 +1,11 @@
-# resnet-serve images. Two targets:
-#   slim  (default)  the torch-free server: ONNX Runtime, a model repository baked in at /models
+# resnet-serve images. Targets:
+#   slim  (default)  the torch-free server: ONNX Runtime, a model repository baked in at /models;
+#                    with SLIM_EXTRAS=openvino, OpenVINO too (the faster INT8 on Intel CPUs with AMX)
 #   torch            the TorchScript server (CPU torch by default)
 #   load             locust with our locustfile, for docker compose's "load" profile
 #
 #   docker build -t resnet-serve:slim .
+#   docker build --build-arg SLIM_EXTRAS=openvino --build-arg SLIM_RUNTIME=openvino -t resnet-serve:openvino .
 #   docker build --target torch -t resnet-serve:torch .
 #   docker run --network host -e RESNET_SERVE_PORT=8000 resnet-serve:slim
 #   docker run -v $PWD/models:/models:ro -p 8000:8000 resnet-serve:slim   # your repository instead
@@ -19,6 +21,10 @@
 #   SLIM_PRECISIONS   the ONNX artefacts baked into slim: int8 (default: the smallest image and
 #              footprint; the image serves INT8) or fp32,int8 (then RESNET_SERVE_PRECISION picks)
 #   TORCH_PRECISIONS  the TorchScript artefacts baked into torch: fp32,int8 (add fp16 for CUDA)
+#   SLIM_EXTRAS  extras of the slim install: none (default) or openvino (OpenVINO's CPU plugin and
+#              its ONNX reader only: its GPU and NPU plugins and other model readers are left out)
+#   SLIM_RUNTIME the slim image's RESNET_SERVE_RUNTIME: onnxruntime (default), openvino, or auto
+#              (times both at each container start, as the compiled-model cache starts empty)
 #   TORCH_INDEX  where torch comes from: PyTorch's CPU wheels by default; for NVIDIA GPUs
 #              https://download.pytorch.org/whl/cu130 (the CUDA runtime comes inside the wheels; the
 #              host needs the driver and the container toolkit)
@@ -71,17 +77,24 @@ ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
 ARG PIP_TRUSTED_HOST
+ARG SLIM_EXTRAS=
 COPY pyproject.toml README.md /src/
 COPY src /src/src
-# pip itself and what only exporting uses (ONNX Runtime's quantization and tools) leave the image.
+# pip itself and what only exporting uses (ONNX Runtime's quantization and tools) leave the image;
+# of OpenVINO, what serving an ONNX file on the CPU never loads (GPU and NPU plugins, the GPU's
+# kernel cache, readers of other model formats).
 # hadolint ignore=DL3013
 RUN --mount=type=secret,id=pip_cert \
     python3 -m venv /opt/venv \
  && if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
- && /opt/venv/bin/pip install --no-cache-dir /src \
+ && /opt/venv/bin/pip install --no-cache-dir "/src${SLIM_EXTRAS:+[$SLIM_EXTRAS]}" \
  && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools \
- && rm -rf /src /opt/venv/lib/python3*/site-packages/onnxruntime/transformers \
-    /opt/venv/lib/python3*/site-packages/onnxruntime/tools /opt/venv/lib/python3*/site-packages/onnxruntime/quantization \
+ && site=$(echo /opt/venv/lib/python3*/site-packages) \
+ && rm -rf /src "$site/onnxruntime/transformers" "$site/onnxruntime/tools" "$site/onnxruntime/quantization" \
+    "$site"/openvino/libs/libopenvino_intel_gpu_plugin.so "$site"/openvino/libs/libopenvino_intel_npu_plugin.so \
+    "$site"/openvino/libs/cache.json "$site"/openvino/libs/libopenvino_*tensorflow*_frontend.so* \
+    "$site"/openvino/libs/libopenvino_paddle_frontend.so* "$site"/openvino/libs/libopenvino_pytorch_frontend.so* \
+    "$site"/openvino/libs/libopenvino_jax_frontend.so* "$site"/openvino/libs/libopenvino_gguf_frontend.so* \
  && find /opt/venv/lib -type d -name tests -prune -exec rm -rf {} +
 
 # --- A load generator for docker compose's "load" profile: locust and our locustfile.
@@ -121,8 +134,9 @@ HEALTHCHECK --interval=3s --timeout=2s --start-period=120s --retries=3 \
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["resnet-serve", "serve"]
 
-# --- The slim image (the default target): ONNX Runtime.
+# --- The slim image (the default target): ONNX Runtime, or what SLIM_RUNTIME names.
 FROM ${BASE} AS slim
+ARG SLIM_RUNTIME=onnxruntime
 RUN useradd --create-home --uid 10001 app
 COPY --from=models /models/slim /models
 COPY --from=slim-env /opt/venv /opt/venv
@@ -130,7 +144,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     RESNET_SERVE_HOST=0.0.0.0 \
     RESNET_SERVE_PORT=8000 \
     RESNET_SERVE_MODEL_REPOSITORY=/models \
-    RESNET_SERVE_RUNTIME=onnxruntime \
+    RESNET_SERVE_RUNTIME=${SLIM_RUNTIME} \
     RESNET_SERVE_PRECISION=int8 \
     RESNET_SERVE_LOG_FORMAT=json
 USER 10001

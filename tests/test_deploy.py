@@ -32,11 +32,13 @@ def test_the_dockerfile_has_a_slim_default_and_a_torch_target_that_run_unprivile
     text = (ROOT / "Dockerfile").read_text()
     stages = re.findall(r"^FROM \S+ AS (\S+)$", text, re.MULTILINE)
     assert stages[-1] == "slim" and "torch" in stages and "load" in stages  # the last stage is the default
-    for arg in ("ARG BASE=", "ARG MODELS=export", "ARG WEIGHTS=official", "ARG TORCH_INDEX="):
+    for arg in ("ARG BASE=", "ARG MODELS=export", "ARG WEIGHTS=official", "ARG TORCH_INDEX=", "ARG SLIM_EXTRAS=",
+                "ARG SLIM_RUNTIME=onnxruntime"):
         assert arg in text
     final = text.split("AS slim\n", 1)[1]
     assert "USER 10001" in final and "HEALTHCHECK" in final and "/health/ready" in final
     assert 'ENTRYPOINT ["resnet-serve", "serve"]' in final  # exec form: SIGTERM reaches the server
+    assert "RESNET_SERVE_RUNTIME=${SLIM_RUNTIME}" in final  # SLIM_EXTRAS=openvino can serve with it
     assert "curl" not in text and "torch-env" not in final  # no torch in the slim image
     assert "*" in (ROOT / ".dockerignore").read_text().splitlines()  # an allowlist: the context is what is named
 

@@ -1,15 +1,16 @@
-"""``make docker-check``: build the slim and torch images and check them end to end, for real.
+"""``make docker-check``: build the slim, OpenVINO and torch images and check them end to end, for real.
 
 On this machine: install and start the Docker engine if it is missing (Debian's docker.io,
 ``dockerd --storage-driver=vfs --bridge=none --iptables=false --ip-masq=false``), build a
 stand-in Python base from Debian when ``python:3.11-slim`` cannot be pulled, export the model
 repository with the host's full install (``MODELS=context``: the torch build stage would copy
 gigabytes into every layer under vfs, and the official weights cannot be downloaded here, so it
-is exported once from random-init weights, loudly), build ``resnet-serve:slim`` and
+is exported once from random-init weights, loudly), build ``resnet-serve:slim``,
+``resnet-serve:openvino`` (the slim target with ``SLIM_EXTRAS=openvino``) and
 ``resnet-serve:torch`` with pip reaching the host's package indexes over loopback, then run each
-on the host network: healthy in time, classifies real photos, explains one
-(slim: CAM without torch; torch: Grad-CAM), not root, answers every accepted
-request of a burst during ``docker stop`` and exits 0; then docker compose with the locust profile.
+on the host network: healthy in time, classifies real photos, explains one (slim and openvino:
+CAM without torch; torch: Grad-CAM), not root, answers every accepted request of a burst during
+``docker stop`` and exits 0; then docker compose with the locust profile.
 Prints image sizes, start times and RSS, writes ``benchmarks/results/docker_check.{json,md}``,
 and removes the containers it started (the images stay).
 
@@ -23,7 +24,6 @@ import asyncio
 import contextlib
 import functools
 import http.server
-import json
 import os
 import shutil
 import socket
@@ -42,6 +42,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from http_bench import is_ready  # noqa: E402
 from images import default_images  # noqa: E402
+from machine import publish  # noqa: E402
 
 STAND_IN = "resnet-serve-base:bookworm"
 DOCKERD = ["dockerd", "--storage-driver=vfs", "--bridge=none", "--iptables=false", "--ip-masq=false"]
@@ -110,7 +111,7 @@ def base_image() -> str:
         sh("chroot", str(rootfs), "apt-get", "clean")
         for leftover in ("var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/locale", "var/log"):
             for path in (rootfs / leftover).glob("*"):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         subprocess.run([docker(), "import", "-", STAND_IN], stdin=tar.stdout, check=True)
         tar.wait()
@@ -168,16 +169,26 @@ def loopback_indexes() -> Iterator[dict[str, str]]:
             server.shutdown()
 
 
-def build(target: str, base: str, pip: dict[str, str]) -> float:
+# image tag: (Dockerfile target, its build arguments). PyTorch's own index is out of reach here:
+# torch comes through pip's settings.
+IMAGES = {
+    "slim": ("slim", {}),
+    "openvino": ("slim", {"SLIM_EXTRAS": "openvino", "SLIM_RUNTIME": "openvino"}),
+    "torch": ("torch", {"TORCH_INDEX": ""}),
+    "load": ("load", {}),
+}
+SERVES = {"slim": "onnxruntime", "openvino": "openvino", "torch": "torchscript"}  # the runtime each image serves with
+
+
+def build(image: str, base: str, pip: dict[str, str]) -> float:
     started = time.perf_counter()
-    args = [f"--build-arg={k}={v}" for k, v in {**pip, "BASE": base, "MODELS": "context"}.items()]
-    if target == "torch":  # PyTorch's own index is out of reach here: torch comes through pip's settings
-        args.append("--build-arg=TORCH_INDEX=")
+    target, extra = IMAGES[image]
+    args = [f"--build-arg={k}={v}" for k, v in {**pip, "BASE": base, "MODELS": "context", **extra}.items()]
     cert = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt"
     if Path(cert).is_file():  # the host's CA bundle, for indexes behind a proxy with its own CA
         args.append(f"--secret=id=pip_cert,src={cert}")
     env = {**os.environ, "DOCKER_BUILDKIT": "1"}
-    sh(docker(), "build", "--network", "host", "--target", target, "-t", f"resnet-serve:{target}", *args, str(ROOT),
+    sh(docker(), "build", "--network", "host", "--target", target, "-t", f"resnet-serve:{image}", *args, str(ROOT),
        env=env)
     return round(time.perf_counter() - started, 1)
 
@@ -234,13 +245,13 @@ async def burst_during_stop(url: str, container: str, images: list[bytes], count
     return outcomes
 
 
-def check_image(target: str, images: list[bytes]) -> dict[str, object]:
+def check_image(image: str, images: list[bytes]) -> dict[str, object]:
     """Run the image on the host network and check it as the issue asks; what it measured."""
-    port, name = free_port(), f"resnet-serve-check-{target}"
+    port, name = free_port(), f"resnet-serve-check-{image}"
     sh(docker(), "rm", "-f", name, check=False, capture=True)
     called = time.time()
     sh(docker(), "run", "-d", "--name", name, "--network", "host", "-e", "RESNET_SERVE_HOST=127.0.0.1",
-       "-e", f"RESNET_SERVE_PORT={port}", f"resnet-serve:{target}")
+       "-e", f"RESNET_SERVE_PORT={port}", f"resnet-serve:{image}")
     url = f"http://127.0.0.1:{port}"
     try:
         ready = healthy = None
@@ -256,11 +267,12 @@ def check_image(target: str, images: list[bytes]) -> dict[str, object]:
                 raise SystemExit(sh(docker(), "logs", name, capture=True).stdout[-3000:])
             time.sleep(0.01 if ready is None else 0.1)
         else:
-            raise SystemExit(f"{target} never became healthy")
+            raise SystemExit(f"{image} never became healthy")
         began = started_at(name)  # the container's process start: vfs copies the image before it
         answers = [httpx.post(f"{url}/predict", files={"file": ("p.jpg", data, "image/jpeg")}, timeout=60) for data in images]
         assert all(a.status_code == 200 and a.json()["predictions"] for a in answers), [a.text for a in answers]
         model = httpx.get(f"{url}/model", timeout=10).json()
+        assert model["runtime"] == SERVES[image], model
         uid = sh(docker(), "exec", name, "id", "-u", capture=True).stdout.strip()
         assert uid != "0", "the server runs as root"
         for _ in range(4):  # some load, then the resident set
@@ -275,7 +287,7 @@ def check_image(target: str, images: list[bytes]) -> dict[str, object]:
         assert exit_code == "0", f"exit code {exit_code} after docker stop"
     finally:
         sh(docker(), "rm", "-f", name, check=False, capture=True)
-    size = int(sh(docker(), "image", "inspect", "-f", "{{.Size}}", f"resnet-serve:{target}", capture=True).stdout)
+    size = int(sh(docker(), "image", "inspect", "-f", "{{.Size}}", f"resnet-serve:{image}", capture=True).stdout)
     assert ready is not None and healthy is not None
     return {"image_mb": round(size / 1e6, 1), "run_to_start_s": round(began - called, 2),
             "start_to_ready_s": round(ready - began, 2), "start_to_healthy_s": round(healthy - began, 2),
@@ -311,22 +323,22 @@ def compose_with_locust(images: list[bytes]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skip-torch", action="store_true", help="build and check the slim image only")
+    parser.add_argument("--skip-torch", action="store_true", help="build and check the torch-free images only")
     parser.add_argument("--weights", choices=["random", "official"], default="random",
                         help="weights of the exported model (official needs the file or a download)")
     args = parser.parse_args(argv)
     ensure_engine()
     base = base_image()
     export_models(args.weights)
-    targets = ["slim"] if args.skip_torch else ["slim", "torch"]
+    served = ["slim", "openvino"] if args.skip_torch else ["slim", "openvino", "torch"]
     with loopback_indexes() as pip:
-        build_s = {target: build(target, base, pip) for target in [*targets, "load"]}
+        build_s = {image: build(image, base, pip) for image in [*served, "load"]}
     # vfs keeps every layer whole: the build cache and the images these builds replaced would
     # fill a disk after a few runs
     sh(docker(), "builder", "prune", "--all", "--force", capture=True)
     sh(docker(), "image", "prune", "--force", capture=True)
     images = default_images()  # the benchmarks' photos: scikit-image's, as JPEGs
-    report = {target: {"build_s": build_s[target], **check_image(target, images)} for target in targets}
+    report = {image: {"build_s": build_s[image], **check_image(image, images)} for image in served}
     locust = compose_with_locust(images) if shutil.which("docker-compose") else "docker-compose is not installed"
     lines = ["| image | size MB | docker run to start s | start to ready s | start to healthy s | RSS after load MB "
              "| /explain (RSS after) | user | runtime | burst during docker stop | exit code |",
@@ -336,12 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['start_to_healthy_s']} | {r['rss_after_load_mb']} | {r['explain']} "
                      f"({r['rss_after_explain_mb']} MB) | {r['uid']} | {r['runtime']} "
                      f"{r['precision']} | {r['burst_during_stop']} | {r['exit_code']} |")
-    text = "\n".join(lines) + f"\n\nBase image: {base}. docker compose --profile load (locust, 15 s):\n\n{locust}\n"
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "docker_check.json").write_text(json.dumps({"base": base, "images": report, "locust": locust},
-                                                          indent=2) + "\n")
-    (RESULTS / "docker_check.md").write_text(text)
+    lines += ["", "docker compose --profile load (locust, 15 s):", "", locust, ""]
+    publish(RESULTS / "docker_check", lines, f"Base image: {base}", {"base": base, "images": report, "locust": locust})
     return 0
 
 
