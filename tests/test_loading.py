@@ -59,9 +59,23 @@ def test_the_fastest_runtime_is_chosen_the_first_one_on_a_tie(
 ) -> None:
     """The rule, with the timings given (the real timing is exercised below)."""
     ms = dict(zip(["torchscript", "onnxruntime", "openvino"], timings, strict=True))
-    monkeypatch.setattr(loading, "_per_image_ms", lambda backend, crop, batch: ms[backend.runtime])
+    monkeypatch.setattr(loading, "_timings", lambda version, present, settings, batch: ms)
     choice = choose_runtime(both, cpu(compiled_cache_dir=tmp_path))
-    assert choice.wanted.runtime == expected and choice.backend is not None and choice.backend.runtime == expected
+    assert choice.wanted.runtime == expected and choice.reason == f"timed now: {ms}"
+
+
+def test_when_timing_fails_the_first_runtime_in_tie_order_serves_and_nothing_is_kept(
+    both: loading.ModelVersion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The child that times the runtimes dies (as a runtime crashing on this CPU would take it):
+    the server still starts, says why, and times again at the next start."""
+    real_run = loading.subprocess.run
+    monkeypatch.setattr(loading.subprocess, "run", lambda command, **kw: real_run(
+        [command[0], "-c", "import os; os.abort()"], **kw))
+    settings = cpu(compiled_cache_dir=tmp_path)
+    choice = choose_runtime(both, settings)
+    assert choice.wanted.runtime == "torchscript" and choice.reason.startswith("timing the runtimes failed")
+    assert "exit code -6" in caplog.text and not (tmp_path / "runtime-choices.json").exists()
 
 
 def test_the_choice_is_timed_once_per_machine_and_kept(both: loading.ModelVersion, tmp_path: Path,

@@ -97,6 +97,32 @@ def test_the_slim_server_maps_no_libtorch_and_answers_as_torchscript(
         assert np.abs(slim - torchscript).max() <= 1e-4
 
 
+def test_auto_times_the_runtimes_in_a_child_so_the_server_maps_only_the_one_it_chose(
+    openvino_python: Path, user_repository: Path, tmp_path: Path
+) -> None:
+    """``pip install '.[openvino]'`` with ``RUNTIME=auto`` on a first start: both runtimes are
+    timed, and the server process holds only the libraries of the runtime the model chose."""
+    repository = tmp_path / "one-model"
+    shutil.copytree(user_repository / "flowers", repository / "flowers")
+    port = free_port()
+    with (tmp_path / "auto.log").open("wb") as log:
+        process = subprocess.Popen(
+            [str(openvino_python), "-m", "resnet_serve", "serve", "--port", str(port), "--model-repository",
+             str(repository)], env=env_with(runtime="auto", compiled_cache_dir=str(tmp_path / "cache")),
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", process)
+            model = httpx.get(f"http://127.0.0.1:{port}/model").json()
+            maps = Path(f"/proc/{process.pid}/maps").read_text()
+        finally:
+            process.kill()
+            process.wait(30)
+    assert model["runtime_reason"].startswith("timed now") and "onnxruntime" in model["runtime_reason"], model
+    assert "openvino" in model["runtime_reason"]
+    for runtime in ("onnxruntime", "openvino"):
+        assert (f"lib{runtime}" in maps) == (runtime == model["runtime"]), (runtime, model["runtime"])
+
+
 @pytest.fixture
 def repository_with_a_model_cam_cannot_explain(user_repository: Path, tmp_path: Path) -> Path:
     """The users' repository, plus a copy of flowers whose metadata has no CAM head."""

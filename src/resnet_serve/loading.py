@@ -28,6 +28,7 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -382,12 +383,11 @@ TIE = 0.05
 
 @dataclass
 class Choice:
-    """The runtime that serves a model, why, and its backend if the choosing opened it;
-    ``verified``: the choosing already checked its artefact's SHA-256 (not to be hashed twice)."""
+    """The runtime that serves a model and why; ``verified``: the choosing already checked its
+    artefact's SHA-256 (not to be hashed twice)."""
 
     wanted: Wanted
     reason: str
-    backend: Backend | None = None
     verified: bool = False
 
 
@@ -410,9 +410,9 @@ def _intact(version: ModelVersion, candidates: list[Wanted]) -> tuple[list[Wante
 def choose_runtime(version: ModelVersion, settings: Settings) -> Choice:
     """The configured runtime; or, for ``auto`` with several runtimes and their artefacts at hand,
     the fastest on this machine (per image, the mean of batch 1 and the max batch; on a tie within
-    5%, the first of TorchScript, ONNX Runtime, OpenVINO), timed at the first start and kept,
-    keyed by CPU model, runtimes, threads and artefacts. A damaged artefact is left out of the
-    choice, loudly."""
+    5%, the first of TorchScript, ONNX Runtime, OpenVINO), timed in a child process at the first
+    start and kept, keyed by CPU model, runtimes, threads and artefacts. A damaged artefact is
+    left out of the choice, loudly."""
     candidates = wanted_artefacts(settings)
     if len(candidates) < 2:
         return Choice(candidates[0], "configured" if settings.runtime != "auto" else "the only runtime installed")
@@ -430,16 +430,55 @@ def choose_runtime(version: ModelVersion, settings: Settings) -> Choice:
     if kept is not None:
         return Choice(next(w for w in present if w.runtime == kept["runtime"]),
                       "; ".join([f"timed earlier: {kept['ms']}", *problems]), verified=True)
-    backends = {w.runtime: open_wanted(version, w, settings) for w in present}  # checked by _intact
-    ms = {runtime: round((_per_image_ms(b, version.spec.crop_size, 1) + _per_image_ms(b, version.spec.crop_size, batch))
-                         / 2, 2) for runtime, b in backends.items()}
+    ms = _timings(version, present, settings, batch)
+    if ms is None:
+        return Choice(present[0], "; ".join(["timing the runtimes failed, so the first in tie order", *problems]),
+                      verified=True)
     fastest = min(ms.values())
     best = next(runtime for runtime in RUNTIME_PACKAGES if runtime in ms and ms[runtime] <= fastest * (1 + TIE))
     _keep_choice(settings, key, {"runtime": best, "ms": ms})
     logger.info("%s/%d: %s is faster on this machine (ms per image, batch 1 and %d: %s)", version.name,
                 version.version, best, batch, ms)
     return Choice(next(w for w in present if w.runtime == best), "; ".join([f"timed now: {ms}", *problems]),
-                  backends[best])
+                  verified=True)
+
+
+TIMING_TIMEOUT_S = 600.0  # opening every runtime cold (ONNX Runtime optimising an FP32 graph) takes seconds
+
+
+def _timings(version: ModelVersion, present: list[Wanted], settings: Settings, batch: int) -> dict[str, float] | None:
+    """Each runtime's ms per image (the mean of batch 1 and ``batch``), timed in a child process:
+    a runtime once opened keeps its libraries mapped for the life of the process (torch's are
+    hundreds of MB), and only the chosen one should stay in the server; a runtime that crashes
+    while timed takes the child down, not the server. What the child compiles stays in the
+    compiled-model cache, so the server then opens the chosen artefact warm. None: the child failed."""
+    request = {"name": version.name, "version": version.version, "directory": str(version.directory),
+               "runtimes": [w.runtime for w in present], "batch": batch,
+               "settings": settings.model_dump(mode="json", exclude={"api_key"})}
+    try:
+        child = subprocess.run([sys.executable, "-c", "from resnet_serve.loading import timing_child; timing_child()"],
+                               input=json.dumps(request), capture_output=True, text=True, timeout=TIMING_TIMEOUT_S)
+        if child.returncode == 0:
+            return {runtime: float(ms) for runtime, ms in json.loads(child.stdout.splitlines()[-1]).items()}
+        logger.warning("timing the runtimes failed (exit code %d): %s", child.returncode, child.stderr[-2000:])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        logger.warning("timing the runtimes failed: %s", exc)
+    return None
+
+
+def timing_child() -> None:
+    """The child's side of ``_timings``: the request as JSON on stdin, the timings on stdout."""
+    request = json.loads(sys.stdin.read())
+    settings = Settings.model_validate(request["settings"])
+    version = read_version(request["name"], request["version"], Path(request["directory"]))
+    assert version.spec is not None, version.problem
+    wanted = {w.runtime: w for w in wanted_artefacts(settings)}
+    ms = {}
+    for runtime in request["runtimes"]:
+        backend = open_wanted(version, wanted[runtime], settings)  # checked by the server's _intact
+        ms[runtime] = round((_per_image_ms(backend, version.spec.crop_size, 1)
+                             + _per_image_ms(backend, version.spec.crop_size, request["batch"])) / 2, 2)
+    print(json.dumps(ms))
 
 
 def load_engine(version: ModelVersion, settings: Settings, *, exported: bool = False,
@@ -451,9 +490,7 @@ def load_engine(version: ModelVersion, settings: Settings, *, exported: bool = F
     start = started if started is not None else time.perf_counter()
     choice = choose_runtime(version, settings)
     artefact = choice.wanted.pick(version)
-    if choice.backend is not None:
-        backend = choice.backend
-    elif choice.verified:
+    if choice.verified:
         backend = open_wanted(version, choice.wanted, settings)
     else:
         backend = open_verified(version, choice.wanted, settings)
