@@ -14,11 +14,14 @@ server process:
   OpenVINO serving the same ONNX artefacts; made at ``.venv-openvino`` if ``--openvino-python``
   is not given
 - ``full torchscript fp32`` / ``full torchscript int8``: this environment (the torch extra)
+- ``full auto fp32`` / ``full auto int8``: this environment with ``RESNET_SERVE_RUNTIME=auto``, what
+  ``make run`` serves: the first start times TorchScript, ONNX Runtime and OpenVINO (if installed)
+  and keeps the choice, the later ones open the chosen runtime only
 - ``baseline torchscript fp32``: ``--baseline-src``, another source tree (the commit before this
   work, say) served by this environment from its own compiled-model cache, warmed first
 
 For each: the first start (process start to the first 200 from ``/health/ready``, artefacts
-built; it fills the runtime's caches), then ``--starts`` more, timed the same way (start to
+built; it fills the runtime's caches; and its RSS 2 s after), then ``--starts`` more, timed the same way (start to
 ready: their median, and their range), idle RSS 2 s after the last is ready, peak RSS
 (``VmHWM``, from the start) after ``--duration`` seconds of closed-loop load at
 ``--concurrency`` (unique uploads, so the result cache never answers), requests per second and
@@ -109,6 +112,8 @@ def measure(command: list[str], env: dict[str, str], duration: float, concurrenc
     graph), then ``starts`` more times, timed to ready (the median is reported: one start on a
     shared 2-core machine varies by ±0.2 s); load the last one; RSS before and after."""
     first, _, cold_s = start(command, env)
+    time.sleep(2)
+    first_kb = status_kb(first.pid, "VmRSS")
     first.terminate()
     first.wait(60)
     ready_times = []
@@ -128,7 +133,8 @@ def measure(command: list[str], env: dict[str, str], duration: float, concurrenc
     finally:
         process.terminate()
         process.wait(60)
-    return {"first_start_s": round(cold_s, 2), "start_to_ready_s": round(statistics.median(ready_times), 2),
+    return {"first_start_s": round(cold_s, 2), "first_start_rss_mb": round(first_kb / 1024, 1),
+            "start_to_ready_s": round(statistics.median(ready_times), 2),
             "start_to_ready_all_s": [round(t, 2) for t in ready_times], "idle_rss_mb": round(idle_kb / 1024, 1),
             "peak_rss_mb": round(peak_kb / 1024, 1), "rps": result.throughput_rps, "p50_ms": result.p50_ms,
             "statuses": result.statuses, "runtime": model.get("runtime", "torchscript"),
@@ -155,7 +161,7 @@ def configurations(args: argparse.Namespace, repository: Path, scratch: Path) ->
         f"{install} {runtime} {precision}": (command, {**served, "RESNET_SERVE_RUNTIME": runtime,
                                                        "RESNET_SERVE_PRECISION": precision})
         for install, runtime, command in (("slim", "onnxruntime", slim), ("slim+openvino", "openvino", openvino),
-                                          ("full", "torchscript", full))
+                                          ("full", "torchscript", full), ("full", "auto", full))
         for precision in args.precisions
     }
     if args.baseline_src:
@@ -206,9 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         configs = configurations(args, repository, Path(scratch))
         report = {name: measure(command, env, args.duration, args.concurrency, args.starts)
                   for name, (command, env) in configs.items() if not args.only or name in args.only}
-    lines = ["| configuration | first start s | start to ready s (median, range) | idle RSS MB | peak RSS MB | rps | "
-             "p50 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {n} | {r['first_start_s']} | {r['start_to_ready_s']} ({min(r['start_to_ready_all_s'])}–"  # type: ignore[call-overload]
+    lines = ["| configuration | first start s (RSS MB) | start to ready s (median, range) | idle RSS MB | peak RSS MB | "
+             "rps | p50 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {r['first_start_s']} ({r['first_start_rss_mb']}) | {r['start_to_ready_s']} "
+              f"({min(r['start_to_ready_all_s'])}–"  # type: ignore[call-overload]
               f"{max(r['start_to_ready_all_s'])}) | {r['idle_rss_mb']} | {r['peak_rss_mb']} | {r['rps']} | "  # type: ignore[call-overload]
               f"{r['p50_ms']} |" for n, r in report.items()]
     machine = describe()

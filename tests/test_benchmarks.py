@@ -267,12 +267,14 @@ def test_memory_bench_reports_memory_start_and_speed_per_install(slim_python: Pa
                               str(slim_python), "--openvino-python", str(openvino_python), "--starts", "2",
                               "--out", "mem"]) == 0
     report = json.loads((tmp_path / "mem.json").read_text())["configurations"]
-    assert set(report) == {"slim onnxruntime fp32", "slim+openvino openvino fp32", "full torchscript fp32"}
+    assert set(report) == {"slim onnxruntime fp32", "slim+openvino openvino fp32", "full torchscript fp32",
+                           "full auto fp32"}
     assert report["slim onnxruntime fp32"]["runtime"] == "onnxruntime"
     assert report["slim+openvino openvino fp32"]["runtime"] == "openvino"
     assert report["full torchscript fp32"]["runtime"] == "torchscript"
+    assert report["full auto fp32"]["runtime"] in {"torchscript", "onnxruntime", "openvino"}
     for row in report.values():
-        assert 0 < row["idle_rss_mb"] <= row["peak_rss_mb"] and row["rps"] > 0
+        assert 0 < row["idle_rss_mb"] <= row["peak_rss_mb"] and row["rps"] > 0 and row["first_start_rss_mb"] > 0
         starts = row["start_to_ready_all_s"]
         assert len(starts) == 2 and 0 < min(starts) <= row["start_to_ready_s"] <= max(starts)
     assert (tmp_path / "mem.png").read_bytes()[:4] == b"\x89PNG"
