@@ -7,6 +7,11 @@
 - The artefact each model needs (``Wanted``: the runtime's format, the precision), checked
   against its recorded SHA-256, opened by the runtime's backend, wrapped in an ``Engine`` and
   warmed up.
+- With ``RESNET_SERVE_RUNTIME=auto`` and several runtimes installed, which one serves: timed
+  once per machine in a child process (``timing_child``: the request as JSON on its stdin, the
+  timings on its stdout) that the loading thread waits for, so that the server maps only the
+  runtime it chose; a child that fails or outlives ``TIMING_TIMEOUT_S`` leaves the first runtime
+  in tie order, untimed and not kept.
 
 This is the one place that knows which runtime module to import, and it imports each only when
 it is needed: serving ONNX Runtime never loads torch, and exporting is the only step that needs
