@@ -263,13 +263,15 @@ def wait_ready(base: str, process: subprocess.Popen[bytes], timeout: float = 120
 
 
 @contextlib.contextmanager
-def real_server(log: Path, *flags: str, **settings: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def real_server(log: Path, *flags: str, python: Path | None = None,
+                **settings: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A real ``resnet-serve serve`` process on a free loopback port (not waited for), with
-    command-line ``flags`` and ``RESNET_SERVE_*`` ``settings``."""
+    command-line ``flags`` and ``RESNET_SERVE_*`` ``settings``, run by ``python`` (default: this
+    interpreter; a torch-free venv's for the slim installs)."""
     port = free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "resnet_serve", "serve", "--port", str(port), *flags],
+            [str(python or sys.executable), "-m", "resnet_serve", "serve", "--port", str(port), *flags],
             env=env_with(**settings), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:

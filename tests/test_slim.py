@@ -21,7 +21,7 @@ from resnet_serve.loading import load_engine
 from resnet_serve.repository import ModelMetadata, Repository, write_metadata
 from resnet_serve.settings import Settings
 from resnet_serve.transform import preprocess
-from tests.conftest import env_with, free_port, wait_ready
+from tests.conftest import env_with, free_port, real_server, wait_ready
 
 EXTRA = "pip install 'resnet-serve[torch]'"
 
@@ -56,19 +56,11 @@ def slim_server(request: pytest.FixtureRequest, user_repository: Path,
     OpenVINO configured (``RUNTIME=auto`` there would choose by speed)."""
     runtime = request.param
     python = request.getfixturevalue(INSTALLS[runtime][0])
-    port = free_port()
-    with (tmp_path / "slim.log").open("wb") as log:
-        process = subprocess.Popen(
-            [str(python), "-m", "resnet_serve", "serve", "--port", str(port), "--model-repository",
-             str(user_repository)], env=env_with(runtime="auto" if runtime == "onnxruntime" else runtime,
-                                                 compiled_cache_dir=str(tmp_path / "cache")),
-            stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}", process)
-            yield f"http://127.0.0.1:{port}", process.pid, runtime
-        finally:
-            process.kill()
-            process.wait(30)
+    with real_server(tmp_path / "slim.log", "--model-repository", str(user_repository), python=python,
+                     runtime="auto" if runtime == "onnxruntime" else runtime,
+                     compiled_cache_dir=str(tmp_path / "cache")) as (url, process):
+        wait_ready(url, process)
+        yield url, process.pid, runtime
 
 
 def test_the_slim_server_maps_no_libtorch_and_answers_as_torchscript(
@@ -104,19 +96,11 @@ def test_auto_times_the_runtimes_in_a_child_so_the_server_maps_only_the_one_it_c
     timed, and the server process holds only the libraries of the runtime the model chose."""
     repository = tmp_path / "one-model"
     shutil.copytree(user_repository / "flowers", repository / "flowers")
-    port = free_port()
-    with (tmp_path / "auto.log").open("wb") as log:
-        process = subprocess.Popen(
-            [str(openvino_python), "-m", "resnet_serve", "serve", "--port", str(port), "--model-repository",
-             str(repository)], env=env_with(runtime="auto", compiled_cache_dir=str(tmp_path / "cache")),
-            stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}", process)
-            model = httpx.get(f"http://127.0.0.1:{port}/model").json()
-            maps = Path(f"/proc/{process.pid}/maps").read_text()
-        finally:
-            process.kill()
-            process.wait(30)
+    with real_server(tmp_path / "auto.log", "--model-repository", str(repository), python=openvino_python,
+                     runtime="auto", compiled_cache_dir=str(tmp_path / "cache")) as (url, process):
+        wait_ready(url, process)
+        model = httpx.get(f"{url}/model").json()
+        maps = Path(f"/proc/{process.pid}/maps").read_text()
     assert model["runtime_reason"].startswith("timed now") and "onnxruntime" in model["runtime_reason"], model
     assert "openvino" in model["runtime_reason"]
     for runtime in ("onnxruntime", "openvino"):
@@ -139,30 +123,21 @@ def repository_with_a_model_cam_cannot_explain(user_repository: Path, tmp_path: 
 def test_the_slim_install_explains_with_cam_where_the_head_allows_and_else_names_the_extra(
     slim_python: Path, repository_with_a_model_cam_cannot_explain: Path, photo_jpegs: dict[str, bytes], tmp_path: Path
 ) -> None:
-    port = free_port()
-    with (tmp_path / "slim.log").open("wb") as log:
-        process = subprocess.Popen(
-            [str(slim_python), "-m", "resnet_serve", "serve", "--port", str(port), "--model-repository",
-             str(repository_with_a_model_cam_cannot_explain)],
-            env=env_with(runtime="auto", compiled_cache_dir=str(tmp_path / "cache")), stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_ready(url, process)
-            photo = {"file": ("cat.jpg", photo_jpegs["chelsea"])}
-            answer = httpx.post(f"{url}/explain", params={"model": "flowers", "top_k": 2}, files=photo, timeout=30)
-            assert answer.status_code == 200, answer.text
-            body = answer.json()
-            assert (body["method"], body["layer"], len(body["explanations"])) == ("cam", "layer4", 2)
-            heatmap = Image.open(io.BytesIO(base64.b64decode(body["explanations"][0]["heatmap_png"])))
-            assert heatmap.size == (451, 300)
-            refused = httpx.post(f"{url}/explain", params={"model": "nocam"}, files=photo, timeout=30)
-            assert refused.status_code == 501 and refused.json()["error"]["code"] == "explanations_unavailable"
-            assert "resnet-serve[torch]" in refused.json()["error"]["message"]
-            assert httpx.post(f"{url}/predict", params={"model": "nocam"}, files=photo).status_code == 200
-            assert "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text()  # CAM needed no torch
-        finally:
-            process.kill()
-            process.wait(30)
+    with real_server(tmp_path / "slim.log", "--model-repository", str(repository_with_a_model_cam_cannot_explain),
+                     python=slim_python, runtime="auto", compiled_cache_dir=str(tmp_path / "cache")) as (url, process):
+        wait_ready(url, process)
+        photo = {"file": ("cat.jpg", photo_jpegs["chelsea"])}
+        answer = httpx.post(f"{url}/explain", params={"model": "flowers", "top_k": 2}, files=photo, timeout=30)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert (body["method"], body["layer"], len(body["explanations"])) == ("cam", "layer4", 2)
+        heatmap = Image.open(io.BytesIO(base64.b64decode(body["explanations"][0]["heatmap_png"])))
+        assert heatmap.size == (451, 300)
+        refused = httpx.post(f"{url}/explain", params={"model": "nocam"}, files=photo, timeout=30)
+        assert refused.status_code == 501 and refused.json()["error"]["code"] == "explanations_unavailable"
+        assert "resnet-serve[torch]" in refused.json()["error"]["message"]
+        assert httpx.post(f"{url}/predict", params={"model": "nocam"}, files=photo).status_code == 200
+        assert "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text()  # CAM needed no torch
 
 
 def test_what_needs_torch_names_the_extra(slim_python: Path, user_repository: Path, tmp_path: Path) -> None:
@@ -189,20 +164,13 @@ def test_the_slim_server_serves_int8_without_the_photos_the_export_calibrated_on
     repository = tmp_path / "models"
     assert main(["export", "--weights", str(seeded_weights), "--repository", str(repository), "--format", "onnx",
                  "--precision", "int8"]) == 0
-    port = free_port()
-    with (tmp_path / "slim.log").open("wb") as log:
-        process = subprocess.Popen(
-            [str(slim_python), "-m", "resnet_serve", "serve", "--port", str(port), "--model-repository",
-             str(repository), "--precision", "int8"], env=env_with(runtime="auto"), stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}", process)
-            answer = httpx.post(f"http://127.0.0.1:{port}/predict", files={"file": ("a.jpg", photo_jpegs["horse"])})
-            assert answer.status_code == 200 and answer.json()["predictions"]
-            model = httpx.get(f"http://127.0.0.1:{port}/model").json()
-            assert (model["runtime"], model["precision"]) == ("onnxruntime", "int8")
-        finally:
-            process.kill()
-            process.wait(30)
+    with real_server(tmp_path / "slim.log", "--model-repository", str(repository), "--precision", "int8",
+                     python=slim_python, runtime="auto") as (url, process):
+        wait_ready(url, process)
+        answer = httpx.post(f"{url}/predict", files={"file": ("a.jpg", photo_jpegs["horse"])})
+        assert answer.status_code == 200 and answer.json()["predictions"]
+        model = httpx.get(f"{url}/model").json()
+        assert (model["runtime"], model["precision"]) == ("onnxruntime", "int8")
 
 
 def test_bulk_classification_through_a_server_names_the_client_extra(slim_python: Path, tmp_path: Path,

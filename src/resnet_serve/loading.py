@@ -478,7 +478,7 @@ def timing_child() -> None:
     version = read_version(request["name"], request["version"], Path(request["directory"]))
     assert version.spec is not None, version.problem
     wanted = {w.runtime: w for w in wanted_artefacts(settings)}
-    ms = {}
+    ms: dict[str, float] = {}
     for runtime in request["runtimes"]:
         backend = open_wanted(version, wanted[runtime], settings)  # checked by the server's _intact
         ms[runtime] = round((_per_image_ms(backend, version.spec.crop_size, 1)

@@ -16,7 +16,7 @@ FP32 (OpenVINO's default on CPUs with BF16 units is BF16, which would change the
 batch dimension stays dynamic, as exported, and the compiled model is kept by OpenVINO's own
 cache (``CACHE_DIR``) under the compiled-model cache, so a restart skips compiling. The model is
 compiled from its path, not from a model read first: with a kept compiled model OpenVINO then never
-parses the ONNX file, so a restart neither spends the time nor keeps the memory.
+reads or parses the ONNX file.
 The first call at each batch size prepares that shape (on a Xeon, 24–31 ms more than later calls
 for INT8, 23–41 for FP32: ``benchmarks/engine_bench.py``), so warm-up runs every size once. One infer request, used by
 the inference thread only; its output buffer is reused by the next batch, so ``run`` returns a
