@@ -150,12 +150,15 @@ def test_int8_export_is_calibrated_and_reports_its_agreement(
         repository / "resnet18" / "1" / "model.fp32.pt").stat().st_size / 2  # INT8 weights take a quarter
 
 
-def test_two_workers_serve_and_metrics_add_up_across_them(
+def test_two_workers_serve_one_runtime_and_metrics_add_up_across_them(
     seeded_weights: Path, tmp_path: Path, photo_jpegs: dict[str, bytes]
 ) -> None:
+    """``make run --workers 2`` on a machine new to it: the workers export the built-in model
+    once, time the runtimes once and serve the same one, and /metrics counts both."""
     log = tmp_path / "server.log"
-    with real_server(log, weights=str(seeded_weights), allow_download="false",
-                     workers="2", torch_threads="1", cache_size="0") as (url, process):
+    with real_server(log, weights=str(seeded_weights), allow_download="false", workers="2", torch_threads="1",
+                     cache_size="0", runtime="auto", compiled_cache="true",
+                     compiled_cache_dir=str(tmp_path / "cache")) as (url, process):
         # Both workers share one socket, so /health/ready answers for whichever accepts; while one
         # compiles, the other can take every probe. Each worker logs when it is ready.
         deadline = time.monotonic() + 240
@@ -171,3 +174,7 @@ def test_two_workers_serve_and_metrics_add_up_across_them(
                     if line.startswith('resnet_serve_requests_total{method="POST",route="/predict",status="200"}'))
         assert float(line.rsplit(" ", 1)[1]) == 8
         assert 'resnet_serve_batch_size_count{model="resnet18"} 8.0' in text
+    lines = log.read_text().splitlines()
+    assert sum("is faster on this machine" in line for line in lines) == 1
+    served = {line.split("loaded resnet18/1 (", 1)[1].split(" ", 1)[0] for line in lines if "loaded resnet18/1 (" in line}
+    assert len(served) == 1, served

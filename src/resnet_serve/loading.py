@@ -12,6 +12,10 @@
   timings on its stdout) that the loading thread waits for, so that the server maps only the
   runtime it chose; a child that fails or outlives ``TIMING_TIMEOUT_S`` leaves the first runtime
   in tie order, untimed and not kept.
+- Workers of one server (``--workers N``) start together and take turns through lock files in
+  the compiled-model cache (``_locked``): one exports the default model, one times the runtimes,
+  one compiles each artefact; the others wait, then find what it kept. So every worker serves
+  the same runtime, and no timing runs beside another that would slow it down.
 
 This is the one place that knows which runtime module to import, and it imports each only when
 it is needed: serving ONNX Runtime never loads torch, and exporting is the only step that needs
@@ -167,10 +171,21 @@ def _default_is_current(root: Path, spec: ModelSpec, settings: Settings, wanted:
 
 
 @contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """One exporter at a time per repository (uvicorn workers start together)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / ".lock").open("w") as lock:
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file ``path``. Uvicorn workers start together: one at a time
+    exports the default model, times the runtimes, or compiles an artefact into the cache, and
+    the others, once they hold the lock, find its result. Where no lock file can be made (a
+    read-only cache), each goes on without one and does the work itself."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.open("w")
+    except OSError as exc:
+        logger.debug("going on without the lock %s: %s", path, exc)
+        lock = None
+    if lock is None:
+        yield
+        return
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -206,7 +221,7 @@ def plan_repository(settings: Settings) -> RepositoryPlan:
     weights = resolve(spec, settings)
 
     def export() -> bool:
-        with _locked(root):
+        with _locked(root / ".lock"):
             return ensure_default_model(root, spec, weights, settings, wanted)
 
     return RepositoryPlan(root, export)
@@ -266,6 +281,12 @@ def runtime_threads(runtime: str, settings: Settings) -> int:
     return {ONNXRUNTIME: settings.ort_threads, OPENVINO: settings.openvino_threads}.get(runtime, settings.torch_threads)
 
 
+def _compiling(cache: Path | None) -> contextlib.AbstractContextManager[None]:
+    """Held while a runtime opens an artefact with a compiled-model cache: workers starting
+    together compile it once, the first for all, the others then open the kept result."""
+    return _locked(cache.with_name(f"{cache.name}.lock")) if cache is not None else contextlib.nullcontext()
+
+
 def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Settings) -> Backend:
     """``runtime``'s backend for the artefact."""
     threads = runtime_threads(runtime, settings)
@@ -275,16 +296,18 @@ def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Setting
             from resnet_serve.backends.openvino import OpenVinoBackend
         except ImportError as exc:
             raise RepositoryError(f"RESNET_SERVE_RUNTIME=openvino needs OpenVINO ({OPENVINO_EXTRA}; {exc})") from None
-        return OpenVinoBackend(path, threads=threads, precision=artefact.precision,
-                               cache=_compiled_cache(artefact, settings, OPENVINO, OPENVINO_VERSION))
+        cache = _compiled_cache(artefact, settings, OPENVINO, OPENVINO_VERSION)
+        with _compiling(cache):
+            return OpenVinoBackend(path, threads=threads, precision=artefact.precision, cache=cache)
     if runtime == ONNXRUNTIME:
         try:
             from resnet_serve.backends.onnxruntime import RUNTIME_VERSION, OnnxRuntimeBackend
         except ImportError as exc:
             raise RepositoryError(f"ONNX artefacts need onnxruntime ({exc})") from None
         optimised = _compiled_cache(artefact, settings, ONNXRUNTIME, RUNTIME_VERSION)
-        return OnnxRuntimeBackend(path, threads=threads, precision=artefact.precision,
-                                  arena=settings.ort_arena, spinning=settings.ort_spinning, optimised=optimised)
+        with _compiling(optimised):
+            return OnnxRuntimeBackend(path, threads=threads, precision=artefact.precision,
+                                      arena=settings.ort_arena, spinning=settings.ort_spinning, optimised=optimised)
     try:
         from resnet_serve.backends.torch.runtime import TorchScriptBackend
     except ImportError:
@@ -431,21 +454,39 @@ def choose_runtime(version: ModelVersion, settings: Settings) -> Choice:
     batch = model_settings(version, settings).max_batch_size
     key = "|".join([cpu_model(), *(f"{w.runtime} {runtime_threads(w.runtime, settings)} threads" for w in present),
                     f"batch {batch}", *dict.fromkeys(w.pick(version).sha256[:16] for w in present)])
-    kept = _read_choices(settings).get(key)
-    if kept is not None:
-        return Choice(next(w for w in present if w.runtime == kept["runtime"]),
-                      "; ".join([f"timed earlier: {kept['ms']}", *problems]), verified=True)
-    ms = _timings(version, present, settings, batch)
-    if ms is None:
+    kept, timed_now = _kept_or_timed(version, present, settings, batch, key)
+    if kept is None:
         return Choice(present[0], "; ".join(["timing the runtimes failed, so the first in tie order", *problems]),
                       verified=True)
-    fastest = min(ms.values())
-    best = next(runtime for runtime in RUNTIME_PACKAGES if runtime in ms and ms[runtime] <= fastest * (1 + TIE))
-    _keep_choice(settings, key, {"runtime": best, "ms": ms})
-    logger.info("%s/%d: %s is faster on this machine (ms per image, batch 1 and %d: %s)", version.name,
-                version.version, best, batch, ms)
-    return Choice(next(w for w in present if w.runtime == best), "; ".join([f"timed now: {ms}", *problems]),
-                  verified=True)
+    if timed_now:
+        logger.info("%s/%d: %s is faster on this machine (ms per image, batch 1 and %d: %s)", version.name,
+                    version.version, kept["runtime"], batch, kept["ms"])
+    return Choice(next(w for w in present if w.runtime == kept["runtime"]),
+                  "; ".join([f"timed {'now' if timed_now else 'earlier'}: {kept['ms']}", *problems]), verified=True)
+
+
+def _kept_or_timed(version: ModelVersion, present: list[Wanted], settings: Settings, batch: int,
+                   key: str) -> tuple[dict[str, object] | None, bool]:
+    """The choice kept under ``key``, or one timed now and kept (None: the timing failed); and
+    whether it was timed now. Workers starting together take turns: the first times, the others
+    wait and read its choice, so a server's workers never serve different runtimes, and no
+    timing runs beside another that would slow it down."""
+    kept = _read_choices(settings).get(key)
+    if kept is not None:
+        return kept, False
+    path = _choices_file(settings)
+    with _locked(path.with_suffix(".lock")) if path is not None else contextlib.nullcontext():
+        kept = _read_choices(settings).get(key)
+        if kept is not None:
+            return kept, False
+        ms = _timings(version, present, settings, batch)
+        if ms is None:
+            return None, True
+        fastest = min(ms.values())
+        best = next(runtime for runtime in RUNTIME_PACKAGES if runtime in ms and ms[runtime] <= fastest * (1 + TIE))
+        kept = {"runtime": best, "ms": ms}
+        _keep_choice(settings, key, kept)
+        return kept, True
 
 
 TIMING_TIMEOUT_S = 600.0  # opening every runtime cold (ONNX Runtime optimising an FP32 graph) takes seconds
