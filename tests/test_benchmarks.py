@@ -29,6 +29,7 @@ import http_bench  # noqa: E402
 import memory_bench  # noqa: E402
 import multi_model_bench  # noqa: E402
 import ort_int8_bench  # noqa: E402
+import ort_session_bench  # noqa: E402
 import soak  # noqa: E402
 import stages_bench  # noqa: E402
 import start_bench  # noqa: E402
@@ -328,6 +329,20 @@ def test_ort_int8_bench_times_each_scheme_against_fp32(tmp_path: Path, monkeypat
     assert abs(raised["max_abs_diff"] - export["max_abs_diff"]) < 5e-3
     assert "| s8s8 |" in (tmp_path / "o.md").read_text() and report["machine"]["cpus"] >= 1
     assert report["matmulinteger_u8s8_1thread_gmacs"] > 0
+
+
+def test_ort_session_bench_serves_every_batch_size_with_memory_patterns_on_and_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ort_session_bench, "RESULTS", tmp_path)
+    assert ort_session_bench.main(["--rounds", "1", "--max-batch", "2", "--out", "o"]) == 0
+    report = json.loads((tmp_path / "o.json").read_text())
+    assert set(report["rows"]) == {f"{g} mem_pattern {s}" for g in ("fp32", "int8") for s in ("on", "off")}
+    for row in report["rows"].values():
+        assert row["peak_mb"] >= row["after_every_size_mb"] > 50 and set(row) >= {"b1_ms", "b2_ms"}
+    rows = report["rows"]
+    assert rows["fp32 mem_pattern on"]["opened_mb"] > rows["int8 mem_pattern on"]["opened_mb"]  # 4x the weights
+    assert "machine:" in (tmp_path / "o.md").read_text()
 
 
 def test_explain_bench_times_explanations_and_predictions_beside_them(tmp_path: Path, offline_weights: None,
