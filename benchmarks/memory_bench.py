@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from http_bench import RESULTS, free_port, is_ready, run_load  # noqa: E402
 from images import default_images  # noqa: E402
 from machine import describe, one_line, write_results  # noqa: E402
+from venvs import torch_free_python  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 
@@ -59,18 +60,6 @@ def status_kb(pid: int, field: str) -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1])
     raise RuntimeError(f"no {field} for {pid}")
-
-
-def slim_python(extra: str | None = None) -> Path:
-    """The slim install's interpreter, made (``pip install .`` into ``.venv-slim``) if missing;
-    with ``extra``, ``pip install '.[extra]'`` into ``.venv-<extra>`` (still no torch)."""
-    venv = ROOT / (f".venv-{extra}" if extra else ".venv-slim")
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", f"{ROOT}[{extra}]" if extra else str(ROOT)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(ROOT)], check=True)
-    return python
 
 
 def export_repository(folder: Path, precisions: list[str]) -> Path:
@@ -154,8 +143,8 @@ def configurations(args: argparse.Namespace, repository: Path, scratch: Path) ->
     base.update(pair.split("=", 1) for pair in args.env)  # type: ignore[arg-type]
     served = {**base, "RESNET_SERVE_MODEL_REPOSITORY": str(repository), "RESNET_SERVE_CACHE_SIZE": "0",
               "RESNET_SERVE_COMPILED_CACHE_DIR": str(scratch / "cache"), "RESNET_SERVE_DEVICE": "cpu"}
-    slim = [str(args.slim_python or slim_python()), "-m", "resnet_serve", "serve"]
-    openvino = [str(args.openvino_python or slim_python("openvino")), "-m", "resnet_serve", "serve"]
+    slim = [str(args.slim_python or torch_free_python()), "-m", "resnet_serve", "serve"]
+    openvino = [str(args.openvino_python or torch_free_python("openvino")), "-m", "resnet_serve", "serve"]
     full = [sys.executable, "-m", "resnet_serve", "serve"]
     configs = {
         f"{install} {runtime} {precision}": (command, {**served, "RESNET_SERVE_RUNTIME": runtime,

@@ -46,7 +46,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from http_bench import RESULTS  # noqa: E402
 from machine import publish  # noqa: E402
-from memory_bench import compile_sources, export_repository, httpx_probe, slim_python, start  # noqa: E402
+from memory_bench import compile_sources, export_repository, httpx_probe, start  # noqa: E402
+from venvs import torch_free_python  # noqa: E402
 
 THIS = Path(__file__).resolve().parent.parent / "src"
 THIRD_PARTY = ("fastapi, fastapi.middleware.cors, numpy, onnxruntime, uvicorn, uvicorn.server, "
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trees = {"this": THIS, **dict(args.tree)}
     compile_sources(*trees.values())
-    python = str(args.slim_python or slim_python())
+    python = str(args.slim_python or torch_free_python())
     command = [python, "-m", "resnet_serve", "serve"]
     runs = {name: (name, False) for name in trees}
     if args.httpx_probe:

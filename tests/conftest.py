@@ -33,6 +33,9 @@ from resnet_serve.spec import RESNET18
 from resnet_serve.transform import preprocess
 from resnet_serve.weights import sha256_of
 
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+from venvs import torch_free_python  # noqa: E402
+
 TEST_SEED = 1234
 SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
 # Real photographs shipped inside scikit-image (a dev dependency), not committed here.
@@ -170,32 +173,16 @@ def user_repository(user_files: dict[str, Path], tmp_path_factory: pytest.TempPa
     return repository
 
 
-ROOT = Path(__file__).parent.parent
-SLIM = ROOT / ".venv-slim"  # kept between runs (ignored by git); the project is reinstalled each run
-
-
-def torch_free_python(venv: Path, requirement: str) -> Path:
-    """A virtualenv with ``pip install <requirement>`` (made once, kept between runs; ignored by
-    git), this checkout reinstalled into it each run."""
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", requirement], check=True, timeout=1200)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(ROOT)],
-                   check=True, timeout=600)
-    return python
-
-
 @pytest.fixture(scope="session")
 def slim_python() -> Path:
     """``pip install .``: the slim server."""
-    return torch_free_python(SLIM, str(ROOT))
+    return torch_free_python()
 
 
 @pytest.fixture(scope="session")
 def openvino_python() -> Path:
     """``pip install '.[openvino]'``: the slim server with OpenVINO, still without torch."""
-    return torch_free_python(ROOT / ".venv-openvino", f"{ROOT}[openvino]")
+    return torch_free_python("openvino")
 
 
 async def probs_of(engine: Engine, uploads: list[bytes]) -> torch.Tensor:
