@@ -281,10 +281,10 @@ def runtime_threads(runtime: str, settings: Settings) -> int:
     return {ONNXRUNTIME: settings.ort_threads, OPENVINO: settings.openvino_threads}.get(runtime, settings.torch_threads)
 
 
-def _compiling(cache: Path | None) -> contextlib.AbstractContextManager[None]:
-    """Held while a runtime opens an artefact with a compiled-model cache: workers starting
-    together compile it once, the first for all, the others then open the kept result."""
-    return _locked(cache.with_name(f"{cache.name}.lock")) if cache is not None else contextlib.nullcontext()
+def _locked_beside(path: Path | None) -> contextlib.AbstractContextManager[None]:
+    """``_locked`` on a lock file beside ``path`` (what workers make once and then share: the
+    runtime choices, an artefact's compiled-model cache); no lock where nothing is kept."""
+    return _locked(path.with_name(f"{path.name}.lock")) if path is not None else contextlib.nullcontext()
 
 
 def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Settings) -> Backend:
@@ -297,7 +297,7 @@ def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Setting
         except ImportError as exc:
             raise RepositoryError(f"RESNET_SERVE_RUNTIME=openvino needs OpenVINO ({OPENVINO_EXTRA}; {exc})") from None
         cache = _compiled_cache(artefact, settings, OPENVINO, OPENVINO_VERSION)
-        with _compiling(cache):
+        with _locked_beside(cache):
             return OpenVinoBackend(path, threads=threads, precision=artefact.precision, cache=cache)
     if runtime == ONNXRUNTIME:
         try:
@@ -305,7 +305,7 @@ def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Setting
         except ImportError as exc:
             raise RepositoryError(f"ONNX artefacts need onnxruntime ({exc})") from None
         optimised = _compiled_cache(artefact, settings, ONNXRUNTIME, RUNTIME_VERSION)
-        with _compiling(optimised):
+        with _locked_beside(optimised):
             return OnnxRuntimeBackend(path, threads=threads, precision=artefact.precision,
                                       arena=settings.ort_arena, spinning=settings.ort_spinning, optimised=optimised)
     try:
@@ -474,8 +474,7 @@ def _kept_or_timed(version: ModelVersion, present: list[Wanted], settings: Setti
     kept = _read_choices(settings).get(key)
     if kept is not None:
         return kept, False
-    path = _choices_file(settings)
-    with _locked(path.with_suffix(".lock")) if path is not None else contextlib.nullcontext():
+    with _locked_beside(_choices_file(settings)):
         kept = _read_choices(settings).get(key)
         if kept is not None:
             return kept, False

@@ -2,12 +2,12 @@
 for CPUs where ONNX Runtime's INT8 kernels fall behind (``pip install 'resnet-serve[openvino]'``).
 
 Why a third runtime: on an Intel Xeon with AMX, ONNX Runtime's INT8 convolutions run on its VNNI
-kernels and reach less than half of TorchScript's x86 INT8 speed, while OpenVINO's CPU plugin
-(oneDNN, AMX where present) runs the same QDQ graph faster than TorchScript and without torch
-(``benchmarks/engine_bench.py``, ``benchmarks/memory_bench.py``; README). It costs memory: a server
-of the INT8 ResNet-18 idles 40–60 MB above ONNX Runtime's (``benchmarks/memory_bench.py``), so
-the slim install stays ONNX Runtime alone. It reads the ONNX file itself: no export
-step, no format of its own in the repository.
+kernels and reach half to two thirds of TorchScript's x86 INT8 speed at batch 4 and 8, while
+OpenVINO's CPU plugin (oneDNN, AMX where present) runs the same QDQ graph faster than TorchScript
+and without torch (``benchmarks/engine_bench.py``, ``benchmarks/memory_bench.py``; README). It
+costs memory: a server of the INT8 ResNet-18 idles 40–60 MB above ONNX Runtime's
+(``benchmarks/memory_bench.py``), so the slim install stays ONNX Runtime alone. It reads the
+ONNX file itself: no export step, no format of its own in the repository.
 
 Serving settings: its own threads (``RESNET_SERVE_OPENVINO_THREADS``), one stream and the latency
 hint (batches run one at a time on the inference thread), threads not pinned to cores (the cores
@@ -18,9 +18,9 @@ cache (``CACHE_DIR``) under the compiled-model cache, so a restart skips compili
 compiled from its path, not from a model read first: with a kept compiled model OpenVINO then never
 reads or parses the ONNX file.
 The first call at each batch size prepares that shape (on a Xeon, 24–31 ms more than later calls
-for INT8, 23–41 for FP32: ``benchmarks/engine_bench.py``), so warm-up runs every size once. One infer request, used by
-the inference thread only; its output buffer is reused by the next batch, so ``run`` returns a
-copy.
+for INT8, 23–41 for FP32: ``benchmarks/engine_bench.py``), so warm-up runs every size once. One
+infer request, used by the inference thread only; its output buffer is reused by the next batch,
+so ``run`` returns a copy.
 """
 
 from __future__ import annotations
