@@ -282,18 +282,24 @@ def test_a_damaged_artefact_is_refused_by_its_check_though_it_is_opened_meanwhil
         loading.open_verified(version, wanted, settings)
 
 
+@pytest.fixture(scope="module")
+def onnx_int8(seeded_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> loading.ModelVersion:
+    """A repository exported with ONNX FP32 and INT8, as ``resnet-serve export`` writes it."""
+    repository = tmp_path_factory.mktemp("onnx-int8")
+    assert main(["export", "--weights", str(seeded_weights), "--repository", str(repository), "--format",
+                 "onnx", "--precision", "fp32,int8"]) == 0
+    return Repository(repository).latest()["resnet18"]
+
+
 def test_int8_through_onnx_runtime_is_exported_calibrated_and_served(
-    seeded_weights: Path, tmp_path: Path, photo_jpegs: dict[str, bytes], capsys: pytest.CaptureFixture[str]
+    onnx_int8: loading.ModelVersion, tmp_path: Path, photo_jpegs: dict[str, bytes]
 ) -> None:
     import asyncio
 
-    repository = tmp_path / "models"
-    assert main(["export", "--weights", str(seeded_weights), "--repository", str(repository), "--format",
-                 "onnx", "--precision", "fp32,int8"]) == 0
-    version = Repository(repository).latest()["resnet18"]
+    version = onnx_int8
     int8 = version.metadata.artefact("onnx", "int8")  # type: ignore[union-attr]
     fp32 = version.metadata.artefact("onnx", "fp32")  # type: ignore[union-attr]
-    assert int8 is not None and fp32 is not None and int8.int8_backend == "ort-qdq-u8s8-reduced"
+    assert int8 is not None and fp32 is not None and int8.int8_backend == "ort-qdq-u8s8-reduced+gemm-patch"
     assert int8.bytes < fp32.bytes / 2 and int8.validation is not None and int8.validation.photos >= 8
     engine = load_engine(version, cpu(runtime="onnxruntime", precision="int8", compiled_cache_dir=tmp_path))
     try:
@@ -303,3 +309,69 @@ def test_int8_through_onnx_runtime_is_exported_calibrated_and_served(
         assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4) and probs.shape == (len(pixels), 1000)
     finally:
         engine.close()
+
+
+def large_convolutions_zero_points(graph: Path) -> set[str]:
+    """The weight zero points of the INT8 graph's convolutions with at least 1024 inputs per
+    output, read from the graph itself."""
+    import onnx
+
+    model = onnx.load(str(graph))
+    tensors = {t.name: t for t in model.graph.initializer}
+    dequantized = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    found = set()
+    for conv in (n for n in model.graph.node if n.op_type == "Conv"):
+        weights = dequantized[conv.input[1]]
+        if int(np.prod(tensors[weights.input[0]].dims[1:])) >= 1024:
+            found.add(weights.input[2])
+    return found
+
+
+def test_the_int8_graph_s_large_convolutions_run_onnx_runtime_s_gemm_on_an_amx_cpu_with_the_same_answers(
+    onnx_int8: loading.ModelVersion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_jpegs: dict[str, bytes]
+) -> None:
+    """The patch export records declares exactly the large convolutions' weight zero points as
+    graph inputs; on a CPU with AMX the backend appends it (kept so across restarts, in a cache
+    entry of its own), elsewhere not; the answers are the same either way."""
+    import base64
+
+    import onnx
+
+    from resnet_serve.backends import onnxruntime as ort_backend
+
+    artefact = onnx_int8.metadata.artefact("onnx", "int8")  # type: ignore[union-attr]
+    path = onnx_int8.artefact_path(artefact)
+    patch = onnx.ModelProto.FromString(base64.b64decode(artefact.ort_gemm_patch or ""))
+    declared = {i.name for i in patch.graph.input}
+    assert declared == large_convolutions_zero_points(path) and len(declared) == 11  # ResNet-18's 3×3 from 128 up
+    settings = cpu(runtime="onnxruntime", precision="int8", compiled_cache_dir=tmp_path)
+    pixels = np.stack([preprocess(data, onnx_int8.spec, max_pixels=10**9).pixels  # type: ignore[arg-type]
+                       for data in photo_jpegs.values()])
+
+    def served(flags: set[str]) -> tuple[set[str], np.ndarray]:
+        monkeypatch.setattr(ort_backend, "cpu_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(loading, "cpu_flags", lambda: frozenset(flags))
+        backend = loading.open_backend("onnxruntime", artefact, path, settings)
+        return {i.name for i in backend.session.get_overridable_initializers()}, backend.run(pixels)  # type: ignore[attr-defined]
+
+    plain, plain_probs = served({"avx512_vnni"})
+    patched, patched_probs = served({"avx512_vnni", "amx_int8"})
+    kept, kept_probs = served({"avx512_vnni", "amx_int8"})  # the optimised graph kept by the first patched start
+    assert plain == set() and patched == kept == declared
+    assert len([p for p in (tmp_path / "onnxruntime").iterdir() if p.is_dir()]) == 2  # one per CPU kind
+    assert np.abs(patched_probs - plain_probs).max() < 1e-5 and np.array_equal(kept_probs, patched_probs)
+    assert (patched_probs.argmax(1) == plain_probs.argmax(1)).all()
+
+
+@pytest.mark.parametrize("patch", ["not base64!", "OgX/"])  # not base64; a graph field cut short
+def test_a_gemm_patch_that_does_not_apply_is_reported_and_the_graph_served_as_exported(
+    onnx_int8: loading.ModelVersion, patch: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from resnet_serve.backends import onnxruntime as ort_backend
+
+    monkeypatch.setattr(ort_backend, "cpu_flags", lambda: frozenset({"amx_int8"}))
+    path = onnx_int8.artefact_path(onnx_int8.metadata.artefact("onnx", "int8"))  # type: ignore[arg-type,union-attr]
+    pixels = np.zeros((1, 3, 224, 224), np.uint8)
+    backend = OnnxRuntimeBackend(path, threads=1, precision="int8", gemm_patch=patch)
+    assert "its GEMM patch does not apply" in caplog.text and not backend.session.get_overridable_initializers()
+    assert np.array_equal(backend.run(pixels), OnnxRuntimeBackend(path, threads=1, precision="int8").run(pixels))

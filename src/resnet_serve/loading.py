@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resnet_serve.backends import ONNXRUNTIME, OPENVINO, ORT_INT8_SCHEME, TORCHSCRIPT, Backend
+from resnet_serve.backends import ONNXRUNTIME, OPENVINO, ORT_INT8_SCHEME, TORCHSCRIPT, Backend, cpu_flags, cpu_model
 from resnet_serve.errors import ExplanationsUnavailable, RepositoryError
 from resnet_serve.inference import Engine, ModelInfo
 from resnet_serve.photos import calibration_files, calibration_fingerprint
@@ -259,22 +259,26 @@ def model_settings(version: ModelVersion, settings: Settings) -> Settings:
     return settings.model_copy(update=update) if update else settings
 
 
-def cpu_model() -> str:
-    """The CPU's model name: the runtime choice and ONNX Runtime's optimised graph depend on it."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _compiled_cache(artefact: Artefact, settings: Settings, runtime: str, runtime_version: str) -> Path | None:
     """Where ``runtime`` keeps what it compiled from this artefact for this CPU and runtime
     version (None: nowhere)."""
     if not settings.compiled_cache:
         return None
-    machine = hashlib.sha256(f"{cpu_model()}|{runtime_version}".encode()).hexdigest()[:12]
-    return settings.compiled_cache_dir / runtime / f"{artefact.sha256[:16]}-{machine}"
+    machine = hashlib.sha256(f"{_machine()}|{runtime_version}".encode()).hexdigest()[:12]
+    return settings.compiled_cache_dir / runtime / f"{_built(artefact)}-{machine}"
+
+
+def _machine() -> str:
+    """This CPU as what is compiled or timed for it is keyed: its model name (which a virtual
+    machine may report as a generic one) and a digest of its instruction sets."""
+    return f"{cpu_model()} [{hashlib.sha256(' '.join(sorted(cpu_flags())).encode()).hexdigest()[:8]}]"
+
+
+def _built(artefact: Artefact) -> str:
+    """The artefact as what is compiled or timed from it is keyed: its file, and the graph patch
+    its manifest carries (which changes what ONNX Runtime compiles, not the file)."""
+    patch = artefact.ort_gemm_patch
+    return artefact.sha256[:16] + (f"+{hashlib.sha256(patch.encode()).hexdigest()[:8]}" if patch else "")
 
 
 def runtime_threads(runtime: str, settings: Settings) -> int:
@@ -307,7 +311,8 @@ def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Setting
         optimised = _compiled_cache(artefact, settings, ONNXRUNTIME, RUNTIME_VERSION)
         with _locked_beside(optimised):
             return OnnxRuntimeBackend(path, threads=threads, precision=artefact.precision,
-                                      arena=settings.ort_arena, spinning=settings.ort_spinning, optimised=optimised)
+                                      arena=settings.ort_arena, spinning=settings.ort_spinning, optimised=optimised,
+                                      gemm_patch=artefact.ort_gemm_patch)
     try:
         from resnet_serve.backends.torch.runtime import TorchScriptBackend
     except ImportError:
@@ -439,8 +444,8 @@ def choose_runtime(version: ModelVersion, settings: Settings) -> Choice:
     """The configured runtime; or, for ``auto`` with several runtimes and their artefacts at hand,
     the fastest on this machine (per image, the mean of batch 1 and the max batch; on a tie within
     5%, the first of TorchScript, ONNX Runtime, OpenVINO), timed in a child process at the first
-    start and kept, keyed by CPU model, runtimes, threads and artefacts. A damaged artefact is
-    left out of the choice, loudly."""
+    start and kept, keyed by CPU model and flags, runtimes, threads and artefacts. A damaged
+    artefact is left out of the choice, loudly."""
     candidates = wanted_artefacts(settings)
     if len(candidates) < 2:
         return Choice(candidates[0], "configured" if settings.runtime != "auto" else "the only runtime installed")
@@ -452,8 +457,8 @@ def choose_runtime(version: ModelVersion, settings: Settings) -> Choice:
         return Choice((present or candidates)[0], reason, verified=bool(present))
     assert version.spec is not None
     batch = model_settings(version, settings).max_batch_size
-    key = "|".join([cpu_model(), *(f"{w.runtime} {runtime_threads(w.runtime, settings)} threads" for w in present),
-                    f"batch {batch}", *dict.fromkeys(w.pick(version).sha256[:16] for w in present)])
+    key = "|".join([_machine(), *(f"{w.runtime} {runtime_threads(w.runtime, settings)} threads" for w in present),
+                    f"batch {batch}", *dict.fromkeys(_built(w.pick(version)) for w in present)])
     kept, timed_now = _kept_or_timed(version, present, settings, batch, key)
     if kept is None:
         return Choice(present[0], "; ".join(["timing the runtimes failed, so the first in tie order", *problems]),

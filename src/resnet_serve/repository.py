@@ -85,6 +85,10 @@ class Artefact(BaseModel):
     channels_last: bool = False
     int8_backend: str | None = None
     calibration: str | None = Field(None, description="fingerprint of the INT8 calibration photos")
+    ort_gemm_patch: str | None = Field(
+        None, description="INT8 ONNX: base64 of an ONNX ModelProto fragment that, appended to the graph, declares "
+        "the weight zero points of its large convolutions as graph inputs; ONNX Runtime then runs those through its "
+        "INT8 GEMM (which has AMX kernels) instead of its symmetric convolution (which has none)")
     built_with: dict[str, str] = Field(default_factory=dict, description="library versions")
     validation: Validation | None = None
 

@@ -8,7 +8,11 @@ torch to build a model: weights, graph, quantization, export).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -23,8 +27,9 @@ GRAPH_INPUT, GRAPH_OUTPUT = "pixels", "probs"
 GRAPH_FEATURES = "features"
 # Bump when the serving graph changes what it computes: default models are exported again.
 GRAPH_VERSION = "2"
-# How ONNX artefacts are quantized to INT8 (backends.torch.onnx_export.quantize_onnx).
-ORT_INT8_SCHEME = "ort-qdq-u8s8-reduced"
+# How ONNX artefacts are quantized to INT8 (backends.torch.onnx_export.quantize_onnx), with the
+# graph patch that sends their large convolutions through ONNX Runtime's INT8 GEMM on AMX CPUs.
+ORT_INT8_SCHEME = "ort-qdq-u8s8-reduced+gemm-patch"
 
 
 class Backend(Protocol):
@@ -53,3 +58,28 @@ class Explained:
     grids: dict[int, np.ndarray]
     layer: str
     method: str  # "grad-cam" (backends.torch.gradcam) or "cam" (backends.onnxruntime.OnnxCam)
+
+
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in ``/proc/cpuinfo`` (empty where there is none)."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            name, _, value = line.partition(":")
+            fields[name.strip()] = value.strip()
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name: the runtime choice and ONNX Runtime's optimised graph depend on it."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags as Linux names them (``avx512_vnni``, ``amx_int8``...);
+    empty where the kernel does not say. A virtual machine may report a generic model name, so
+    what was compiled for one CPU is keyed by these as well."""
+    return frozenset(_cpuinfo().get("flags", "").split())

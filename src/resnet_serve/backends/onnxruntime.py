@@ -11,8 +11,8 @@ fragmentation), and the intra-op threads sleeping rather than spinning between p
 threads and the event loop need (``benchmarks/http_bench.py``, README). Memory patterns stay
 on, ONNX Runtime's default: serving every batch size with them on or off left the same RSS and
 peak, and no slower (``benchmarks/ort_session_bench.py``). The optimised graph is kept next to
-the compiled-model cache, keyed by the artefact, ONNX Runtime's version and the CPU (its layouts
-are specific to the instruction set), so a restart skips the optimisation.
+the compiled-model cache, keyed by the artefact, ONNX Runtime's version and the CPU (its model
+and flags: the layouts are specific to the instruction set), so a restart skips the optimisation.
 
 The kept graph is a folder: the graph, and its weights in a file of their own, which ONNX Runtime
 maps into memory instead of parsing them out of the graph and copying them (opening ResNet-18
@@ -20,10 +20,21 @@ FP32: 10 ms against 145; the pages are the page cache's, shared by every worker)
 must never be rewritten under a running server, so a graph is written into a fresh folder and
 moved into place with one rename: another server finds the whole folder or none, and a damaged
 one is renamed away, never truncated.
+
+INT8 on CPUs with AMX: ONNX Runtime runs a convolution whose weights are symmetric (zero point 0,
+a constant) through its symmetric convolution kernels, which go up to AVX-512 VNNI and have none
+for AMX; any other convolution goes through its general INT8 GEMM, which has. Export writes a
+patch with each INT8 graph (``Artefact.ort_gemm_patch``, a ModelProto fragment that protobuf
+merges into the graph when appended) declaring the weight zero points of the large convolutions
+as graph inputs, so they are no longer constants; on a CPU with AMX the backend appends it, and
+those convolutions run the GEMM. Same weights, same zero points, same results;
+``benchmarks/ort_int8_bench.py`` measures the gain there and the loss on a CPU without AMX. A
+patch that does not apply is reported, and the graph served as exported.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -35,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from resnet_serve.backends import GRAPH_FEATURES, GRAPH_INPUT, GRAPH_OUTPUT, ONNXRUNTIME, Explained
+from resnet_serve.backends import GRAPH_FEATURES, GRAPH_INPUT, GRAPH_OUTPUT, ONNXRUNTIME, Explained, cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -102,13 +113,26 @@ class OnnxRuntimeBackend:
     warmup_every_size = False
 
     def __init__(self, path: Path, *, threads: int, precision: str = "fp32", arena: bool = True,
-                 spinning: bool = False, optimised: Path | None = None) -> None:
-        """``optimised``: the folder where the optimised graph is kept between starts (None: not kept)."""
+                 spinning: bool = False, optimised: Path | None = None, gemm_patch: str | None = None) -> None:
+        """``optimised``: the folder where the optimised graph is kept between starts (None: not
+        kept). ``gemm_patch``: the artefact's, applied on a CPU with AMX (see the module's notes);
+        the kept graph is keyed by it and by the CPU's flags (``loading``), so it is kept patched."""
         self.precision = precision
-        self.session = self._session(path, threads, arena, spinning, optimised)
+        patched = bool(gemm_patch) and "amx_int8" in cpu_flags()
+        try:
+            patch = base64.b64decode(gemm_patch, validate=True) if gemm_patch and patched else None
+            self.session = self._session(path, patch, threads, arena, spinning, optimised)
+        except Exception as exc:
+            if not patched:
+                raise
+            logger.warning("%s: its GEMM patch does not apply (%s); serving the graph as exported", path.name, exc)
+            patched, self.session = False, self._session(path, None, threads, arena, spinning, optimised)
+        if patched:
+            logger.info("%s: %d INT8 convolutions run ONNX Runtime's INT8 GEMM (this CPU has AMX)", path.name,
+                        len(self.session.get_overridable_initializers()))
 
     @staticmethod
-    def _session(path: Path, threads: int, arena: bool, spinning: bool,
+    def _session(path: Path, patch: bytes | None, threads: int, arena: bool, spinning: bool,
                  optimised: Path | None) -> onnxruntime.InferenceSession:
         providers = ["CPUExecutionProvider"]
         if optimised is not None and (optimised / KEPT_GRAPH).is_file():
@@ -120,7 +144,8 @@ class OnnxRuntimeBackend:
         options = _options(threads, arena, True, spinning)
         staging = _staging(optimised, options) if optimised is not None else None
         try:
-            session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+            graph = path.read_bytes() + patch if patch is not None else str(path)  # protobuf merges the two
+            session = onnxruntime.InferenceSession(graph, options, providers=providers)
         except Exception:
             if staging is not None:  # a graph that does not open leaves no scratch folder behind
                 shutil.rmtree(staging, ignore_errors=True)

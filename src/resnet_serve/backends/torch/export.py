@@ -131,12 +131,13 @@ def _compare(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
 
 def _run_artefact(fmt: str, path: Path, pixels: np.ndarray, spec: ModelSpec,
-                  weights: dict[str, torch.Tensor]) -> np.ndarray:
-    """The written artefact, loaded back as the server will load it, on the validation photos."""
+                  weights: dict[str, torch.Tensor], gemm_patch: str | None = None) -> np.ndarray:
+    """The written artefact, loaded back as the server will load it on this CPU, on the
+    validation photos."""
     if fmt == "onnx":
         from resnet_serve.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(path, threads=torch.get_num_threads()).run(pixels)
+        return OnnxRuntimeBackend(path, threads=torch.get_num_threads(), gemm_patch=gemm_patch).run(pixels)
     if fmt == CAM_HEAD:
         with np.load(path) as head:
             return _cam_probs(spec, _eager(spec, weights).net, str(head["layer"]), pixels, head["weight"], head["bias"])
@@ -169,10 +170,10 @@ def _write(job: ExportJob, fmt: str, precision: str, path: Path) -> dict[str, ob
         fp32 = export_onnx(job.spec, job.weights, path.with_name(f".{path.name}.fp32"), features)
         try:
             files = calibration_files(job.calibration)
-            backend = quantize_onnx(fp32, path, load_pixels(files, job.spec))
+            built = quantize_onnx(fp32, path, load_pixels(files, job.spec))
         finally:
             fp32.unlink(missing_ok=True)
-        return {"int8_backend": backend, "calibration": calibration_fingerprint(files)}
+        return {**built, "calibration": calibration_fingerprint(files)}
     options = CompileOptions(precision, job.channels_last, job.int8_backend, job.calibration)  # type: ignore[arg-type]
     model = compile_model(job.spec, job.weights, options)
     with torchscript_quietly():
@@ -192,7 +193,9 @@ def build_artefact(job: ExportJob, fmt: str, precision: str, directory: Path, pi
     started = time.perf_counter()
     progress(f"{job.spec.name}: building {fmt} {precision}")
     options = _write(job, fmt, precision, directory / name)
-    figures = _compare(_run_artefact(fmt, directory / name, pixels, job.spec, job.weights.state_dict), reference)
+    served = _run_artefact(fmt, directory / name, pixels, job.spec, job.weights.state_dict,
+                           options.get("ort_gemm_patch"))  # type: ignore[arg-type]
+    figures = _compare(served, reference)
     if precision == "fp32" and figures["max_abs_diff"] > FP32_TOLERANCE:
         raise ExportError(f"{job.spec.name} {fmt} fp32 differs from eager PyTorch by {figures['max_abs_diff']:.2e} "
                           f"(more than {FP32_TOLERANCE:g}) on {len(pixels)} photos; refusing to write it")

@@ -1,5 +1,7 @@
 """ONNX export of the serving graph (the ``onnx`` package, in the ``torch`` extra), and its
-static INT8 quantization with ONNX Runtime's quantizer.
+static INT8 quantization with ONNX Runtime's quantizer, and the patch that sends the INT8
+graph's large convolutions through ONNX Runtime's INT8 GEMM on CPUs with AMX
+(``backends.onnxruntime``).
 
 The exported graph is the one the TorchScript backend runs: ``uint8`` NCHW pixels in, float32
 probabilities out, with a dynamic batch dimension; for a model with a global-pool + linear head,
@@ -9,6 +11,7 @@ torch.
 
 from __future__ import annotations
 
+import base64
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,11 @@ from resnet_serve.backends.torch.graph import ServingNetwork, build_network
 from resnet_serve.spec import ModelSpec
 
 OPSET = 17
+# Convolutions with at least this many inputs per output (input channels × kernel area) go
+# through ONNX Runtime's INT8 GEMM on AMX CPUs: on a Xeon with AMX, ResNet-18's 3×3 convolutions
+# from 128 channels up ran faster that way, its stem, its 64-channel stage and its 1×1
+# shortcuts did not (benchmarks/ort_int8_bench.py).
+GEMM_MIN_INPUTS = 1024
 
 
 class _WithFeatures(nn.Module):
@@ -73,8 +81,9 @@ class _Photos:
         return None if batch is None else {GRAPH_INPUT: batch}
 
 
-def quantize_onnx(fp32: Path, path: Path, calibration: np.ndarray) -> str:
-    """Static INT8 (QDQ) of an exported FP32 graph, calibrated on real photos; what it ran with.
+def quantize_onnx(fp32: Path, path: Path, calibration: np.ndarray) -> dict[str, str]:
+    """Static INT8 (QDQ) of an exported FP32 graph, calibrated on real photos; what it ran with,
+    and the graph's patch for AMX CPUs (``gemm_patch``), as the artefact records them.
 
     Weights are per channel. Activations are unsigned and weights signed with a reduced range
     (7 bits): x86 CPUs without VNNI multiply u8×s8 pairs with an instruction that saturates, and
@@ -92,7 +101,32 @@ def quantize_onnx(fp32: Path, path: Path, calibration: np.ndarray) -> str:
                         nodes_to_exclude=_head(onnx.load(str(prepared)).graph))
     finally:
         prepared.unlink(missing_ok=True)
-    return ORT_INT8_SCHEME
+    return {"int8_backend": ORT_INT8_SCHEME, "ort_gemm_patch": gemm_patch(onnx.load(str(path)))}
+
+
+def gemm_patch(model: Any, min_inputs: int = GEMM_MIN_INPUTS) -> str:
+    """Base64 of a ModelProto holding only graph inputs: one per weight zero point of the
+    convolutions with at least ``min_inputs`` inputs per output. Appended to the serialized graph,
+    protobuf merges it in (a repeated field's entries are concatenated), and those zero points
+    become overridable initializers, which ONNX Runtime does not treat as constants: it then runs
+    those convolutions through its general INT8 GEMM instead of its symmetric kernels."""
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    tensors = {t.name: t for t in graph.initializer}
+    consumers = {name: node for node in graph.node for name in node.input}
+    inputs = {}
+    for node in graph.node:
+        weights = tensors.get(node.input[0]) if node.op_type == "DequantizeLinear" and len(node.input) == 3 else None
+        consumer = consumers.get(node.output[0])
+        if weights is None or len(weights.dims) != 4 or consumer is None or consumer.op_type != "Conv":
+            continue
+        if consumer.input[1] == node.output[0] and int(np.prod(weights.dims[1:])) >= min_inputs:
+            zero = tensors[node.input[2]]
+            inputs[zero.name] = helper.make_tensor_value_info(zero.name, zero.data_type, list(zero.dims))
+    patch = onnx.ModelProto(graph=onnx.GraphProto(input=list(inputs.values())))
+    return base64.b64encode(patch.SerializeToString()).decode()
 
 
 def _head(graph: Any) -> list[str]:
