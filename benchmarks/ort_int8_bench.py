@@ -1,24 +1,29 @@
 """Which INT8 scheme ONNX Runtime should get on this CPU: FP32 against static INT8 (QDQ,
 per-channel, symmetric weights) as u8×s8, u8×s8 with 7-bit weights (reduced range, what export
-writes), s8×s8, u8×u8 (weights with zero point 128), and export's u8×s8 with every weight and
-its zero point raised by one (the same numbers, exactly: 7-bit weights leave room; a non-zero
-zero point keeps the convolutions off ONNX Runtime's symmetric kernels and on its general u8×s8
-QGEMM, the one with an AMX kernel), each timed in-process at batch 1 and 8 with agreement against
-FP32 on the calibration photos. Then the kernel alone: a u8×s8 ``MatMulInteger`` of the shape of
-the last stage's 3×3 convolutions at batch 8 (M 392, K 4608, N 512) on one thread, in GMAC/s:
-what ONNX Runtime's u8×s8 QGEMM does where its convolutions do not go through it.
+writes), s8×s8, u8×u8 (weights with zero point 128), and export's graph with its GEMM patch
+appended (``onnx_export.gemm_patch``: the weight zero points of the large convolutions become
+graph inputs, so ONNX Runtime runs those convolutions through its general u8×s8 QGEMM, the one
+with an AMX kernel, instead of its symmetric kernels; what the server does on a CPU with AMX) and
+with the patch over every convolution; each timed in-process at batch 1, 4 and 8 with agreement
+against FP32 on the calibration photos. Then the kernel alone: a u8×s8 ``MatMulInteger`` of the
+shape of the last stage's 3×3 convolutions at batch 8 (M 392, K 4608, N 512) on one thread, in
+GMAC/s: what ONNX Runtime's u8×s8 QGEMM does where its convolutions do not go through it.
 
-    python benchmarks/ort_int8_bench.py [--repeats 20]
+    python benchmarks/ort_int8_bench.py [--repeats 20] [--threads 2] [--deny-amx]
 
 On x86, ONNX Runtime multiplies u8×s8 with VNNI (vpdpbusd) where the CPU has it (AVX512-VNNI or
 AVX-VNNI); without it, with AVX2's vpmaddubsw, which saturates on large products: the reduced
-range avoids that at a small cost in precision. s8×s8 has no fast path without VNNI. Writes
+range avoids that at a small cost in precision. s8×s8 has no fast path without VNNI.
+``--deny-amx`` refuses this process the kernel's permission to use AMX tiles (a seccomp filter
+on ``arch_prctl``), so ONNX Runtime runs as on a CPU with AVX-512 VNNI and no AMX: how the GEMM
+patch would do where the server does not apply it. Writes
 ``benchmarks/results/ort_int8_bench.{json,md}`` with the machine's instruction sets.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import statistics
 import sys
 import tempfile
@@ -40,21 +45,25 @@ SCHEMES = {  # name: (activations, weights, reduced range)
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="ort_int8_bench")
+    parser.add_argument("--deny-amx", action="store_true", help="run as on a CPU without AMX (see above)")
+    args = parser.parse_args(argv)
+    if args.deny_amx:
+        deny_amx()
+    # ONNX Runtime and oneDNN look for AMX when they load: after the filter, never before
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from resnet_serve.backends.onnxruntime import OnnxRuntimeBackend
     from resnet_serve.backends.torch.checkpoints import random_init
-    from resnet_serve.backends.torch.onnx_export import _head, _Photos, export_onnx
+    from resnet_serve.backends.torch.onnx_export import _head, _Photos, export_onnx, gemm_patch
     from resnet_serve.photos import calibration_files, load_pixels
     from resnet_serve.spec import RESNET18
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="ort_int8_bench")
-    args = parser.parse_args(argv)
     pixels = load_pixels(calibration_files(None), RESNET18)
 
     def timed(backend: OnnxRuntimeBackend, batch: int) -> float:
@@ -84,22 +93,27 @@ def main(argv: list[str] | None = None) -> int:
                             activation_type=getattr(QuantType, activations), weight_type=getattr(QuantType, weights),
                             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head,
                             extra_options={"WeightSymmetric": True})
-        models["u8s8 reduced, zero point 1 (QGEMM)"] = raise_weights(models["u8s8 reduced (export's)"],
-                                                                     folder / "raised.onnx")
+        export = models["u8s8 reduced (export's)"]
+        for name, least in (("export's + GEMM patch (served so on AMX)", None), ("GEMM patch, every convolution", 0)):
+            patch = gemm_patch(onnx.load(str(export))) if least is None else gemm_patch(onnx.load(str(export)), least)
+            models[name] = folder / f"patched-{least}.onnx"
+            models[name].write_bytes(export.read_bytes() + base64.b64decode(patch))
         reference = OnnxRuntimeBackend(fp32, threads=args.threads).run(pixels)
         for name, path in models.items():
             backend = OnnxRuntimeBackend(path, threads=args.threads)
             probs = backend.run(pixels)
-            rows[name] = {"b1_ms": timed(backend, 1), "b8_ms": timed(backend, 8),
+            rows[name] = {"b1_ms": timed(backend, 1), "b4_ms": timed(backend, 4), "b8_ms": timed(backend, 8),
                           "top1_agreement": float((probs.argmax(1) == reference.argmax(1)).mean()),
                           "max_abs_diff": float(np.abs(probs - reference).max())}
-    lines = ["| model | batch 1 ms | batch 8 ms | img/s at 8 | top-1 vs FP32 | max abs Δp |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {n} | {r['b1_ms']} | {r['b8_ms']} | {round(8000 / r['b8_ms'], 1)} | {r['top1_agreement']:.0%} | "
-              f"{r['max_abs_diff']:.1e} |" for n, r in rows.items()]
+    lines = ["| model | batch 1 ms | batch 4 ms | batch 8 ms | img/s at 8 | top-1 vs FP32 | max abs Δp |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {r['b1_ms']} | {r['b4_ms']} | {r['b8_ms']} | {round(8000 / r['b8_ms'], 1)} | "
+              f"{r['top1_agreement']:.0%} | {r['max_abs_diff']:.1e} |" for n, r in rows.items()]
     kernel = {"matmulinteger_u8s8_1thread_gmacs": qgemm_gmacs(args.repeats)}
     lines += ["", f"u8×s8 MatMulInteger, M {QGEMM_SHAPE[0]} K {QGEMM_SHAPE[1]} N {QGEMM_SHAPE[2]}, one thread: "
               f"{kernel['matmulinteger_u8s8_1thread_gmacs']} GMAC/s"]
-    publish(RESULTS / args.out, lines, f"ONNX Runtime {ort.__version__}, {args.threads} threads, random-init "
+    amx = "AMX denied to the process, " if args.deny_amx else ""
+    publish(RESULTS / args.out, lines, f"ONNX Runtime {ort.__version__}, {args.threads} threads, {amx}random-init "
             f"ResNet-18 ({len(pixels)} photos; agreement on random weights says little)", {"rows": rows, **kernel})
     return 0
 
@@ -135,25 +149,35 @@ def qgemm_gmacs(repeats: int) -> float:
     return round(m * k * n / statistics.median(times) / 1e9, 1)
 
 
-def raise_weights(source: Path, target: Path) -> Path:
-    """``source`` with every convolution's int8 weights and their zero points raised by one: the
-    same dequantized weights, but no longer symmetric (7-bit weights never reach 127)."""
-    import onnx
-    from onnx import numpy_helper
+ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM = 0x1022, 0x1023  # arch_prctl codes that grant AMX state
 
-    model = onnx.load(str(source))
-    tensors = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.input[0] not in tensors:
-            continue
-        weights, zero = (numpy_helper.to_array(tensors[name]) for name in (node.input[0], node.input[2]))
-        if weights.dtype != np.int8 or weights.ndim != 4:
-            continue
-        assert weights.max() < 127 and not zero.any()
-        tensors[node.input[0]].CopyFrom(numpy_helper.from_array((weights + 1).astype(np.int8), node.input[0]))
-        tensors[node.input[2]].CopyFrom(numpy_helper.from_array(zero + 1, node.input[2]))
-    onnx.save(model, str(target))
-    return target
+
+def deny_amx() -> None:
+    """From now on, this process's ``arch_prctl`` calls that ask for (or about) AMX permission
+    fail with EPERM: libraries that check before using AMX tiles (ONNX Runtime's MLAS, oneDNN)
+    fall back to their AVX-512 kernels. Linux x86-64 only; for this process and its children."""
+    import ctypes
+
+    class Instruction(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Instruction))]
+
+    load, jump_if, ret = 0x20, 0x15, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_RET|K
+    arch_prctl, allow, eperm = 158, 0x7FFF0000, 0x00050001  # x86-64 syscall number; SECCOMP_RET_*
+    code = [Instruction(load, 0, 0, 0),  # the syscall number
+            Instruction(jump_if, 0, 4, arch_prctl),
+            Instruction(load, 0, 0, 16),  # its first argument
+            Instruction(jump_if, 1, 0, ARCH_GET_XCOMP_PERM),
+            Instruction(jump_if, 0, 1, ARCH_REQ_XCOMP_PERM),
+            Instruction(ret, 0, 0, eperm),
+            Instruction(ret, 0, 0, allow)]
+    program = Program(len(code), (Instruction * len(code))(*code))
+    libc = ctypes.CDLL(None, use_errno=True)
+    no_new_privs, set_seccomp, filter_mode = 38, 22, 2  # PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+    if libc.prctl(no_new_privs, 1, 0, 0, 0) or libc.prctl(set_seccomp, filter_mode, ctypes.byref(program), 0, 0):
+        raise OSError(ctypes.get_errno(), "cannot install the seccomp filter that denies AMX")
 
 
 if __name__ == "__main__":

@@ -321,14 +321,27 @@ def test_ort_int8_bench_times_each_scheme_against_fp32(tmp_path: Path, monkeypat
     assert ort_int8_bench.main(["--repeats", "1", "--out", "o"]) == 0
     report = json.loads((tmp_path / "o.json").read_text())
     rows = report["rows"]
-    assert set(rows) == {"fp32", "u8s8", "u8s8 reduced (export's)", "s8s8", "u8u8 (weights zero point 128)",
-                         "u8s8 reduced, zero point 1 (QGEMM)"}
-    assert rows["fp32"]["max_abs_diff"] == 0 and all(r["b8_ms"] > 0 for r in rows.values())
-    raised, export = rows["u8s8 reduced, zero point 1 (QGEMM)"], rows["u8s8 reduced (export's)"]
-    assert raised["top1_agreement"] == export["top1_agreement"]  # the same weights, another kernel
-    assert abs(raised["max_abs_diff"] - export["max_abs_diff"]) < 5e-3
+    patched = ["export's + GEMM patch (served so on AMX)", "GEMM patch, every convolution"]
+    assert set(rows) == {"fp32", "u8s8", "u8s8 reduced (export's)", "s8s8", "u8u8 (weights zero point 128)", *patched}
+    assert rows["fp32"]["max_abs_diff"] == 0 and all(r["b4_ms"] > 0 and r["b8_ms"] > 0 for r in rows.values())
+    export = rows["u8s8 reduced (export's)"]
+    for name in patched:  # the same weights and zero points, other kernels: the same answers
+        assert rows[name]["top1_agreement"] == export["top1_agreement"]
+        assert abs(rows[name]["max_abs_diff"] - export["max_abs_diff"]) < 5e-3
     assert "| s8s8 |" in (tmp_path / "o.md").read_text() and report["machine"]["cpus"] >= 1
     assert report["matmulinteger_u8s8_1thread_gmacs"] > 0
+
+
+def test_ort_int8_bench_denies_amx_to_its_process_only_when_asked() -> None:
+    """``--deny-amx``: the kernel refuses the process AMX permission (and only that)."""
+    probe = ("import ctypes, sys; sys.path.insert(0, 'benchmarks'); import ort_int8_bench as b; "
+             "libc = ctypes.CDLL(None, use_errno=True); mask = ctypes.c_ulong(); "
+             "before = libc.syscall(158, b.ARCH_GET_XCOMP_PERM, ctypes.byref(mask)); b.deny_amx(); "
+             "after = libc.syscall(158, b.ARCH_GET_XCOMP_PERM, ctypes.byref(mask)); "
+             "print(before, after, ctypes.get_errno() == 1)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True,
+                         cwd=Path(__file__).parent.parent).stdout.split()
+    assert out == ["0", "-1", "True"]  # asking is allowed before, refused with EPERM after
 
 
 def test_ort_session_bench_serves_every_batch_size_with_memory_patterns_on_and_off(
