@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -66,18 +67,52 @@ def test_the_fastest_runtime_is_chosen_the_first_one_on_a_tie(
     assert choice.wanted.runtime == expected and choice.reason == f"timed now: {ms}"
 
 
-def test_when_timing_fails_the_first_runtime_in_tie_order_serves_and_nothing_is_kept(
+def test_when_timing_fails_the_first_runtime_in_tie_order_serves_and_the_next_start_times_again(
     both: loading.ModelVersion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The child that times the runtimes dies (as a runtime crashing on this CPU would take it):
-    the server still starts, says why, and times again at the next start."""
+    the server still starts, says why, and a later start times again."""
     real_run = loading.subprocess.run
-    monkeypatch.setattr(loading.subprocess, "run", lambda command, **kw: real_run(
-        [command[0], "-c", "import os; os.abort()"], **kw))
+    children: list[int] = []
+
+    def dying(command: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        children.append(1)
+        return real_run([command[0], "-c", "import os; os.abort()"], **kw)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setattr(loading.subprocess, "run", dying)
     settings = cpu(compiled_cache_dir=tmp_path)
     choice = choose_runtime(both, settings)
-    assert choice.wanted.runtime == "torchscript" and choice.reason.startswith("timing the runtimes failed")
-    assert "exit code -6" in caplog.text and not (tmp_path / "runtime-choices.json").exists()
+    assert choice.wanted.runtime == "torchscript" and choice.reason.startswith("timing the runtimes failed, so")
+    assert "exit code -6" in caplog.text and len(children) == 1
+    monkeypatch.setattr(loading, "FAILED_TIMING_KEPT_S", -1.0)  # the next start, long after
+    assert choose_runtime(both, settings).reason.startswith("timing the runtimes failed, so") and len(children) == 2
+
+
+def test_workers_starting_together_share_a_failed_timing_rather_than_time_again_in_turn(
+    both: loading.ModelVersion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first worker's timing fails; the two waiting on it fall back as it did, without
+    timing again one after the other (where a second try that worked could split the server)."""
+    timed: list[int] = []
+
+    def failing_then_working(version: object, present: object, settings: object, batch: int) -> dict[str, float] | None:
+        timed.append(1)
+        time.sleep(0.3)
+        return None if len(timed) == 1 else {"torchscript": 10.0, "onnxruntime": 5.0, "openvino": 8.0}
+
+    monkeypatch.setattr(loading, "_timings", failing_then_working)
+    settings = cpu(compiled_cache_dir=tmp_path)
+    together = threading.Barrier(3)
+
+    def worker(_: int) -> loading.Choice:
+        together.wait()
+        return choose_runtime(both, settings)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        choices = list(pool.map(worker, range(3)))
+    assert len(timed) == 1 and [c.wanted.runtime for c in choices] == ["torchscript"] * 3
+    assert sorted(c.reason.split(",")[0] for c in choices) == [
+        "timing the runtimes failed", "timing the runtimes failed (in another worker", "timing the runtimes failed (in another worker"]
 
 
 def test_the_choice_is_timed_once_per_machine_and_kept(both: loading.ModelVersion, tmp_path: Path,

@@ -11,7 +11,8 @@
   once per machine in a child process (``timing_child``: the request as JSON on its stdin, the
   timings on its stdout) that the loading thread waits for, so that the server maps only the
   runtime it chose; a child that fails or outlives ``TIMING_TIMEOUT_S`` leaves the first runtime
-  in tie order, untimed and not kept.
+  in tie order, untimed; the failure is kept for ``FAILED_TIMING_KEPT_S``, for the other
+  workers of the same start, and the next start times again.
 - Workers of one server (``--workers N``) start together and take turns through lock files in
   the compiled-model cache (``_locked``): one exports the default model, one times the runtimes,
   one compiles each artefact; the others wait, then find what it kept. So every worker serves
@@ -461,8 +462,8 @@ def choose_runtime(version: ModelVersion, settings: Settings) -> Choice:
                     f"batch {batch}", *dict.fromkeys(_built(w.pick(version)) for w in present)])
     kept, timed_now = _kept_or_timed(version, present, settings, batch, key)
     if kept is None:
-        return Choice(present[0], "; ".join(["timing the runtimes failed, so the first in tie order", *problems]),
-                      verified=True)
+        failed = "timing the runtimes failed" + ("" if timed_now else " (in another worker, moments ago)")
+        return Choice(present[0], "; ".join([f"{failed}, so the first in tie order", *problems]), verified=True)
     if timed_now:
         logger.info("%s/%d: %s is faster on this machine (ms per image, batch 1 and %d: %s)", version.name,
                     version.version, kept["runtime"], batch, kept["ms"])
@@ -475,22 +476,36 @@ def _kept_or_timed(version: ModelVersion, present: list[Wanted], settings: Setti
     """The choice kept under ``key``, or one timed now and kept (None: the timing failed); and
     whether it was timed now. Workers starting together take turns: the first times, the others
     wait and read its choice, so a server's workers never serve different runtimes, and no
-    timing runs beside another that would slow it down."""
-    kept = _read_choices(settings).get(key)
+    timing runs beside another that would slow it down. A failed timing is kept for
+    ``FAILED_TIMING_KEPT_S``: the workers waiting on it fall back as it did instead of timing
+    again one after another (and perhaps succeeding, and choosing apart); a later start times again."""
+    kept = _kept(settings, key)
     if kept is not None:
-        return kept, False
+        return (None if "failed" in kept else kept), False
     with _locked_beside(_choices_file(settings)):
-        kept = _read_choices(settings).get(key)
+        kept = _kept(settings, key)
         if kept is not None:
-            return kept, False
+            return (None if "failed" in kept else kept), False
         ms = _timings(version, present, settings, batch)
         if ms is None:
+            _keep_choice(settings, key, {"failed": time.time()})
             return None, True
         fastest = min(ms.values())
         best = next(runtime for runtime in RUNTIME_PACKAGES if runtime in ms and ms[runtime] <= fastest * (1 + TIE))
         kept = {"runtime": best, "ms": ms}
         _keep_choice(settings, key, kept)
         return kept, True
+
+
+FAILED_TIMING_KEPT_S = 60.0  # long enough for the workers of one start, short of the next start
+
+
+def _kept(settings: Settings, key: str) -> dict[str, object] | None:
+    """The choice kept under ``key``: a runtime, or a recent failure (an old one is forgotten)."""
+    kept = _read_choices(settings).get(key)
+    if kept is not None and "failed" in kept and time.time() - float(kept["failed"]) > FAILED_TIMING_KEPT_S:  # type: ignore[arg-type]
+        return None
+    return kept
 
 
 TIMING_TIMEOUT_S = 600.0  # opening every runtime cold (ONNX Runtime optimising an FP32 graph) takes seconds
