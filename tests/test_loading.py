@@ -18,7 +18,13 @@ import numpy as np
 import pytest
 
 from resnet_serve import loading
-from resnet_serve.backends.onnxruntime import KEPT_GRAPH, KEPT_WEIGHTS, STALE_SCRATCH_S, OnnxRuntimeBackend
+from resnet_serve.backends.onnxruntime import (
+    KEPT_GRAPH,
+    KEPT_WEIGHTS,
+    RUNTIME_VERSION,
+    STALE_SCRATCH_S,
+    OnnxRuntimeBackend,
+)
 from resnet_serve.cli import main
 from resnet_serve.errors import RepositoryError
 from resnet_serve.loading import candidate_runtimes, choose_runtime, load_engine
@@ -230,6 +236,35 @@ def test_onnxruntime_keeps_its_optimised_graph_for_the_next_start(both: loading.
     assert np.array_equal(repaired.run(pixels), fresh.run(pixels))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["optimised"]
     assert (optimised / KEPT_GRAPH).stat().st_size > 1000
+
+
+def test_compiled_entries_no_server_opened_for_a_month_are_removed_when_another_is_opened(
+    both: loading.ModelVersion, tmp_path: Path
+) -> None:
+    """The cache keeps one entry per artefact, runtime version and CPU: without pruning it would
+    grow with every export and upgrade. Opening an entry marks it used; entries of the same
+    runtime unused for STALE_CACHE_ENTRY_S go, with their lock files; recent ones and scratch
+    folders stay."""
+    artefact = both.metadata.artefact("onnx", "fp32")  # type: ignore[union-attr]
+    settings = cpu(runtime="onnxruntime", compiled_cache_dir=tmp_path)
+    entries = tmp_path / "onnxruntime"
+    entries.mkdir()
+    month_ago = time.time() - loading.STALE_CACHE_ENTRY_S - 3600
+    for name in ["old-artefact", "recent-artefact", ".model.onnx.scratch"]:
+        (entries / name).mkdir()
+        (entries / name / "model.onnx").write_bytes(b"kept")
+        (entries / f"{name}.lock").touch()
+        if name != "recent-artefact":
+            os.utime(entries / name, (month_ago, month_ago))
+    loading.open_backend("onnxruntime", artefact, both.artefact_path(artefact), settings)  # type: ignore[arg-type]
+    opened = loading._compiled_cache(artefact, settings, "onnxruntime", RUNTIME_VERSION)  # type: ignore[arg-type]
+    assert opened is not None and time.time() - opened.stat().st_mtime < 60
+    left = sorted(p.name for p in entries.iterdir())
+    assert left == sorted([".model.onnx.scratch", ".model.onnx.scratch.lock", "recent-artefact",
+                           "recent-artefact.lock", opened.name, f"{opened.name}.lock"])
+    os.utime(opened, (month_ago, month_ago))  # an entry that is opened again is marked used again
+    loading.open_backend("onnxruntime", artefact, both.artefact_path(artefact), settings)  # type: ignore[arg-type]
+    assert opened.is_dir() and time.time() - opened.stat().st_mtime < 60
 
 
 def test_scratch_folders_left_by_a_server_stopped_mid_write_are_removed(both: loading.ModelVersion,

@@ -292,6 +292,28 @@ def _locked_beside(path: Path | None) -> contextlib.AbstractContextManager[None]
     return _locked(path.with_name(f"{path.name}.lock")) if path is not None else contextlib.nullcontext()
 
 
+STALE_CACHE_ENTRY_S = 30 * 86400.0  # what a runtime compiled and no server opened for 30 days
+
+
+def _in_use(entry: Path | None) -> None:
+    """Mark ``entry`` (what a runtime compiled from one artefact for this CPU) as used now, by its
+    mtime, and remove that runtime's other entries no server has opened for
+    ``STALE_CACHE_ENTRY_S`` (older artefacts, runtime versions, CPUs), with their lock files; so
+    the cache does not grow with every export and upgrade. A server still mapping a removed file
+    keeps its pages; the next to need the entry compiles it again."""
+    if entry is None:
+        return
+    now = time.time()
+    with contextlib.suppress(OSError):
+        os.utime(entry, (now, now))
+        for other in entry.parent.iterdir():
+            if other == entry or other.name.startswith(".") or other.suffix == ".lock":
+                continue  # scratch folders are the runtime's own to clear (backends.onnxruntime)
+            if now - other.stat().st_mtime > STALE_CACHE_ENTRY_S:
+                shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink(missing_ok=True)
+                other.with_name(f"{other.name}.lock").unlink(missing_ok=True)
+
+
 def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Settings) -> Backend:
     """``runtime``'s backend for the artefact."""
     threads = runtime_threads(runtime, settings)
@@ -303,7 +325,9 @@ def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Setting
             raise RepositoryError(f"RESNET_SERVE_RUNTIME=openvino needs OpenVINO ({OPENVINO_EXTRA}; {exc})") from None
         cache = _compiled_cache(artefact, settings, OPENVINO, OPENVINO_VERSION)
         with _locked_beside(cache):
-            return OpenVinoBackend(path, threads=threads, precision=artefact.precision, cache=cache)
+            backend: Backend = OpenVinoBackend(path, threads=threads, precision=artefact.precision, cache=cache)
+        _in_use(cache)
+        return backend
     if runtime == ONNXRUNTIME:
         try:
             from resnet_serve.backends.onnxruntime import RUNTIME_VERSION, OnnxRuntimeBackend
@@ -311,9 +335,11 @@ def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Setting
             raise RepositoryError(f"ONNX artefacts need onnxruntime ({exc})") from None
         optimised = _compiled_cache(artefact, settings, ONNXRUNTIME, RUNTIME_VERSION)
         with _locked_beside(optimised):
-            return OnnxRuntimeBackend(path, threads=threads, precision=artefact.precision,
-                                      arena=settings.ort_arena, spinning=settings.ort_spinning, optimised=optimised,
-                                      gemm_patch=artefact.ort_gemm_patch)
+            backend = OnnxRuntimeBackend(path, threads=threads, precision=artefact.precision,
+                                         arena=settings.ort_arena, spinning=settings.ort_spinning, optimised=optimised,
+                                         gemm_patch=artefact.ort_gemm_patch)
+        _in_use(optimised)
+        return backend
     try:
         from resnet_serve.backends.torch.runtime import TorchScriptBackend
     except ImportError:
