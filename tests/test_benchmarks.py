@@ -333,15 +333,18 @@ def test_ort_int8_bench_times_each_scheme_against_fp32(tmp_path: Path, monkeypat
 
 
 def test_ort_int8_bench_denies_amx_to_its_process_only_when_asked() -> None:
-    """``--deny-amx``: the kernel refuses the process AMX permission (and only that)."""
+    """``--deny-amx``: the kernel refuses the process AMX permission (and only that), and the
+    ONNX Runtime backend sees AMX as unusable, as on a CPU without it."""
     probe = ("import ctypes, sys; sys.path.insert(0, 'benchmarks'); import ort_int8_bench as b; "
              "libc = ctypes.CDLL(None, use_errno=True); mask = ctypes.c_ulong(); "
              "before = libc.syscall(158, b.ARCH_GET_XCOMP_PERM, ctypes.byref(mask)); b.deny_amx(); "
-             "after = libc.syscall(158, b.ARCH_GET_XCOMP_PERM, ctypes.byref(mask)); "
-             "print(before, after, ctypes.get_errno() == 1)")
+             "after = libc.syscall(158, b.ARCH_GET_XCOMP_PERM, ctypes.byref(mask)); errno = ctypes.get_errno(); "
+             "from resnet_serve.backends.onnxruntime import amx_usable; "
+             "print(before, after, errno == 1, amx_usable())")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True,
                          cwd=Path(__file__).parent.parent).stdout.split()
-    assert out == ["0", "-1", "True"]  # asking is allowed before, refused with EPERM after
+    # asking is allowed before, refused with EPERM after; and the server would not patch for AMX then
+    assert out == ["0", "-1", "True", "False"]
 
 
 def test_ort_session_bench_serves_every_batch_size_with_memory_patterns_on_and_off(

@@ -419,7 +419,7 @@ def test_the_int8_graph_s_large_convolutions_run_onnx_runtime_s_gemm_on_an_amx_c
                        for data in photo_jpegs.values()])
 
     def served(flags: set[str]) -> tuple[set[str], np.ndarray]:
-        monkeypatch.setattr(ort_backend, "cpu_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(ort_backend, "amx_usable", lambda: "amx_int8" in flags)
         monkeypatch.setattr(loading, "cpu_flags", lambda: frozenset(flags))
         backend = loading.open_backend("onnxruntime", artefact, path, settings)
         return {i.name for i in backend.session.get_overridable_initializers()}, backend.run(pixels)  # type: ignore[attr-defined]
@@ -439,7 +439,7 @@ def test_a_gemm_patch_that_does_not_apply_is_reported_and_the_graph_served_as_ex
 ) -> None:
     from resnet_serve.backends import onnxruntime as ort_backend
 
-    monkeypatch.setattr(ort_backend, "cpu_flags", lambda: frozenset({"amx_int8"}))
+    monkeypatch.setattr(ort_backend, "amx_usable", lambda: True)
     path = onnx_int8.artefact_path(onnx_int8.metadata.artefact("onnx", "int8"))  # type: ignore[arg-type,union-attr]
     pixels = np.zeros((1, 3, 224, 224), np.uint8)
     backend = OnnxRuntimeBackend(path, threads=1, precision="int8", gemm_patch=patch)

@@ -159,7 +159,7 @@ def test_what_needs_torch_names_the_extra(slim_python: Path, user_repository: Pa
 def test_the_slim_server_serves_int8_without_the_photos_the_export_calibrated_on(
     slim_python: Path, seeded_weights: Path, tmp_path: Path, photo_jpegs: dict[str, bytes]
 ) -> None:
-    from resnet_serve.backends import cpu_flags
+    from resnet_serve.backends.onnxruntime import amx_usable
     from resnet_serve.cli import main
 
     repository = tmp_path / "models"
@@ -174,7 +174,7 @@ def test_the_slim_server_serves_int8_without_the_photos_the_export_calibrated_on
         assert (model["runtime"], model["precision"]) == ("onnxruntime", "int8")
     # without the onnx package: the GEMM patch is appended as bytes, on a CPU with AMX only
     patched = "INT8 convolutions run ONNX Runtime's INT8 GEMM (this CPU has AMX)" in (tmp_path / "slim.log").read_text()
-    assert patched == ("amx_int8" in cpu_flags())
+    assert patched == amx_usable()
 
 
 def test_bulk_classification_through_a_server_names_the_client_extra(slim_python: Path, tmp_path: Path,

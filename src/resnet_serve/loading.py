@@ -330,10 +330,11 @@ def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Setting
         return backend
     if runtime == ONNXRUNTIME:
         try:
-            from resnet_serve.backends.onnxruntime import RUNTIME_VERSION, OnnxRuntimeBackend
+            from resnet_serve.backends.onnxruntime import RUNTIME_VERSION, OnnxRuntimeBackend, amx_usable
         except ImportError as exc:
             raise RepositoryError(f"ONNX artefacts need onnxruntime ({exc})") from None
-        optimised = _compiled_cache(artefact, settings, ONNXRUNTIME, RUNTIME_VERSION)
+        patched = "+amx" if artefact.ort_gemm_patch and amx_usable() else ""  # the same CPU may refuse AMX
+        optimised = _compiled_cache(artefact, settings, ONNXRUNTIME, RUNTIME_VERSION + patched)
         with _locked_beside(optimised):
             backend = OnnxRuntimeBackend(path, threads=threads, precision=artefact.precision,
                                          arena=settings.ort_arena, spinning=settings.ort_spinning, optimised=optimised,

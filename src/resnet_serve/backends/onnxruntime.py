@@ -26,7 +26,8 @@ a constant) through its symmetric convolution kernels, which go up to AVX-512 VN
 for AMX; any other convolution goes through its general INT8 GEMM, which has. Export writes a
 patch with each INT8 graph (``Artefact.ort_gemm_patch``, a ModelProto fragment that protobuf
 merges into the graph when appended) declaring the weight zero points of the large convolutions
-as graph inputs, so they are no longer constants; on a CPU with AMX the backend appends it, and
+as graph inputs, so they are no longer constants; where this process can use AMX (``amx_usable``)
+the backend appends it, and
 those convolutions run the GEMM. Same weights, same zero points, same results;
 ``benchmarks/ort_int8_bench.py`` measures the gain there and the loss on a CPU without AMX. A
 patch that does not apply is reported, and the graph served as exported.
@@ -36,9 +37,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
+import functools
 import logging
 import os
+import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +59,21 @@ RUNTIME_VERSION: str = onnxruntime.__version__  # keys the optimised graph (impo
 KEPT_GRAPH = "model.onnx"  # in the kept folder, beside its weights:
 KEPT_WEIGHTS = "model.onnx.data"
 STALE_SCRATCH_S = 600.0  # optimising a ResNet-18 takes seconds; a scratch folder this old is abandoned
+
+
+ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 0x1023, 18  # Linux asks processes to request AMX state
+
+
+@functools.cache
+def amx_usable() -> bool:
+    """Whether this process can run AMX tiles: the CPU has them and the kernel grants their state
+    (Linux 5.16 on, and no seccomp rule against it). ONNX Runtime asks the same way and, refused,
+    runs its AVX-512 kernels, where the GEMM patch would be slower."""
+    if "amx_int8" not in cpu_flags() or sys.platform != "linux" or platform.machine() != "x86_64":
+        return False
+    with contextlib.suppress(OSError, AttributeError):
+        return bool(ctypes.CDLL(None).syscall(158, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0)  # arch_prctl
+    return False
 
 
 def _options(threads: int, arena: bool, optimise: bool, spinning: bool = False) -> onnxruntime.SessionOptions:
@@ -118,7 +138,7 @@ class OnnxRuntimeBackend:
         kept). ``gemm_patch``: the artefact's, applied on a CPU with AMX (see the module's notes);
         the kept graph is keyed by it and by the CPU's flags (``loading``), so it is kept patched."""
         self.precision = precision
-        patched = bool(gemm_patch) and "amx_int8" in cpu_flags()
+        patched = bool(gemm_patch) and amx_usable()
         try:
             patch = base64.b64decode(gemm_patch, validate=True) if gemm_patch and patched else None
             self.session = self._session(path, patch, threads, arena, spinning, optimised)
