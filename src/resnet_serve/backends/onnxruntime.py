@@ -26,11 +26,10 @@ a constant) through its symmetric convolution kernels, which go up to AVX-512 VN
 for AMX; any other convolution goes through its general INT8 GEMM, which has. Export writes a
 patch with each INT8 graph (``Artefact.ort_gemm_patch``, a ModelProto fragment that protobuf
 merges into the graph when appended) declaring the weight zero points of the large convolutions
-as graph inputs, so they are no longer constants; where this process can use AMX (``amx_usable``)
-the backend appends it, and
-those convolutions run the GEMM. Same weights, same zero points, same results;
-``benchmarks/ort_int8_bench.py`` measures the gain there and the loss on a CPU without AMX. A
-patch that does not apply is reported, and the graph served as exported.
+as graph inputs, so they are no longer constants; where this process can use AMX
+(``amx_usable``) the backend appends it, and those convolutions run the GEMM. Same weights, same
+zero points, same results; ``benchmarks/ort_int8_bench.py`` measures the gain there and the loss
+on a CPU without AMX. A patch that does not apply is reported, and the graph served as exported.
 """
 
 from __future__ import annotations
@@ -135,8 +134,8 @@ class OnnxRuntimeBackend:
     def __init__(self, path: Path, *, threads: int, precision: str = "fp32", arena: bool = True,
                  spinning: bool = False, optimised: Path | None = None, gemm_patch: str | None = None) -> None:
         """``optimised``: the folder where the optimised graph is kept between starts (None: not
-        kept). ``gemm_patch``: the artefact's, applied on a CPU with AMX (see the module's notes);
-        the kept graph is keyed by it and by the CPU's flags (``loading``), so it is kept patched."""
+        kept). ``gemm_patch``: the artefact's, applied where AMX is usable (see the module's notes);
+        the kept graph is keyed by it and by the CPU (``loading``), so it is kept patched."""
         self.precision = precision
         patched = bool(gemm_patch) and amx_usable()
         try:
