@@ -14,7 +14,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from PIL import Image, ImageOps
 
-from resnet_serve.http.app import create_app
+from resnet_serve.http.app import create_app, routers
 from resnet_serve.inference import Engine, Prediction
 from resnet_serve.settings import Settings
 from resnet_serve.spec import RESNET18
@@ -345,16 +345,7 @@ def test_no_route_hands_its_dependencies_to_a_worker_thread() -> None:
     def calls(dependant: Dependant) -> list[object]:
         return [dependant.call, *(call for sub in dependant.dependencies for call in calls(sub))]
 
-    def api_routes(routes: list[Any]) -> list[APIRoute]:
-        found = []
-        for route in routes:
-            if isinstance(route, APIRoute):
-                found.append(route)
-            elif hasattr(route, "original_router"):  # FastAPI includes routers lazily
-                found += api_routes(route.original_router.routes)
-        return found
-
-    routes = api_routes(create_app(Settings()).routes)
+    routes = [route for router in routers() for route in router.routes if isinstance(route, APIRoute)]
     assert {"/predict", "/explain", "/health/ready", "/v2/models/{name}/infer"} <= {r.path for r in routes}
     sync = {(r.path, getattr(call, "__qualname__", call)) for r in routes for call in calls(r.dependant)
             if not inspect.iscoroutinefunction(call)}

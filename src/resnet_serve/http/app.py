@@ -8,7 +8,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from resnet_serve import __version__
@@ -40,6 +40,12 @@ def _flip_readiness_on_sigterm(service: Service) -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
+def routers() -> tuple[APIRouter, ...]:
+    """The API's routers, in the order the app includes them (the ``/v2`` fallback last)."""
+    return (predict.router, explain.router, info.router, health.router, triton.router, oip.router,
+            oip.fallback_for(triton.router, oip.router))
+
+
 def create_app(settings: Settings | None = None, *, engine: Predictor | None = None) -> FastAPI:
     """Build the app. Pass a warmed ``engine`` to share one model between apps (tests)."""
     settings = settings or Settings()
@@ -60,8 +66,7 @@ def create_app(settings: Settings | None = None, *, engine: Predictor | None = N
     app.state.service = service
     install_error_handlers(app)
     configure_logging(settings.log_format, settings.log_level)
-    for router in (predict.router, explain.router, info.router, health.router, triton.router, oip.router,
-                   oip.fallback_for(triton.router, oip.router)):
+    for router in routers():
         app.include_router(router)
     mount_page(app)
     if settings.cors_origins:
