@@ -328,6 +328,7 @@ def test_ort_int8_bench_times_each_scheme_against_fp32(tmp_path: Path, monkeypat
     for name in patched:  # the same weights and zero points, other kernels: the same answers
         assert rows[name]["top1_agreement"] == export["top1_agreement"]
         assert abs(rows[name]["max_abs_diff"] - export["max_abs_diff"]) < 5e-3
+        assert rows[name]["max_abs_diff_vs_export"] < 1e-5
     assert "| s8s8 |" in (tmp_path / "o.md").read_text() and report["machine"]["cpus"] >= 1
     assert report["matmulinteger_u8s8_1thread_gmacs"] > 0
 
@@ -335,12 +336,17 @@ def test_ort_int8_bench_times_each_scheme_against_fp32(tmp_path: Path, monkeypat
 def test_ort_int8_bench_denies_amx_to_its_process_only_when_asked() -> None:
     """``--deny-amx``: the kernel refuses the process AMX permission (and only that), and the
     ONNX Runtime backend sees AMX as unusable, as on a CPU without it."""
-    probe = ("import ctypes, sys; sys.path.insert(0, 'benchmarks'); import ort_int8_bench as b; "
-             "libc = ctypes.CDLL(None, use_errno=True); mask = ctypes.c_ulong(); "
-             "before = libc.syscall(158, b.ARCH_GET_XCOMP_PERM, ctypes.byref(mask)); b.deny_amx(); "
-             "after = libc.syscall(158, b.ARCH_GET_XCOMP_PERM, ctypes.byref(mask)); errno = ctypes.get_errno(); "
-             "from resnet_serve.backends.onnxruntime import amx_usable; "
-             "print(before, after, errno == 1, amx_usable())")
+    probe = "\n".join([
+        "import ctypes, sys",
+        "sys.path.insert(0, 'benchmarks')",
+        "import ort_int8_bench",
+        "from resnet_serve.backends import ARCH_GET_XCOMP_PERM, SYS_ARCH_PRCTL, amx_usable",
+        "libc, mask = ctypes.CDLL(None, use_errno=True), ctypes.c_ulong()",
+        "before = libc.syscall(SYS_ARCH_PRCTL, ARCH_GET_XCOMP_PERM, ctypes.byref(mask))",
+        "ort_int8_bench.deny_amx()",
+        "after = libc.syscall(SYS_ARCH_PRCTL, ARCH_GET_XCOMP_PERM, ctypes.byref(mask))",
+        "print(before, after, ctypes.get_errno() == 1, amx_usable())",
+    ])
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True,
                          cwd=Path(__file__).parent.parent).stdout.split()
     # asking is allowed before, refused with EPERM after; and the server would not patch for AMX then
