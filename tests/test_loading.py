@@ -73,6 +73,18 @@ def test_the_fastest_runtime_is_chosen_the_first_one_on_a_tie(
     assert choice.wanted.runtime == expected and choice.reason == f"timed now: {ms}"
 
 
+def three_workers_choose(version: loading.ModelVersion, settings: Settings) -> list[loading.Choice]:
+    """Three workers of one server choosing the runtime at the same moment (threads here)."""
+    together = threading.Barrier(3)
+
+    def worker(_: int) -> loading.Choice:
+        together.wait()
+        return choose_runtime(version, settings)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        return list(pool.map(worker, range(3)))
+
+
 def test_when_timing_fails_the_first_runtime_in_tie_order_serves_and_the_next_start_times_again(
     both: loading.ModelVersion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -107,15 +119,7 @@ def test_workers_starting_together_share_a_failed_timing_rather_than_time_again_
         return None if len(timed) == 1 else {"torchscript": 10.0, "onnxruntime": 5.0, "openvino": 8.0}
 
     monkeypatch.setattr(loading, "_timings", failing_then_working)
-    settings = cpu(compiled_cache_dir=tmp_path)
-    together = threading.Barrier(3)
-
-    def worker(_: int) -> loading.Choice:
-        together.wait()
-        return choose_runtime(both, settings)
-
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        choices = list(pool.map(worker, range(3)))
+    choices = three_workers_choose(both, cpu(compiled_cache_dir=tmp_path))
     assert len(timed) == 1 and [c.wanted.runtime for c in choices] == ["torchscript"] * 3
     assert sorted(c.reason.split(",")[0] for c in choices) == [
         "timing the runtimes failed", "timing the runtimes failed (in another worker", "timing the runtimes failed (in another worker"]
@@ -158,15 +162,7 @@ def test_workers_starting_together_time_the_runtimes_once_and_serve_one_choice(
         return {"torchscript": 10.0, "onnxruntime": 5.0, "openvino": 8.0}
 
     monkeypatch.setattr(loading, "_timings", slow_timings)
-    settings = cpu(compiled_cache_dir=tmp_path)
-    together = threading.Barrier(3)
-
-    def worker(_: int) -> loading.Choice:
-        together.wait()
-        return choose_runtime(both, settings)
-
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        choices = list(pool.map(worker, range(3)))
+    choices = three_workers_choose(both, cpu(compiled_cache_dir=tmp_path))
     assert len(timed) == 1
     assert [c.wanted.runtime for c in choices] == ["onnxruntime"] * 3
     assert sorted(c.reason.split(":")[0] for c in choices) == ["timed earlier", "timed earlier", "timed now"]
@@ -419,7 +415,8 @@ def test_the_int8_graph_s_large_convolutions_run_onnx_runtime_s_gemm_on_an_amx_c
                        for data in photo_jpegs.values()])
 
     def served(flags: set[str]) -> tuple[set[str], np.ndarray]:
-        monkeypatch.setattr(ort_backend, "amx_usable", lambda: "amx_int8" in flags)
+        for module in (ort_backend, loading):
+            monkeypatch.setattr(module, "amx_usable", lambda: "amx_int8" in flags)
         monkeypatch.setattr(loading, "cpu_flags", lambda: frozenset(flags))
         backend = loading.open_backend("onnxruntime", artefact, path, settings)
         return {i.name for i in backend.session.get_overridable_initializers()}, backend.run(pixels)  # type: ignore[attr-defined]

@@ -159,7 +159,7 @@ def test_what_needs_torch_names_the_extra(slim_python: Path, user_repository: Pa
 def test_the_slim_server_serves_int8_without_the_photos_the_export_calibrated_on(
     slim_python: Path, seeded_weights: Path, tmp_path: Path, photo_jpegs: dict[str, bytes]
 ) -> None:
-    from resnet_serve.backends.onnxruntime import amx_usable
+    from resnet_serve.backends import amx_usable
     from resnet_serve.cli import main
 
     repository = tmp_path / "models"

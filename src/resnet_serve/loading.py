@@ -48,7 +48,16 @@ from pathlib import Path
 
 import numpy as np
 
-from resnet_serve.backends import ONNXRUNTIME, OPENVINO, ORT_INT8_SCHEME, TORCHSCRIPT, Backend, cpu_flags, cpu_model
+from resnet_serve.backends import (
+    ONNXRUNTIME,
+    OPENVINO,
+    ORT_INT8_SCHEME,
+    TORCHSCRIPT,
+    Backend,
+    amx_usable,
+    cpu_flags,
+    cpu_model,
+)
 from resnet_serve.errors import ExplanationsUnavailable, RepositoryError
 from resnet_serve.inference import Engine, ModelInfo
 from resnet_serve.photos import calibration_files, calibration_fingerprint
@@ -330,7 +339,7 @@ def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Setting
         return backend
     if runtime == ONNXRUNTIME:
         try:
-            from resnet_serve.backends.onnxruntime import RUNTIME_VERSION, OnnxRuntimeBackend, amx_usable
+            from resnet_serve.backends.onnxruntime import RUNTIME_VERSION, OnnxRuntimeBackend
         except ImportError as exc:
             raise RepositoryError(f"ONNX artefacts need onnxruntime ({exc})") from None
         patched = "+amx" if artefact.ort_gemm_patch and amx_usable() else ""  # the same CPU may refuse AMX

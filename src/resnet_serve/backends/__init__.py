@@ -9,8 +9,10 @@ torch to build a model: weights, graph, quantization, export).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -83,3 +85,19 @@ def cpu_flags() -> frozenset[str]:
     empty where the kernel does not say. A virtual machine may report a generic model name, so
     what was compiled for one CPU is keyed by these as well."""
     return frozenset(_cpuinfo().get("flags", "").split())
+
+
+# Linux gives a process AMX state only when it asks: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+SYS_ARCH_PRCTL, ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1022, 0x1023, 18
+
+
+@functools.cache
+def amx_usable() -> bool:
+    """Whether this process can run AMX tiles: the CPU has them and the kernel grants their state
+    (Linux 5.16 on, and no seccomp rule against it). ONNX Runtime asks the same way and, refused,
+    runs its AVX-512 kernels, where the GEMM patch would be slower."""
+    if "amx_int8" not in cpu_flags() or sys.platform != "linux" or platform.machine() != "x86_64":
+        return False
+    with contextlib.suppress(OSError, AttributeError):
+        return bool(ctypes.CDLL(None).syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0)
+    return False

@@ -36,13 +36,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
-import functools
 import logging
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from resnet_serve.backends import GRAPH_FEATURES, GRAPH_INPUT, GRAPH_OUTPUT, ONNXRUNTIME, Explained, cpu_flags
+from resnet_serve.backends import GRAPH_FEATURES, GRAPH_INPUT, GRAPH_OUTPUT, ONNXRUNTIME, Explained, amx_usable
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +54,6 @@ RUNTIME_VERSION: str = onnxruntime.__version__  # keys the optimised graph (impo
 KEPT_GRAPH = "model.onnx"  # in the kept folder, beside its weights:
 KEPT_WEIGHTS = "model.onnx.data"
 STALE_SCRATCH_S = 600.0  # optimising a ResNet-18 takes seconds; a scratch folder this old is abandoned
-
-
-ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 0x1023, 18  # Linux asks processes to request AMX state
-
-
-@functools.cache
-def amx_usable() -> bool:
-    """Whether this process can run AMX tiles: the CPU has them and the kernel grants their state
-    (Linux 5.16 on, and no seccomp rule against it). ONNX Runtime asks the same way and, refused,
-    runs its AVX-512 kernels, where the GEMM patch would be slower."""
-    if "amx_int8" not in cpu_flags() or sys.platform != "linux" or platform.machine() != "x86_64":
-        return False
-    with contextlib.suppress(OSError, AttributeError):
-        return bool(ctypes.CDLL(None).syscall(158, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0)  # arch_prctl
-    return False
 
 
 def _options(threads: int, arena: bool, optimise: bool, spinning: bool = False) -> onnxruntime.SessionOptions:
