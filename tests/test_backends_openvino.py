@@ -1,16 +1,20 @@
 """OpenVINO serving the repository's ONNX artefacts: FP32 answers as ONNX Runtime's, INT8 with the
-same Top-1, at every batch size; a result outlives the next batch; the
-compiled model is kept for the next start; the settings reach OpenVINO; through HTTP the service
-says which runtime answers; without the extra, the message names it."""
+same Top-1, at every batch size; the FP32 graph in BF16 with FP32's Top-1, or said to be FP32
+where OpenVINO runs no BF16; a result outlives the next batch; the compiled model is kept for the
+next start; the settings reach OpenVINO; through HTTP the service says which runtime answers and
+in what precision; RUNTIME=auto times OpenVINO's BF16 against TorchScript's; without the extra,
+the message names it."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import numpy as np
+import openvino
 import pytest
 
 from resnet_serve import loading
@@ -18,6 +22,7 @@ from resnet_serve.backends.onnxruntime import OnnxRuntimeBackend
 from resnet_serve.backends.openvino import OpenVinoBackend
 from resnet_serve.cli import main
 from resnet_serve.errors import RepositoryError
+from resnet_serve.loading import open_model
 from resnet_serve.repository import ModelVersion, Repository
 from resnet_serve.settings import Settings
 from resnet_serve.spec import RESNET18
@@ -69,6 +74,39 @@ def test_int8_runs_the_quantized_graph_as_onnx_runtime_does(version: ModelVersio
         probs, expected = openvino.run(batch), reference.run(batch)
         assert np.array_equal(probs.argmax(axis=1), expected.argmax(axis=1))
         assert np.abs(probs - expected).max() < 0.02 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_bf16_runs_the_fp32_graph_in_bf16_with_its_top1(version: ModelVersion, pixels: np.ndarray) -> None:
+    """Where OpenVINO runs BF16 the answers move off FP32's by rounding (so it really ran BF16)
+    and keep FP32's Top-1 wherever FP32's leads by half a point (the seeded random weights leave
+    some photos with closer calls); where it does not, the backend says FP32 and answers as FP32."""
+    fp32 = OpenVinoBackend(graph(version, "fp32"), threads=2)
+    bf16 = OpenVinoBackend(graph(version, "fp32"), threads=2, precision="bf16")
+    probs, reference = bf16.run(pixels), fp32.run(pixels)
+    second, first = np.sort(reference, axis=1)[:, -2:].T
+    clear = first - second > 0.005
+    assert clear.sum() >= len(pixels) // 2
+    assert np.array_equal(probs.argmax(axis=1)[clear], reference.argmax(axis=1)[clear])
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    if bf16.precision == "bf16":
+        assert 1e-6 < np.abs(probs - reference).max() < 0.01
+    else:
+        assert bf16.precision == "fp32" and np.abs(probs - reference).max() < 1e-6
+
+
+def test_where_openvino_runs_no_bf16_the_backend_says_fp32(version: ModelVersion, pixels: np.ndarray,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """On a CPU without AVX-512 OpenVINO keeps FP32 though BF16 was asked for; here it is made to."""
+    real = openvino.Core.compile_model
+
+    def declining(core: openvino.Core, model: str, device: str, config: dict[str, object]) -> object:
+        return real(core, model, device, {**config, "INFERENCE_PRECISION_HINT": "f32"})
+
+    monkeypatch.setattr(openvino.Core, "compile_model", declining)
+    backend = OpenVinoBackend(graph(version, "fp32"), threads=1, precision="bf16")
+    assert backend.precision == "fp32" and "OpenVINO runs no BF16 on this CPU" in caplog.text
+    assert np.abs(backend.run(pixels[:2]) - OpenVinoBackend(graph(version, "fp32"), threads=1).run(pixels[:2])).max() < 1e-6
 
 
 def test_a_result_outlives_the_next_batch(version: ModelVersion, pixels: np.ndarray) -> None:
@@ -127,3 +165,51 @@ async def test_the_service_answers_with_openvino_and_says_so(client: httpx.Async
         expected = backend.run(preprocess(data, RESNET18, max_pixels=10**9).pixels[np.newaxis])[0]
         (top,) = response.json()["predictions"]
         assert top["class_id"] == int(expected.argmax()) and abs(top["confidence"] - float(expected.max())) < 1e-4
+
+
+async def test_the_service_serves_bf16_with_openvino_and_says_so(repository: Path, version: ModelVersion,
+                                                                 photo_jpegs: dict[str, bytes]) -> None:
+    """An FP32-only repository served in BF16: no BF16 artefact needed, OpenVINO runs the FP32 graph."""
+    settings = Settings(model_repository=repository, device="cpu", runtime="openvino", precision="bf16",
+                        openvino_threads=2, compiled_cache=False)
+    backend = OpenVinoBackend(graph(version, "fp32"), threads=2, precision="bf16")
+    async for client in ready_client(settings):
+        model = (await client.get("/model")).json()
+        assert (model["runtime"], model["precision"]) == ("openvino", backend.precision)
+        for name, data in list(photo_jpegs.items())[:3]:
+            response = await client.post("/predict?top_k=1", files={"file": (f"{name}.jpg", data, "image/jpeg")})
+            assert response.status_code == 200, response.text
+            expected = backend.run(preprocess(data, RESNET18, max_pixels=10**9).pixels[np.newaxis])[0]
+            (top,) = response.json()["predictions"]
+            assert top["class_id"] == int(expected.argmax()) and abs(top["confidence"] - float(expected.max())) < 1e-4
+
+
+def test_auto_times_openvino_bf16_against_torchscript_bf16(seeded_weights: Path, tmp_path: Path) -> None:
+    """The built-in model in BF16 with both runtimes installed: the server exports TorchScript's
+    BF16 artefact and the FP32 ONNX graph, times both in BF16 and serves the faster one, in BF16;
+    the next start finds both artefacts and the choice kept."""
+    settings = Settings(weights=seeded_weights, allow_download=False, device="cpu", runtime="auto", precision="bf16",
+                        torch_threads=2, openvino_threads=2, compiled_cache_dir=tmp_path)
+    engine = open_model(settings)
+    try:
+        kept = json.loads((tmp_path / "runtime-choices.json").read_text())
+        ((key, choice),) = kept.items()
+        assert set(choice["ms"]) == {"torchscript", "openvino"} and "onnxruntime" not in key
+        assert engine.info.runtime == choice["runtime"] and engine.info.runtime_reason.startswith("timed now")
+        if engine.info.runtime == "openvino":
+            assert engine.info.precision == OpenVinoBackend(graph(engine_version(tmp_path), "fp32"), threads=1,
+                                                            precision="bf16").precision
+        else:
+            assert engine.info.precision == "bf16"
+    finally:
+        engine.close()
+    again = open_model(settings)
+    try:
+        assert again.info.compiled_from == "repository" and again.info.runtime_reason.startswith("timed earlier")
+        assert again.info.runtime == engine.info.runtime
+    finally:
+        again.close()
+
+
+def engine_version(cache: Path) -> ModelVersion:
+    return Repository(cache / "repository").latest()["resnet18"]

@@ -39,14 +39,18 @@ def cpu(**changes: object) -> Settings:
 
 def test_auto_takes_every_installed_runtime_that_can_run_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert candidate_runtimes(cpu()) == ["torchscript", "onnxruntime", "openvino"]
-    assert candidate_runtimes(cpu(precision="bf16")) == ["torchscript"]  # the others here: FP32, INT8
+    assert candidate_runtimes(cpu(precision="bf16")) == ["torchscript", "openvino"]  # ONNX Runtime: FP32, INT8
+    assert candidate_runtimes(cpu(precision="fp16")) == ["torchscript"]
     assert candidate_runtimes(cpu(runtime="onnxruntime")) == ["onnxruntime"]
     real = importlib.util.find_spec
     missing: set[str] = {"torch"}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name in missing else real(name))
     assert candidate_runtimes(cpu()) == ["onnxruntime", "openvino"]  # pip install '.[openvino]'
+    assert candidate_runtimes(cpu(precision="bf16")) == ["openvino"]
     missing.add("openvino")
     assert candidate_runtimes(cpu()) == ["onnxruntime"]  # the slim install
+    with pytest.raises(RepositoryError, match=r"needs torch .*\[torch\]'\), or OpenVINO .*\[openvino\]'"):
+        candidate_runtimes(cpu(precision="bf16"))
 
 
 @pytest.fixture

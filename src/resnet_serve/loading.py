@@ -72,6 +72,9 @@ TORCH_EXTRA = "pip install 'resnet-serve[torch]'"
 OPENVINO_EXTRA = "pip install 'resnet-serve[openvino]'"
 # Each runtime and the package it needs, in the order a tie is settled (TorchScript first).
 RUNTIME_PACKAGES = {TORCHSCRIPT: "torch", ONNXRUNTIME: "onnxruntime", OPENVINO: "openvino"}
+# The precisions the ONNX runtimes run, on the CPU only (ONNX Runtime has no BF16 convolutions
+# there; OpenVINO runs the FP32 graph in BF16). TorchScript runs them all, FP16 on a GPU.
+RUNTIME_PRECISIONS = {ONNXRUNTIME: ("auto", "fp32", "int8"), OPENVINO: ("auto", "fp32", "int8", "bf16")}
 
 
 @dataclass(frozen=True)
@@ -89,17 +92,17 @@ def accelerator_present() -> bool:
 
 def candidate_runtimes(settings: Settings) -> list[str]:
     """The runtimes that may serve: the configured one, or for ``auto`` every installed one that
-    can run these settings (ONNX Runtime and OpenVINO here: the CPU, FP32 or INT8)."""
+    can run these settings (ONNX Runtime: the CPU, FP32 or INT8; OpenVINO: BF16 as well)."""
     if settings.runtime != "auto":
         return [settings.runtime]
     installed = [runtime for runtime, package in RUNTIME_PACKAGES.items()
                  if importlib.util.find_spec(package) is not None]
     cpu = settings.device == "cpu" or (settings.device == "auto" and not accelerator_present())
-    if not cpu or settings.precision in ("fp16", "bf16"):
-        installed = [r for r in installed if r == TORCHSCRIPT]
+    installed = [r for r in installed if r == TORCHSCRIPT or (cpu and settings.precision in RUNTIME_PRECISIONS[r])]
     if not installed:
+        extra = f", or OpenVINO ({OPENVINO_EXTRA})" if settings.precision == "bf16" and cpu else ""
         raise RepositoryError(f"no installed runtime runs {settings.precision} on {settings.device}: "
-                              f"the TorchScript runtime needs torch ({TORCH_EXTRA})")
+                              f"the TorchScript runtime needs torch ({TORCH_EXTRA}){extra}")
     return installed
 
 
@@ -124,13 +127,15 @@ def wanted_for(runtime: str, settings: Settings, *, built_here: bool = False) ->
     """The artefact ``runtime`` needs to serve these settings. ``built_here``: for the built-in
     model, which the server builds itself, down to the INT8 calibration photos (reading them needs
     the torch extra's scikit-image when no folder is given)."""
-    if runtime in (ONNXRUNTIME, OPENVINO):
-        if settings.precision not in ("auto", "fp32", "int8") or settings.device not in ("auto", "cpu"):
-            raise RepositoryError(f"RESNET_SERVE_RUNTIME={runtime} runs FP32 or INT8 on the CPU only")
+    if runtime in RUNTIME_PRECISIONS:
+        if settings.precision not in RUNTIME_PRECISIONS[runtime] or settings.device not in ("auto", "cpu"):
+            *others, last = (p.upper() for p in RUNTIME_PRECISIONS[runtime] if p != "auto")
+            runs = f"{', '.join(others)} or {last}"
+            raise RepositoryError(f"RESNET_SERVE_RUNTIME={runtime} runs {runs} on the CPU only")
         if settings.precision == "int8":
             calibration = _calibration(settings) if built_here else None
             return Wanted("onnx", "int8", int8_backend=ORT_INT8_SCHEME, calibration=calibration, served_by=runtime)
-        return Wanted("onnx", "fp32", served_by=runtime)
+        return Wanted("onnx", "fp32", served_by=runtime)  # BF16 (OpenVINO): the FP32 graph, run in BF16
     device, precision = torchscript_target(settings)
     if precision == "int8":
         calibration = _calibration(settings) if built_here else None
@@ -334,7 +339,8 @@ def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Setting
             raise RepositoryError(f"RESNET_SERVE_RUNTIME=openvino needs OpenVINO ({OPENVINO_EXTRA}; {exc})") from None
         cache = _compiled_cache(artefact, settings, OPENVINO, OPENVINO_VERSION)
         with _locked_beside(cache):
-            backend: Backend = OpenVinoBackend(path, threads=threads, precision=artefact.precision, cache=cache)
+            precision = "bf16" if settings.precision == "bf16" and artefact.precision == "fp32" else artefact.precision
+            backend: Backend = OpenVinoBackend(path, threads=threads, precision=precision, cache=cache)
         _in_use(cache)
         return backend
     if runtime == ONNXRUNTIME:

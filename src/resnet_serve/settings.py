@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     )
 
     device: DeviceName = "auto"
-    precision: PrecisionName = Field("auto", description="auto: fp16 on CUDA, fp32 elsewhere")
+    precision: PrecisionName = Field("auto", description="auto: fp16 on CUDA, fp32 elsewhere; bf16 on the CPU: "
+                                     "TorchScript, or OpenVINO running the FP32 ONNX graph in BF16")
     runtime: RuntimeName = Field(
         "auto", description="auto: the faster installed CPU runtime, timed once per machine; TorchScript on a GPU"
     )

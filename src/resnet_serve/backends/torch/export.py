@@ -375,16 +375,21 @@ def next_version(repository: Path, name: str) -> int:
 
 def ensure_default_model(root: Path, spec: ModelSpec, weights: LoadedWeights, settings: Settings,
                          wanted: list[Wanted], progress: Progress = logger.info) -> bool:
-    """Make ``<root>/<spec.name>/1`` hold the wanted artefacts (one precision), built from
-    ``weights``; a version built from other weights is replaced, one that fits is extended.
-    Whether it exported."""
+    """Make ``<root>/<spec.name>/1`` hold the wanted artefacts, built from ``weights``; a version
+    built from other weights is replaced, one that fits is extended. The runtimes may want
+    different precisions of their formats (BF16: TorchScript's BF16 artefact, and the FP32 graph
+    OpenVINO runs in BF16), so one export per precision. Whether it exported."""
     folder = root / spec.name / "1"
     current = read_version(spec.name, 1, folder) if folder.exists() else None
     missing = [w for w in wanted if current is None or not w.fits(current)]
-    job = ExportJob(spec, weights, root, 1, formats=list(dict.fromkeys(w.format for w in missing or wanted)),
-                    precisions=[wanted[0].precision], channels_last=any(w.channels_last for w in wanted),
-                    int8_backend=settings.int8_backend, calibration=settings.calibration_dir)
-    if current is not None and same_model(current, job):
+    build = missing or wanted
+    formats: dict[str, list[str]] = {}  # precision: its formats; the eager weights go with the first
+    for w in build:
+        formats.setdefault(build[0].precision if w.format == EAGER_WEIGHTS else w.precision, []).append(w.format)
+    jobs = [ExportJob(spec, weights, root, 1, formats=list(dict.fromkeys(f)), precisions=[precision],
+                      channels_last=any(w.channels_last for w in wanted), int8_backend=settings.int8_backend,
+                      calibration=settings.calibration_dir) for precision, f in formats.items()]
+    if current is not None and same_model(current, jobs[0]):
         if not missing:
             return False
         logger.warning("%s: no intact %s built with these settings; exporting it again", spec.name,
@@ -392,5 +397,6 @@ def ensure_default_model(root: Path, spec: ModelSpec, weights: LoadedWeights, se
     elif current is not None:
         logger.warning("%s: the weights, labels or geometry changed; exporting it again", spec.name)
         _discard(folder)
-    export(job, progress)
+    for job in jobs:
+        export(job, progress)
     return True
