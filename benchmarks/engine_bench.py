@@ -49,13 +49,15 @@ CONFIGS: dict[str, dict[str, str]] = {
     "onnxruntime-int8": {**ORT, "RESNET_SERVE_PRECISION": "int8"},
     "openvino": {**OPENVINO, "RESNET_SERVE_PRECISION": "fp32"},
     "openvino-int8": {**OPENVINO, "RESNET_SERVE_PRECISION": "int8"},
+    "openvino-bf16": {**OPENVINO, "RESNET_SERVE_PRECISION": "bf16"},
     "auto-fp32": {**AUTO, "RESNET_SERVE_PRECISION": "fp32"},
     "auto-int8": {**AUTO, "RESNET_SERVE_PRECISION": "int8"},
+    "auto-bf16": {**AUTO, "RESNET_SERVE_PRECISION": "bf16"},
     "fp16-cuda": {"RESNET_SERVE_PRECISION": "fp16", "RESNET_SERVE_DEVICE": "cuda"},
     "fp32-cuda": {"RESNET_SERVE_PRECISION": "fp32", "RESNET_SERVE_DEVICE": "cuda"},
 }
 CPU_CONFIGS = ["fp32", "fp32-cl", "bf16-cl", "int8-x86", "int8-fbgemm", "int8-onednn", "onnxruntime", "onnxruntime-int8",
-               "openvino", "openvino-int8"]
+               "openvino", "openvino-int8", "openvino-bf16"]
 
 
 def photo_batch() -> object:

@@ -4,15 +4,15 @@
         [--slim-python .venv-slim/bin/python] [--openvino-python .venv-openvino/bin/python]
         [--baseline-src DIR] [--starts 5]
 
-One repository is exported first (ResNet-18, random-init weights, TorchScript and ONNX, FP32 and
-INT8; speed and memory do not depend on the weight values). Then each configuration is a fresh
+One repository is exported first (ResNet-18, random-init weights, TorchScript and ONNX in the
+``--precisions``, FP32 and INT8 by default; speed and memory do not depend on the weight values). Then each configuration is a fresh
 server process:
 
 - ``slim onnxruntime fp32`` / ``slim onnxruntime int8``: the slim install (``pip install .``, no
   torch), ONNX Runtime; its virtualenv is made at ``.venv-slim`` if ``--slim-python`` is not given
-- ``slim+openvino openvino fp32`` / ``... int8``: ``pip install '.[openvino]'`` (no torch either),
-  OpenVINO serving the same ONNX artefacts; made at ``.venv-openvino`` if ``--openvino-python``
-  is not given
+- ``slim+openvino openvino fp32`` / ``... int8`` / ``... bf16``: ``pip install '.[openvino]'`` (no
+  torch either), OpenVINO serving the same ONNX artefacts (BF16: the FP32 graph, run in BF16);
+  made at ``.venv-openvino`` if ``--openvino-python`` is not given
 - ``full torchscript fp32`` / ``full torchscript int8``: this environment (the torch extra)
 - ``full auto fp32`` / ``full auto int8``: this environment with ``RESNET_SERVE_RUNTIME=auto``, what
   ``make run`` serves: the first start times TorchScript, ONNX Runtime and OpenVINO (if installed)
@@ -65,8 +65,11 @@ def status_kb(pid: int, field: str) -> int:
 def export_repository(folder: Path, precisions: list[str]) -> Path:
     from resnet_serve.cli import main
 
-    if main(["export", "--weights", "random", "--repository", str(folder), "--format", "torchscript,onnx",
-             "--precision", ",".join(precisions)]):
+    common = ["export", "--weights", "random", "--repository", str(folder), "--version", "1"]
+    graphs = [p for p in precisions if p != "bf16"] + (["fp32"] if "bf16" in precisions else [])  # OpenVINO's BF16
+    if main([*common, "--format", "torchscript,onnx", "--precision", ",".join(dict.fromkeys(graphs))]):
+        raise SystemExit("the export failed")
+    if "bf16" in precisions and main([*common, "--format", "torchscript", "--precision", "bf16"]):
         raise SystemExit("the export failed")
     return folder
 
@@ -151,7 +154,7 @@ def configurations(args: argparse.Namespace, repository: Path, scratch: Path) ->
                                                        "RESNET_SERVE_PRECISION": precision})
         for install, runtime, command in (("slim", "onnxruntime", slim), ("slim+openvino", "openvino", openvino),
                                           ("full", "torchscript", full), ("full", "auto", full))
-        for precision in args.precisions
+        for precision in args.precisions if not (runtime == "onnxruntime" and precision == "bf16")
     }
     if args.baseline_src:
         configs["baseline torchscript fp32"] = (full, {
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--openvino-python", type=Path,
                         help="the openvino extra's python (default: make .venv-openvino)")
     parser.add_argument("--baseline-src", type=Path, help="another source tree's src/ to serve for comparison")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8", "bf16"])
     parser.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE", help="more environment for every server")
     parser.add_argument("--only", nargs="+", help="configurations to run (names as in the table)")
     parser.add_argument("--starts", type=int, default=5, help="timed starts per configuration (median reported)")
