@@ -2,7 +2,7 @@
 
     python benchmarks/memory_bench.py [--duration 60] [--concurrency 32]
         [--slim-python .venv-slim/bin/python] [--openvino-python .venv-openvino/bin/python]
-        [--baseline-src DIR] [--starts 5]
+        [--baseline-src DIR] [--starts 5] [--explain]
 
 One repository is exported first (ResNet-18, random-init weights, TorchScript and ONNX in the
 ``--precisions``, FP32 and INT8 by default; speed and memory do not depend on the weight values). Then each configuration is a fresh
@@ -45,6 +45,7 @@ from pathlib import Path
 import httpx
 
 import resnet_serve
+from resnet_serve.memory import TRIM_INTERVAL_S
 
 sys.path.insert(0, str(Path(__file__).parent))
 from http_bench import RESULTS, free_port, is_ready, run_load  # noqa: E402
@@ -99,10 +100,11 @@ def start(command: list[str], env: dict[str, str], probe: Callable[[str], bool] 
 
 
 def measure(command: list[str], env: dict[str, str], duration: float, concurrency: int,
-            starts: int = 1) -> dict[str, object]:
+            starts: int = 1, explain: bool = False) -> dict[str, object]:
     """Start the server once to fill its caches (the runtime choice, ONNX Runtime's optimised
     graph), then ``starts`` more times, timed to ready (the median is reported: one start on a
-    shared 2-core machine varies by ±0.2 s); load the last one; RSS before and after."""
+    shared 2-core machine varies by ±0.2 s); load the last one; RSS before and after; with
+    ``explain``, then one ``POST /explain`` and the RSS after it (what explaining loads)."""
     first, _, cold_s = start(command, env)
     time.sleep(2)
     first_kb = status_kb(first.pid, "VmRSS")
@@ -122,6 +124,7 @@ def measure(command: list[str], env: dict[str, str], duration: float, concurrenc
         model = httpx.get(f"{url}/model", timeout=10).json()
         result = asyncio.run(run_load(url, default_images(), concurrency, duration))
         peak_kb = status_kb(process.pid, "VmHWM")
+        explained = explain_once(url, process.pid) if explain else {}
     finally:
         process.terminate()
         process.wait(60)
@@ -130,7 +133,16 @@ def measure(command: list[str], env: dict[str, str], duration: float, concurrenc
             "start_to_ready_all_s": [round(t, 2) for t in ready_times], "idle_rss_mb": round(idle_kb / 1024, 1),
             "peak_rss_mb": round(peak_kb / 1024, 1), "rps": result.throughput_rps, "p50_ms": result.p50_ms,
             "statuses": result.statuses, "runtime": model.get("runtime", "torchscript"),
-            "precision": model.get("precision")}
+            "precision": model.get("precision"), **explained}
+
+
+def explain_once(url: str, pid: int) -> dict[str, object]:
+    """One explanation of a photo; how it was made, and the server's RSS after it, once the heap
+    trimmer has run (``memory.TRIM_INTERVAL_S``)."""
+    answer = httpx.post(f"{url}/explain", files={"file": ("photo.jpg", default_images()[0], "image/jpeg")}, timeout=60)
+    method = answer.json().get("method") if answer.status_code == 200 else f"HTTP {answer.status_code}"
+    time.sleep(TRIM_INTERVAL_S + 1)
+    return {"explain_method": method, "explain_rss_mb": round(status_kb(pid, "VmRSS") / 1024, 1)}
 
 
 def compile_sources(*folders: Path) -> None:
@@ -197,19 +209,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE", help="more environment for every server")
     parser.add_argument("--only", nargs="+", help="configurations to run (names as in the table)")
     parser.add_argument("--starts", type=int, default=5, help="timed starts per configuration (median reported)")
+    parser.add_argument("--explain", action="store_true", help="after the load, one POST /explain and the RSS after it")
     parser.add_argument("--out", default="memory_bench")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         repository = export_repository(Path(scratch) / "models", args.precisions)
         configs = configurations(args, repository, Path(scratch))
-        report = {name: measure(command, env, args.duration, args.concurrency, args.starts)
+        report = {name: measure(command, env, args.duration, args.concurrency, args.starts, args.explain)
                   for name, (command, env) in configs.items() if not args.only or name in args.only}
+    extra = " after one /explain: RSS MB (method) |" if args.explain else ""
     lines = ["| configuration | first start s (RSS MB) | start to ready s (median, range) | idle RSS MB | peak RSS MB | "
-             "rps | p50 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+             f"rps | p50 ms |{extra}", "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if extra else "")]
     lines += [f"| {n} | {r['first_start_s']} ({r['first_start_rss_mb']}) | {r['start_to_ready_s']} "
               f"({min(r['start_to_ready_all_s'])}–"  # type: ignore[call-overload]
               f"{max(r['start_to_ready_all_s'])}) | {r['idle_rss_mb']} | {r['peak_rss_mb']} | {r['rps']} | "  # type: ignore[call-overload]
-              f"{r['p50_ms']} |" for n, r in report.items()]
+              f"{r['p50_ms']} |" + (f" {r['explain_rss_mb']} ({r['explain_method']}) |" if extra else "")
+              for n, r in report.items()]
     machine = describe()
     lines.append(f"\n{args.concurrency} clients for {args.duration:g} s each; machine: {one_line(machine)}.")
     text = "\n".join(lines)

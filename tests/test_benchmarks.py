@@ -264,18 +264,22 @@ def test_multi_model_bench_puts_each_model_mixed_next_to_alone(user_repository: 
 def test_memory_bench_reports_memory_start_and_speed_per_install(slim_python: Path, openvino_python: Path,
                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory_bench, "RESULTS", tmp_path)
-    assert memory_bench.main(["--duration", "1", "--concurrency", "2", "--precisions", "fp32", "--slim-python",
+    configurations = ["slim onnxruntime fp32", "slim+openvino openvino fp32", "full torchscript fp32", "full auto fp32",
+                      "slim+openvino openvino bf16"]
+    assert memory_bench.main(["--duration", "1", "--concurrency", "2", "--precisions", "fp32", "bf16", "--slim-python",
                               str(slim_python), "--openvino-python", str(openvino_python), "--starts", "2",
-                              "--out", "mem"]) == 0
+                              "--explain", "--only", *configurations, "--out", "mem"]) == 0
     report = json.loads((tmp_path / "mem.json").read_text())["configurations"]
-    assert set(report) == {"slim onnxruntime fp32", "slim+openvino openvino fp32", "full torchscript fp32",
-                           "full auto fp32"}
+    assert set(report) == set(configurations)
     assert report["slim onnxruntime fp32"]["runtime"] == "onnxruntime"
     assert report["slim+openvino openvino fp32"]["runtime"] == "openvino"
     assert report["full torchscript fp32"]["runtime"] == "torchscript"
     assert report["full auto fp32"]["runtime"] in {"torchscript", "onnxruntime", "openvino"}
+    bf16 = report["slim+openvino openvino bf16"]
+    assert bf16["runtime"] == "openvino" and bf16["precision"] in {"bf16", "fp32"}  # fp32: a CPU without AVX-512
     for row in report.values():
         assert 0 < row["idle_rss_mb"] <= row["peak_rss_mb"] and row["rps"] > 0 and row["first_start_rss_mb"] > 0
+        assert row["explain_method"] == "cam" and row["explain_rss_mb"] > 0  # no eager weights exported: CAM
         starts = row["start_to_ready_all_s"]
         assert len(starts) == 2 and 0 < min(starts) <= row["start_to_ready_s"] <= max(starts)
     assert (tmp_path / "mem.png").read_bytes()[:4] == b"\x89PNG"
