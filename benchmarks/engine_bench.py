@@ -11,8 +11,9 @@ photos. Writes ``benchmarks/results/engine_bench.{json,md,png}``.
 Weights follow the usual resolution (official file if present); speed does not depend on them,
 agreement figures do, and are labelled with the weights used.
 
-Each configuration names its runtime (TorchScript or ONNX Runtime), except ``auto-*``, where the
-service times both as ``RESNET_SERVE_RUNTIME=auto`` does and the table says what it chose and why.
+Each configuration names its runtime (TorchScript, ONNX Runtime or OpenVINO; ``openvino-bf16``
+runs the FP32 ONNX graph in BF16), except ``auto-*``, where the service times the installed
+runtimes as ``RESNET_SERVE_RUNTIME=auto`` does and the table says what it chose and why.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ built; it fills the runtime's caches; and its RSS 2 s after), then ``--starts`` 
 ready: their median, and their range), idle RSS 2 s after the last is ready, peak RSS
 (``VmHWM``, from the start) after ``--duration`` seconds of closed-loop load at
 ``--concurrency`` (unique uploads, so the result cache never answers), requests per second and
-p50. Writes ``benchmarks/results/memory_bench.{json,md,png}``.
+p50; with ``--explain``, one ``POST /explain`` after the load and the RSS after it (once the
+heap trimmer ran). Writes ``benchmarks/results/memory_bench.{json,md,png}``.
 """
 
 from __future__ import annotations
