@@ -56,8 +56,11 @@ KEPT_WEIGHTS = "model.onnx.data"
 STALE_SCRATCH_S = 600.0  # optimising a ResNet-18 takes seconds; a scratch folder this old is abandoned
 
 
-def _options(threads: int, arena: bool, optimise: bool, spinning: bool = False) -> onnxruntime.SessionOptions:
+def _options(threads: int, arena: bool, optimise: bool, spinning: bool = False,
+             patched: bool = False) -> onnxruntime.SessionOptions:
     options = onnxruntime.SessionOptions()
+    if patched:  # ONNX Runtime warns of each zero point the patch declares as an input: meant so
+        options.log_severity_level = 3
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
@@ -138,10 +141,11 @@ class OnnxRuntimeBackend:
         if optimised is not None and (optimised / KEPT_GRAPH).is_file():
             try:
                 return onnxruntime.InferenceSession(str(optimised / KEPT_GRAPH),
-                                                    _options(threads, arena, False, spinning), providers=providers)
+                                                    _options(threads, arena, False, spinning, patch is not None),
+                                                    providers=providers)
             except Exception as exc:  # a damaged or stale copy is made again
                 logger.warning("ignoring the optimised graph in %s: %s", optimised, exc)
-        options = _options(threads, arena, True, spinning)
+        options = _options(threads, arena, True, spinning, patch is not None)
         staging = _staging(optimised, options) if optimised is not None else None
         try:
             graph = path.read_bytes() + patch if patch is not None else str(path)  # protobuf merges the two
