@@ -59,6 +59,24 @@ def both(user_repository: Path) -> loading.ModelVersion:
     return Repository(user_repository).latest()["flowers"]
 
 
+def test_an_install_that_can_export_needs_the_calibration_photos_for_the_built_in_int8_model(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Only the slim install, which cannot export, serves an INT8 artefact whose photos it cannot
+    check (tests/test_slim.py); with torch, missing photos stop the start, as does an empty folder."""
+    from resnet_serve.photos import CalibrationError
+
+    def no_photos(directory: Path | None) -> list[Path]:
+        raise CalibrationError("no photos")
+
+    with pytest.raises(CalibrationError, match="no images"):
+        loading.wanted_for("onnxruntime", cpu(precision="int8", calibration_dir=tmp_path), built_here=True)
+    monkeypatch.setattr(loading, "calibration_files", no_photos)
+    assert importlib.util.find_spec("torch") is not None
+    with pytest.raises(CalibrationError, match="no photos"):
+        loading.wanted_for("onnxruntime", cpu(precision="int8"), built_here=True)
+
+
 @pytest.mark.parametrize(("timings", "expected"), [
     ((10.0, 5.0, 8.0), "onnxruntime"),
     ((5.0, 10.0, 10.0), "torchscript"),

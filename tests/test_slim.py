@@ -177,6 +177,36 @@ def test_the_slim_server_serves_int8_without_the_photos_the_export_calibrated_on
     assert patched == amx_usable()
 
 
+def test_the_slim_server_serves_the_built_in_int8_model_the_full_install_exported_on_this_machine(
+    slim_python: Path, seeded_weights: Path, tmp_path: Path, photo_jpegs: dict[str, bytes]
+) -> None:
+    """No repository: the built-in model, exported into the cache by the full install (with the
+    photos scikit-image ships, which the slim install has not) and then served by the slim one,
+    which can neither read those photos nor export, so it serves the artefact as built."""
+    from resnet_serve.loading import open_model
+
+    cache = tmp_path / "cache"
+    full = Settings(weights=seeded_weights, compiled_cache_dir=cache, device="cpu", runtime="onnxruntime",
+                    precision="int8")
+    engine = open_model(full)
+    try:
+        import asyncio
+
+        pixels = preprocess(photo_jpegs["horse"], engine.info.spec, max_pixels=10**9).pixels
+        (expected,) = asyncio.run(engine.predict([pixels]))
+    finally:
+        engine.close()
+    with real_server(tmp_path / "slim.log", python=slim_python, runtime="auto", precision="int8",
+                     weights=str(seeded_weights), compiled_cache="true", compiled_cache_dir=str(cache)) as (url, process):
+        wait_ready(url, process)
+        model = httpx.get(f"{url}/model").json()
+        body = {"inputs": [{"name": "INPUT", "shape": [1], "datatype": "BYTES",
+                            "data": [base64.b64encode(photo_jpegs["horse"]).decode()]}]}
+        (output,) = httpx.post(f"{url}/v2/models/resnet18/infer", json=body, timeout=60).json()["outputs"]
+    assert (model["runtime"], model["precision"], model["compiled_from"]) == ("onnxruntime", "int8", "repository"), model
+    assert np.abs(np.asarray(output["data"], dtype=np.float32) - expected.probs).max() <= 1e-5
+
+
 def test_bulk_classification_through_a_server_names_the_client_extra(slim_python: Path, tmp_path: Path,
                                                                       photo_jpegs: dict[str, bytes]) -> None:
     (tmp_path / "a.jpg").write_bytes(photo_jpegs["coffee"])

@@ -60,7 +60,7 @@ from resnet_serve.backends import (
 )
 from resnet_serve.errors import ExplanationsUnavailable, RepositoryError
 from resnet_serve.inference import Engine, ModelInfo
-from resnet_serve.photos import calibration_files, calibration_fingerprint
+from resnet_serve.photos import CalibrationError, calibration_files, calibration_fingerprint
 from resnet_serve.repository import CAM_HEAD, EAGER_WEIGHTS, Artefact, ModelVersion, Repository, Wanted, read_version
 from resnet_serve.settings import Settings
 from resnet_serve.spec import ModelSpec, builtin_spec
@@ -106,8 +106,16 @@ def candidate_runtimes(settings: Settings) -> list[str]:
     return installed
 
 
-def _calibration(settings: Settings) -> str:
-    return calibration_fingerprint(calibration_files(settings.calibration_dir))
+def _calibration(settings: Settings) -> str | None:
+    """The fingerprint of the photos an INT8 export here calibrates on. None where there are none
+    to read: the slim install, given no folder, has neither the default photos nor the means to
+    export, so it serves the INT8 artefact the full install built, whichever photos that used."""
+    try:
+        return calibration_fingerprint(calibration_files(settings.calibration_dir))
+    except CalibrationError:
+        if settings.calibration_dir is not None or importlib.util.find_spec("torch") is not None:
+            raise
+        return None
 
 
 def torchscript_target(settings: Settings) -> tuple[str, str]:
@@ -125,8 +133,8 @@ def torchscript_target(settings: Settings) -> tuple[str, str]:
 
 def wanted_for(runtime: str, settings: Settings, *, built_here: bool = False) -> Wanted:
     """The artefact ``runtime`` needs to serve these settings. ``built_here``: for the built-in
-    model, which the server builds itself, down to the INT8 calibration photos (reading them needs
-    the torch extra's scikit-image when no folder is given)."""
+    model, which the server builds itself, down to the INT8 calibration photos (see
+    ``_calibration``)."""
     if runtime in RUNTIME_PRECISIONS:
         if settings.precision not in RUNTIME_PRECISIONS[runtime] or settings.device not in ("auto", "cpu"):
             *others, last = (p.upper() for p in RUNTIME_PRECISIONS[runtime] if p != "auto")

@@ -188,7 +188,7 @@ class Wanted:
     precision: str
     channels_last: bool = False
     int8_backend: str | None = None
-    calibration: str | None = None
+    calibration: str | None = None  # None: calibrated on any photos
     served_by: str | None = None  # the runtime that serves it; None: the format's own
 
     @property
@@ -220,7 +220,7 @@ class Wanted:
         if artefact.built_with.get("graph") != GRAPH_VERSION:
             return False
         if self.precision == "int8":
-            return (artefact.int8_backend, artefact.calibration) == (self.int8_backend, self.calibration)
+            return artefact.int8_backend == self.int8_backend and self.calibration in (None, artefact.calibration)
         return self.format != "torchscript" or artefact.channels_last == self.channels_last
 
 
