@@ -73,6 +73,19 @@ def test_serve_refuses_to_start_in_official_mode_without_the_weights(tmp_path: P
     assert b"resnet18-f37072fd.pth" in result.stdout + result.stderr
 
 
+def test_bad_settings_are_named_one_line_each_before_anything_starts(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RESNET_SERVE_PRECISION", "int4")
+    monkeypatch.setenv("RESNET_SERVE_MAX_BATCH_SIZE", "0")
+    monkeypatch.setenv("RESNET_SERVE_PORT", "8000")  # serve writes its flags there: so it is undone after
+    assert main(["serve", "--port", "99999"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n  RESNET_SERVE_") == 3
+    assert "RESNET_SERVE_PRECISION='int4': Input should be 'auto', 'fp32', 'fp16', 'bf16' or 'int8'" in err
+    assert "RESNET_SERVE_MAX_BATCH_SIZE='0'" in err and "RESNET_SERVE_PORT='99999'" in err  # a flag, as its variable
+
+
 def test_predict_prints_a_top_k_table(
     seeded_weights: Path, photo_jpegs: dict[str, bytes], tmp_path: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,

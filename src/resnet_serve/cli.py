@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from resnet_serve.errors import ExportError, RepositoryError, ServerUnreachable, WeightsError
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
 
@@ -269,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settings_errors(exc: ValidationError) -> list[str]:
+    """One line per bad setting, named as the environment variable it is read from."""
+    return [f"RESNET_SERVE_{'_'.join(map(str, error['loc'])).upper()}={error['input']!r}: {error['msg']}"
+            for error in exc.errors()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.run is not _serve:
@@ -278,6 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except (WeightsError, RepositoryError, ExportError, ServerUnreachable) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:
+            raise
+        print("error: invalid settings (flags travel as these variables):", *_settings_errors(exc), sep="\n  ",
+              file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
         if exc.name in ("torch", "torchvision", "onnx"):
