@@ -73,6 +73,15 @@ def test_serve_refuses_to_start_in_official_mode_without_the_weights(tmp_path: P
     assert b"resnet18-f37072fd.pth" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_server_that_never_started_exits_with_uvicorn_s_startup_failure_status(tmp_path: Path, workers: str) -> None:
+    """With several workers too: there uvicorn.run returns as after a clean stop (orchestrators
+    and scripts would take a server that never served for one that stopped when told)."""
+    env = env_with(workers=workers, model_repository=str(tmp_path / "missing"))
+    result = subprocess.run([*CLI, "serve", "--port", str(free_port())], env=env, capture_output=True, timeout=120)
+    assert result.returncode == 3 and b"missing is not a folder" in result.stdout + result.stderr
+
+
 def test_bad_settings_are_named_one_line_each_before_anything_starts(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -187,6 +196,7 @@ def test_two_workers_serve_one_runtime_and_metrics_add_up_across_them(
                     if line.startswith('resnet_serve_requests_total{method="POST",route="/predict",status="200"}'))
         assert float(line.rsplit(" ", 1)[1]) == 8
         assert 'resnet_serve_batch_size_count{model="resnet18"} 8.0' in text
+    assert process.returncode == 0  # stopped by SIGTERM after serving: a clean stop
     lines = log.read_text().splitlines()
     assert sum("is faster on this machine" in line for line in lines) == 1
     served = {line.split("loaded resnet18/1 (", 1)[1].split(" ", 1)[0] for line in lines if "loaded resnet18/1 (" in line}

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -21,6 +22,7 @@ from resnet_serve.errors import ExportError, RepositoryError, ServerUnreachable,
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
 
 TORCH_EXTRA = "pip install 'resnet-serve[torch]'"
+STARTUP_FAILURE = 3  # uvicorn's exit status for a server that never started serving
 SERVE_FLAGS = ("host", "port", "workers", "device", "precision", "runtime", "model_repository", "default_model",
                "log_level")
 
@@ -54,17 +56,25 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.workers == 1:
         import resnet_serve.http.app  # noqa: F401  (now, before the GC resumes; uvicorn finds it imported)
     imports_done(freeze=True)
-    uvicorn.run(
-        "resnet_serve.http.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        access_log=False,  # resnet_serve.access logs one line per request, with its ID
-        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
-    )
-    return 0
+    app = "resnet_serve.http.app:create_app"
+    options: dict[str, Any] = {
+        "factory": True, "host": settings.host, "port": settings.port, "workers": settings.workers,
+        "log_level": settings.log_level,
+        "access_log": False,  # resnet_serve.access logs one line per request, with its ID
+        "timeout_graceful_shutdown": max(1, round(settings.shutdown_grace_s)),
+    }
+    if settings.workers == 1:
+        uvicorn.run(app, **options)  # exits with STARTUP_FAILURE itself if the app never started
+        return 0
+    # uvicorn's supervisor, run here rather than by uvicorn.run, which returns as after a clean
+    # stop when a worker fails to start (and the supervisor then stops the others): the exit
+    # status must say that the server never served.
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config(app, **options)
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
 
 def _predict(args: argparse.Namespace) -> int:
