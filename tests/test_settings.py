@@ -51,3 +51,10 @@ def test_a_bad_value_names_the_setting(monkeypatch: pytest.MonkeyPatch, name: st
     with pytest.raises(ValidationError) as error:
         Settings()
     assert name.removeprefix("RESNET_SERVE_").lower() in str(error.value)
+
+
+def test_an_empty_variable_is_an_unset_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MODEL_REPOSITORY", "MAX_BATCH_SIZE", "PRECISION", "API_KEY", "CORS_ORIGINS"):
+        monkeypatch.setenv(f"RESNET_SERVE_{name}", "")
+    s = Settings()
+    assert (s.model_repository, s.max_batch_size, s.precision, s.api_key, s.cors_origins) == (None, 4, "auto", None, [])

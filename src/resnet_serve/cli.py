@@ -283,8 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings_errors(exc: ValidationError) -> list[str]:
     """One line per bad setting, named as the environment variable it is read from."""
-    return [f"RESNET_SERVE_{'_'.join(map(str, error['loc'])).upper()}={error['input']!r}: {error['msg']}"
-            for error in exc.errors()]
+    return [f"RESNET_SERVE_{str(error['loc'][0]).upper()}={error['input']!r}: {error['msg']}" for error in exc.errors()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,7 +32,9 @@ def _cores() -> int:
 class Settings(BaseSettings):
     """Service configuration; each field maps to ``RESNET_SERVE_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="RESNET_SERVE_", extra="ignore", frozen=True)
+    # An empty variable is an unset one (compose files pass ${VAR:-} through): the default, not
+    # the current folder for a path or an error for a number.
+    model_config = SettingsConfigDict(env_prefix="RESNET_SERVE_", extra="ignore", frozen=True, env_ignore_empty=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
