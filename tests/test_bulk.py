@@ -179,3 +179,4 @@ def test_the_text_output_is_for_eyes(folder: Path, offline_env: None, capsys: py
     captured = capsys.readouterr()
     assert captured.out.splitlines()[0].endswith("chelsea.jpg") and "%" in captured.out
     assert "notes.jpg: 415" in captured.err and "1 ok, 1 failed" in captured.err
+    assert main(["predict", str(folder / "things" / "notes.jpg"), "--quiet"]) == 1  # every input failed
