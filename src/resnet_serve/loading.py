@@ -85,6 +85,11 @@ class RepositoryPlan:
     export: Callable[[], bool] | None = None
 
 
+def torch_installed() -> bool:
+    """The full install: what needs torch (export, Grad-CAM, calibration) can run here."""
+    return importlib.util.find_spec("torch") is not None
+
+
 def accelerator_present() -> bool:
     """An NVIDIA driver or Apple silicon, seen without importing torch."""
     return Path("/proc/driver/nvidia/version").exists() or (sys.platform == "darwin" and platform.machine() == "arm64")
@@ -113,7 +118,7 @@ def _calibration(settings: Settings) -> str | None:
     try:
         return calibration_fingerprint(calibration_files(settings.calibration_dir))
     except CalibrationError:
-        if settings.calibration_dir is not None or importlib.util.find_spec("torch") is not None:
+        if settings.calibration_dir is not None or torch_installed():
             raise
         return None
 
@@ -218,7 +223,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def explanation_artefacts() -> list[Wanted]:
     """With torch installed, the server's own export adds the eager weights explanations use."""
-    return [Wanted(EAGER_WEIGHTS, "fp32")] if importlib.util.find_spec("torch") is not None else []
+    return [Wanted(EAGER_WEIGHTS, "fp32")] if torch_installed() else []
 
 
 def plan_repository(settings: Settings) -> RepositoryPlan:
@@ -406,7 +411,7 @@ def open_explainer(version: ModelVersion | None, spec: ModelSpec) -> object:
     eager, head = metadata.artefact(EAGER_WEIGHTS, "fp32"), metadata.artefact(CAM_HEAD, "fp32")
     graph = metadata.artefact("onnx", "fp32") or metadata.artefact("onnx", "int8")
     try:
-        if eager is not None and importlib.util.find_spec("torch") is not None:
+        if eager is not None and torch_installed():
             from resnet_serve.backends.torch.gradcam import GradCam
 
             return GradCam.load(version.artefact_path(eager), spec, metadata.explain_layer)
