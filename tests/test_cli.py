@@ -69,8 +69,8 @@ def test_the_gc_is_paused_for_start_up_imports_only(command: list[str], expected
 def test_serve_refuses_to_start_in_official_mode_without_the_weights(tmp_path: Path) -> None:
     env = env_with(weights_mode="official", allow_download="false", weights_dir=str(tmp_path))
     result = subprocess.run([*CLI, "serve", "--port", str(free_port())], env=env, capture_output=True, timeout=120)
-    assert result.returncode != 0
-    assert b"resnet18-f37072fd.pth" in result.stdout + result.stderr
+    assert result.returncode == 3
+    assert b"ERROR:    cannot start: no resnet18-f37072fd.pth in " in result.stderr and b"Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -80,6 +80,7 @@ def test_a_server_that_never_started_exits_with_uvicorn_s_startup_failure_status
     env = env_with(workers=workers, model_repository=str(tmp_path / "missing"))
     result = subprocess.run([*CLI, "serve", "--port", str(free_port())], env=env, capture_output=True, timeout=120)
     assert result.returncode == 3 and b"missing is not a folder" in result.stdout + result.stderr
+    assert b"Traceback" not in result.stderr and b"shutting down" not in result.stderr  # one line, the mistake
 
 
 def test_bad_settings_are_named_one_line_each_before_anything_starts(

@@ -1,14 +1,21 @@
-"""Request IDs and log lines: JSON logs carry the request ID and the request's fields."""
+"""Request IDs and log lines: JSON logs carry the request ID and the request's fields; start-up
+errors an operator can fix are one line."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.types import Message
 
+from resnet_serve.errors import RepositoryError, WeightsError
+from resnet_serve.http.middleware import StartupErrors
 from resnet_serve.logs import REQUEST_ID, configure_logging
 
 
@@ -37,3 +44,41 @@ def test_records_outside_a_request_say_so(json_logs: io.StringIO) -> None:
     logging.getLogger("resnet_serve.test").warning("plain message")
     (line,) = [json.loads(x) for x in json_logs.getvalue().splitlines()]
     assert line == {**line, "message": "plain message", "request_id": "-", "level": "WARNING"}
+
+
+async def _start(error: BaseException) -> tuple[list[Message], BaseException | None]:
+    """Drive an app whose start raises ``error`` through the ASGI lifespan, as uvicorn does."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        raise error
+        yield
+
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    try:
+        await StartupErrors(Starlette(lifespan=lifespan))({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    except BaseException as exc:  # noqa: BLE001 - what reaches the server
+        return sent, exc
+    return sent, None
+
+
+@pytest.mark.parametrize("error", [RepositoryError("RESNET_SERVE_MODEL_REPOSITORY=x is not a folder"),
+                                   WeightsError("no resnet18-f37072fd.pth in weights")])
+async def test_a_start_up_error_the_operator_can_fix_is_reported_in_one_line(error: Exception) -> None:
+    sent, raised = await _start(error)
+    assert raised is error
+    assert sent == [{"type": "lifespan.startup.failed", "message": f"cannot start: {error}"}]
+
+
+async def test_any_other_start_up_failure_keeps_its_traceback() -> None:
+    sent, raised = await _start(KeyError("a fault of ours"))
+    assert isinstance(raised, KeyError)
+    ((message,),) = [[m for m in sent if m["type"] == "lifespan.startup.failed"]]
+    assert message["message"].startswith("Traceback") and "KeyError: 'a fault of ours'" in message["message"]

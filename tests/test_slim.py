@@ -145,7 +145,8 @@ def test_what_needs_torch_names_the_extra(slim_python: Path, user_repository: Pa
     assert export.returncode == 2 and EXTRA in export.stderr
     serve = run_slim(slim_python, "-m", "resnet_serve", "serve", "--port", str(free_port()),
                      compiled_cache_dir=str(tmp_path / "empty"))  # the built-in model must be exported first
-    assert serve.returncode != 0 and EXTRA in serve.stdout + serve.stderr
+    assert serve.returncode == 3 and f"cannot start: the built-in resnet18 must be exported once, which needs torch ({EXTRA})" in serve.stderr
+    assert "Traceback" not in serve.stderr
     torchscript = run_slim(slim_python, "-c", "\n".join([
         "from pathlib import Path",
         "from resnet_serve.loading import load_engine",

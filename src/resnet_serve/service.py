@@ -190,8 +190,9 @@ class Service:
         return slot.pipeline if slot else None
 
     def begin_shutdown(self) -> None:
-        """Readiness false and new predictions refused; admitted requests carry on."""
-        if self.status != "shutting_down":
+        """Readiness false and new predictions refused; admitted requests carry on. Said in the
+        log once, and only when something had started (not after a start that failed)."""
+        if self.status != "shutting_down" and (self._loader is not None or self.models):
             in_flight = sum(m.pipeline.in_flight for m in self.models.values() if m.pipeline)
             logger.info("shutting down: refusing new requests, finishing %d in flight", in_flight)
         self.status = "shutting_down"

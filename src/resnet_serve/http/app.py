@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from resnet_serve import __version__
 from resnet_serve.http import explain, health, info, oip, predict, triton
 from resnet_serve.http.errors import install_error_handlers
-from resnet_serve.http.middleware import RequestLog
+from resnet_serve.http.middleware import RequestLog, StartupErrors
 from resnet_serve.http.page import mount_page
 from resnet_serve.logs import configure_logging
 from resnet_serve.pipeline import Predictor
@@ -78,4 +78,5 @@ def create_app(settings: Settings | None = None, *, engine: Predictor | None = N
             expose_headers=["X-Request-ID", "X-Model-Weights", "Retry-After"],
         )
     app.add_middleware(RequestLog)
+    app.add_middleware(StartupErrors)
     return app

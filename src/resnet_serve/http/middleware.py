@@ -1,4 +1,5 @@
-"""Request IDs, the one log line per request and the request metrics, as a pure ASGI middleware.
+"""Pure ASGI middleware: request IDs, the one log line per request and the request metrics;
+and start-up failures an operator can fix, told in one line.
 
 Every response carries ``X-Request-ID``: the caller's, if it is a sane token, else a new one.
 Handlers add fields to the line through ``scope["state"]`` (e.g. ``batch_size``).
@@ -14,6 +15,7 @@ import uuid
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from resnet_serve.errors import RepositoryError, WeightsError
 from resnet_serve.logs import REQUEST_ID
 from resnet_serve.metrics import REQUEST_SECONDS, REQUESTS, route_of
 
@@ -74,3 +76,37 @@ class RequestLog(HttpMiddleware):
                        "client": f"{client[0]}:{client[1]}" if client else None},
             )
             REQUEST_ID.reset(token)
+
+
+class StartupErrors:
+    """A start-up failure the operator can fix (a repository or weights that cannot be used) is
+    logged as its message, one line, instead of Starlette's traceback through the lifespan.
+
+    Starlette reports a failed start to the server (``lifespan.startup.failed``, the traceback as
+    its text) and then raises; this holds that report until the exception arrives here, and
+    shortens its text when the exception is one of those errors. Anything else, a fault of
+    ours, keeps its traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        held: list[Message] = []
+
+        async def hold_failure(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                held.append(message)
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, hold_failure)
+        except (RepositoryError, WeightsError) as exc:
+            held[:] = [{**message, "message": f"cannot start: {exc}"} for message in held]
+            raise
+        finally:
+            for message in held:
+                await send(message)
