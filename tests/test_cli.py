@@ -83,6 +83,14 @@ def test_a_server_that_never_started_exits_with_uvicorn_s_startup_failure_status
     assert b"Traceback" not in result.stderr and b"shutting down" not in result.stderr  # one line, the mistake
 
 
+def test_in_json_every_line_of_a_server_is_json_the_supervisor_s_included(tmp_path: Path) -> None:
+    env = env_with(workers="2", log_format="json", model_repository=str(tmp_path / "missing"))
+    result = subprocess.run([*CLI, "serve", "--port", str(free_port())], env=env, capture_output=True, timeout=120)
+    lines = [json.loads(line) for line in result.stderr.decode().splitlines()]  # fails on any plain line
+    assert result.returncode == 3 and "Started parent process" in lines[0]["message"] + lines[1]["message"]
+    assert sum(line["message"].startswith("cannot start: RESNET_SERVE_MODEL_REPOSITORY=") for line in lines) == 2
+
+
 def test_bad_settings_are_named_one_line_each_before_anything_starts(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

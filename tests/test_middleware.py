@@ -16,11 +16,12 @@ from starlette.types import Message
 
 from resnet_serve.errors import RepositoryError, WeightsError
 from resnet_serve.http.middleware import StartupErrors
-from resnet_serve.logs import REQUEST_ID, configure_logging
+from resnet_serve.logs import REQUEST_ID, UVICORN_LOGGERS, configure_logging
 
 
 @pytest.fixture
 def json_logs() -> io.StringIO:
+    uvicorn_handlers = {name: logging.getLogger(name).handlers for name in UVICORN_LOGGERS}
     configure_logging("json", "info")
     stream = io.StringIO()
     handler = logging.getLogger("resnet_serve").handlers[0]
@@ -28,6 +29,8 @@ def json_logs() -> io.StringIO:
     yield stream
     handler.setStream(previous)  # type: ignore[attr-defined]
     configure_logging("plain", "info")
+    for name, handlers in uvicorn_handlers.items():
+        logging.getLogger(name).handlers = handlers
 
 
 async def test_json_log_lines_carry_the_request_and_its_id(client: httpx.AsyncClient, json_logs: io.StringIO) -> None:
@@ -44,6 +47,12 @@ def test_records_outside_a_request_say_so(json_logs: io.StringIO) -> None:
     logging.getLogger("resnet_serve.test").warning("plain message")
     (line,) = [json.loads(x) for x in json_logs.getvalue().splitlines()]
     assert line == {**line, "message": "plain message", "request_id": "-", "level": "WARNING"}
+
+
+def test_in_json_uvicorn_s_own_lines_are_json_too(json_logs: io.StringIO) -> None:
+    logging.getLogger("uvicorn.error").error("Application startup failed. Exiting.")
+    (line,) = [json.loads(x) for x in json_logs.getvalue().splitlines()]
+    assert line == {**line, "logger": "uvicorn.error", "message": "Application startup failed. Exiting.", "level": "ERROR"}
 
 
 async def _start(error: BaseException) -> tuple[list[Message], BaseException | None]:

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from resnet_serve.errors import ExportError, RepositoryError, ServerUnreachable, WeightsError
+from resnet_serve.logs import configure_logging
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
 
 TORCH_EXTRA = "pip install 'resnet-serve[torch]'"
@@ -72,6 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
     from uvicorn.supervisors import Multiprocess
 
     config = uvicorn.Config(app, **options)
+    configure_logging(settings.log_format, settings.log_level)  # the supervisor's lines too, once uvicorn set its loggers
     supervisor = Multiprocess(config, sockets=[config.bind_socket()])
     supervisor.run()
     return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0

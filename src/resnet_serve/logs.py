@@ -13,6 +13,7 @@ import logging
 from resnet_serve.settings import LogFormat
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.access")  # uvicorn.error's records reach "uvicorn"'s handlers
 
 
 class _RequestIdFilter(logging.Filter):
@@ -41,17 +42,25 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(log_format: LogFormat, level: str = "info") -> None:
-    """Give the ``resnet_serve`` loggers one handler (also in each uvicorn worker process)."""
+    """Give the ``resnet_serve`` loggers one handler (also in each uvicorn worker process).
+
+    In JSON, uvicorn's own lines (start-up, a start that failed, a broken request) go through the
+    same handler, so a log collector gets nothing but JSON. Called after uvicorn has set up its
+    loggers (the app factory runs after that, in each worker), it replaces their handlers only,
+    never their levels."""
     root = logging.getLogger("resnet_serve")
-    if getattr(root, "_resnet_serve_configured", None) == (log_format, level):
-        return
-    handler = logging.StreamHandler()
-    handler.addFilter(_RequestIdFilter())
+    if getattr(root, "_resnet_serve_configured", None) != (log_format, level):
+        handler = logging.StreamHandler()
+        handler.addFilter(_RequestIdFilter())
+        if log_format == "json":
+            handler.setFormatter(JsonFormatter())
+        else:
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+        root.handlers = [handler]
+        root.setLevel(level.upper())
+        root.propagate = False
+        root._resnet_serve_configured = (log_format, level)  # type: ignore[attr-defined]
     if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
-    root.handlers = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
-    root._resnet_serve_configured = (log_format, level)  # type: ignore[attr-defined]
+        for name in UVICORN_LOGGERS:
+            logging.getLogger(name).handlers = list(root.handlers)
+            logging.getLogger(name).propagate = False
