@@ -54,6 +54,14 @@ def test_label_files_in_every_format(tmp_path: Path, name: str, text: str, en: t
     assert (labels.en, labels.zh) == (en, zh)  # no Chinese name: the English one shows
 
 
+@pytest.mark.parametrize("name", ["FLOWERS.TXT", "flowers.tsv"])
+def test_label_files_saved_on_windows_read_as_written(tmp_path: Path, name: str) -> None:
+    """A BOM, CRLF line ends, blank lines at the end, an upper-case suffix."""
+    rows = ["daisy", "rose"] if name.endswith("TXT") else ["0\tdaisy\t雏菊", "1\trose\t玫瑰"]
+    (tmp_path / name).write_bytes("\ufeff".encode() + "\r\n".join([*rows, "", ""]).encode())
+    assert read_labels(tmp_path / name).en == ("daisy", "rose")
+
+
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [

@@ -89,13 +89,14 @@ def _parse_json(text: str, source: str) -> Labels:
 
 def read_labels(path: Path) -> Labels:
     """The labels in a ``.txt``, ``.json`` or ``.tsv`` file (``ValueError`` says what is wrong)."""
-    text = path.read_text("utf-8-sig")
-    if path.suffix == ".tsv":
+    text = path.read_text("utf-8-sig")  # a BOM, as Windows editors write, is not part of a name
+    suffix = path.suffix.lower()
+    if suffix == ".tsv":
         return parse_tsv(text, path.name)
-    if path.suffix == ".json":
+    if suffix == ".json":
         return _parse_json(text, path.name)
-    if path.suffix == ".txt":
-        names = text.rstrip("\n").split("\n") if text.strip() else []
+    if suffix == ".txt":
+        names = text.rstrip().splitlines()  # CRLF too; blank lines at the end are not classes
         return _checked([n.strip() for n in names], [""] * len(names), path.name)
     raise ValueError(f"{path.name}: labels must be a .txt, .json or .tsv file")
 
