@@ -45,26 +45,49 @@ def test_two_users_models_export_into_one_repository(user_repository: Path, user
     assert (meta.geometry.resize_size, meta.geometry.crop_size, meta.geometry.interpolation) == (256, 224, "bilinear")
 
 
-@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "net", "ema", "module.", "_orig_mod.", "averaged"])
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model_state_dict", "model", "net", "ema", "module.",
+                                  "_orig_mod.", "averaged", "lightning"])
 def test_checkpoints_in_every_container_users_have_load_the_same(tmp_path: Path, wrap: str) -> None:
     plain = random_state_dict("resnet18", 4, seed=1)
     saved: object = {
         "plain": plain,
         "state_dict": {"state_dict": plain, "optimizer": {"lr": torch.tensor(0.1)}, "epoch": 3},
+        "model_state_dict": {"epoch": 3, "model_state_dict": plain, "optimizer_state_dict": {"state": {}}},
+        "lightning": {"epoch": 3, "state_dict": {"criterion.weight": torch.ones(4),
+                                                 **{f"model.{k}": v for k, v in plain.items()}}},
         "model": {"model": plain}, "net": {"net": plain}, "ema": {"ema": plain, "model": {"x": 1}},
         "module.": {f"module.{k}": v for k, v in plain.items()},
         "_orig_mod.": {f"_orig_mod.module.{k}": v for k, v in plain.items()},
         "averaged": {"n_averaged": torch.tensor(5), **{f"module.{k}": v for k, v in plain.items()}},
     }[wrap]
     torch.save(saved, tmp_path / "c.pth")
-    loaded = read_checkpoint(tmp_path / "c.pth")
+    loaded = read_checkpoint(tmp_path / "c.pth", "resnet18")
     assert loaded.keys() == plain.keys() and all(torch.equal(loaded[k], plain[k]) for k in plain)
+
+
+def test_a_checkpoint_with_two_networks_or_none_says_so(tmp_path: Path) -> None:
+    plain = random_state_dict("resnet18", 4, seed=1)
+    torch.save({"state_dict": {f"{a}.{k}": v for a in ("student", "teacher") for k, v in plain.items()}}, tmp_path / "kd.pt")
+    with pytest.raises(WeightsError, match=r"holds 2 resnet18 networks \(student\., teacher\.\)"):
+        read_checkpoint(tmp_path / "kd.pt", "resnet18")
+    torch.save({"epoch": 1, "weights": plain}, tmp_path / "odd.pt")
+    with pytest.raises(WeightsError, match=r"under state_dict, model_state_dict, .*found a dict of 'epoch', 'weights'"):
+        read_checkpoint(tmp_path / "odd.pt", "resnet18")
 
 
 def test_a_pickled_whole_model_is_refused_with_how_to_save_a_state_dict(tmp_path: Path) -> None:
     torch.save(torchvision.models.resnet18(num_classes=3), tmp_path / "whole.pt")
     with pytest.raises(WeightsError, match=r"torch.save\(model.state_dict\(\)"):
         read_checkpoint(tmp_path / "whole.pt")
+
+
+def test_export_reads_a_lightning_checkpoint_s_network(user_files: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Under ``model.``: export sees its 7-class head (not a network that does not fit)."""
+    seven = read_checkpoint(user_files["seven"])
+    torch.save({"epoch": 9, "state_dict": {f"model.{k}": v for k, v in seven.items()}}, tmp_path / "last.ckpt")
+    assert export_cli("--weights", str(tmp_path / "last.ckpt"), "--name", "seven", "--repository", str(tmp_path)) == 2
+    assert "--labels is required: the checkpoint's head has 7 classes" in capsys.readouterr().err
 
 
 def test_a_head_that_does_not_match_the_labels_is_refused(user_files: dict[str, Path], tmp_path: Path,

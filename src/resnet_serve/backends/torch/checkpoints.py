@@ -42,15 +42,18 @@ class LoadedWeights:
     info: WeightsInfo
 
 
-# Where training scripts keep the state_dict inside a checkpoint dict, most common first.
-NESTED_KEYS = ("state_dict", "model", "net", "ema", "model_ema", "state_dict_ema")
+# Where training scripts keep the state_dict inside a checkpoint dict, most common first
+# ("model_state_dict": PyTorch's own recipe for a general checkpoint).
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema", "model_ema", "state_dict_ema")
 # Prefixes that wrappers add to every key: DataParallel/DDP, and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 MAX_LISTED_KEYS = 5
 
 
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The state_dict in a checkpoint file, unwrapped from the containers users have.
+def read_checkpoint(path: Path, architecture: str | None = None) -> dict[str, torch.Tensor]:
+    """The state_dict in a checkpoint file, unwrapped from the containers users have; given the
+    ``architecture``, also from under the attribute a training module kept the network in
+    (PyTorch Lightning's ``model.``: see ``_network_within``).
 
     Loading never runs code from the file (``weights_only``); a file holding a whole pickled
     model is refused with a message saying how to save its state_dict instead."""
@@ -68,8 +71,30 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(data, dict) and not _holds_tensors(data):
             data = next((data[k] for k in NESTED_KEYS if _holds_tensors(data.get(k), nested=True)), data)
     if not _holds_tensors(data):
-        raise WeightsError(f"{path}: expected a state_dict, found {type(data).__name__}")
-    return {_unprefixed(k): v for k, v in data.items() if isinstance(v, torch.Tensor) and k != "n_averaged"}
+        found = f"a dict of {', '.join(map(repr, list(data)[:8]))}" if isinstance(data, dict) else type(data).__name__
+        raise WeightsError(f"{path}: expected a state_dict (or one under {', '.join(NESTED_KEYS)}), found {found}")
+    state_dict = {_unprefixed(k): v for k, v in data.items() if isinstance(v, torch.Tensor) and k != "n_averaged"}
+    return _network_within(state_dict, architecture, path) if architecture else state_dict
+
+
+def _network_within(state_dict: dict[str, torch.Tensor], architecture: str, path: Path) -> dict[str, torch.Tensor]:
+    """The network's tensors where a training module kept it as an attribute (every key under
+    ``model.`` or ``net.``...): the one attribute whose keys hold all of the architecture's.
+    A state_dict that has them at the top is returned as it is; one that has them nowhere too,
+    for ``fit`` to say what does not fit."""
+    with torch.device("meta"):  # the keys only: nothing allocated or initialised
+        expected = build_network_of(architecture, 1000).state_dict().keys()
+    if expected <= state_dict.keys():
+        return state_dict
+    within = {}
+    for attribute in dict.fromkeys(k.split(".", 1)[0] for k in state_dict if "." in k):
+        inner = {_unprefixed(k[len(attribute) + 1:]): v for k, v in state_dict.items() if k.startswith(f"{attribute}.")}
+        if expected <= inner.keys():
+            within[attribute] = inner
+    if len(within) > 1:
+        raise WeightsError(f"{path}: holds {len(within)} {architecture} networks ({', '.join(f'{a}.' for a in within)}); "
+                           "save the one to serve with torch.save(model.state_dict(), 'weights.pth')")
+    return next(iter(within.values()), state_dict)
 
 
 def _holds_tensors(data: object, *, nested: bool = False) -> bool:
@@ -124,7 +149,7 @@ def fit(state_dict: dict[str, torch.Tensor], spec: ModelSpec, source: str) -> No
 
 def load_state_dict(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Load a checkpoint and check it fits the spec's architecture and classes."""
-    state_dict = read_checkpoint(path)
+    state_dict = read_checkpoint(path, spec.architecture)
     fit(state_dict, spec, str(path))
     return state_dict
 

@@ -356,7 +356,7 @@ def model_inputs(architecture: str, weights: str, labels: Labels | None, name: s
     path = Path(weights)
     if not path.is_file():
         raise ExportError(f"--weights {weights}: no such file (or use 'official' or 'random')")
-    state_dict = read_checkpoint(path)
+    state_dict = read_checkpoint(path, architecture)
     head = head_size(state_dict, architecture)
     if labels is None and head not in (None, 1000):
         raise ExportError(f"--labels is required: the checkpoint's head has {head} classes, not ImageNet's 1000")
