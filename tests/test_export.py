@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from safetensors.torch import save_file
 
 from resnet_serve.backends.torch import export
 from resnet_serve.backends.torch.checkpoints import read_checkpoint
@@ -62,6 +63,14 @@ def test_checkpoints_in_every_container_users_have_load_the_same(tmp_path: Path,
     }[wrap]
     torch.save(saved, tmp_path / "c.pth")
     loaded = read_checkpoint(tmp_path / "c.pth", "resnet18")
+    assert loaded.keys() == plain.keys() and all(torch.equal(loaded[k], plain[k]) for k in plain)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "renamed.pt"])
+def test_safetensors_files_load_the_same_whatever_their_name(tmp_path: Path, name: str) -> None:
+    plain = random_state_dict("resnet18", 4, seed=1)
+    save_file({f"model.{k}": v.contiguous() for k, v in plain.items()}, tmp_path / name)
+    loaded = read_checkpoint(tmp_path / name, "resnet18")
     assert loaded.keys() == plain.keys() and all(torch.equal(loaded[k], plain[k]) for k in plain)
 
 

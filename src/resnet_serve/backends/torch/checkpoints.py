@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file as load_safetensors
 
 from resnet_serve.backends.torch.graph import build_network, build_network_of
 from resnet_serve.errors import WeightsError
@@ -58,7 +59,7 @@ def read_checkpoint(path: Path, architecture: str | None = None) -> dict[str, to
     Loading never runs code from the file (``weights_only``); a file holding a whole pickled
     model is refused with a message saying how to save its state_dict instead."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = load_safetensors(path) if _is_safetensors(path) else torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise WeightsError(
             f"{path}: not a plain state_dict (it holds pickled objects, such as a whole model, which "
@@ -95,6 +96,14 @@ def _network_within(state_dict: dict[str, torch.Tensor], architecture: str, path
         raise WeightsError(f"{path}: holds {len(within)} {architecture} networks ({', '.join(f'{a}.' for a in within)}); "
                            "save the one to serve with torch.save(model.state_dict(), 'weights.pth')")
     return next(iter(within.values()), state_dict)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file (Hugging Face's format, what ``save_file`` and its Trainer write),
+    known by its start: the header's length, then the header's JSON object."""
+    with path.open("rb") as file:
+        start = file.read(9)
+    return len(start) == 9 and start[8:] == b"{" and 2 <= int.from_bytes(start[:8], "little") < path.stat().st_size
 
 
 def _holds_tensors(data: object, *, nested: bool = False) -> bool:
