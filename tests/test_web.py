@@ -229,3 +229,25 @@ def test_a_picker_chooses_the_model_and_labels_are_shown_as_text(
     expect(result.locator(".times")).to_contain_text("html")
     assert not dialogs and page.evaluate("typeof window.alerted") == "undefined"
     context.close()
+
+
+@pytest.mark.parametrize(("path", "rendered"), [("/docs", ".swagger-ui .opblock-summary-path[data-path='/predict']"),
+                                                ("/redoc", "h1:has-text('resnet-serve')")])
+def test_the_api_docs_render_offline(browser: Browser, base_url: str, path: str, rendered: str) -> None:
+    """Swagger UI and ReDoc from the server itself: every request elsewhere (a CDN) is refused."""
+    context = browser.new_context()
+    elsewhere: list[str] = []
+
+    def only_this_server(route) -> None:  # type: ignore[no-untyped-def]
+        if route.request.url.startswith(base_url):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_this_server)
+    page = context.new_page()
+    page.goto(base_url + path)
+    expect(page.locator(rendered).first).to_be_visible(timeout=20_000)
+    assert elsewhere == []
+    context.close()

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from resnet_serve import __version__
 from resnet_serve.http import explain, health, info, oip, predict, triton
@@ -20,6 +21,8 @@ from resnet_serve.logs import configure_logging
 from resnet_serve.pipeline import Predictor
 from resnet_serve.service import Service
 from resnet_serve.settings import Settings
+
+DOCS_ASSETS = "/docs-assets"  # Swagger UI's and ReDoc's scripts and styles
 
 
 def _flip_readiness_on_sigterm(service: Service) -> Callable[[], None]:
@@ -61,8 +64,10 @@ def create_app(settings: Settings | None = None, *, engine: Predictor | None = N
             await service.stop()
             restore_signal()
 
-    app = FastAPI(title="resnet-serve", version=__version__, lifespan=lifespan,
-                  summary="Image classification with torchvision models (a model repository), dynamically batched.")
+    # FastAPI's /docs and /redoc load Swagger UI and ReDoc from a CDN: offline they are blank
+    # pages. fastapi-offline serves the same pages with those files from its package.
+    app = FastAPIOffline(title="resnet-serve", version=__version__, lifespan=lifespan, static_url=DOCS_ASSETS,
+                         summary="Image classification with torchvision models (a model repository), dynamically batched.")
     app.state.service = service
     install_error_handlers(app)
     configure_logging(settings.log_format, settings.log_level)

@@ -2,7 +2,8 @@
 
 The page is plain HTML/CSS/JS with no CDN and no build step, so it works offline. Its
 Content-Security-Policy allows only the page's own resources (plus ``blob:`` images for the
-previews of the user's own files); ``/docs`` keeps FastAPI's defaults.
+previews of the user's own files); ``/docs`` and ``/redoc`` keep FastAPI's pages (their scripts
+served from the package too, see ``app``) and no such policy: Swagger UI runs an inline script.
 """
 
 from __future__ import annotations
