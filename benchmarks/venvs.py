@@ -16,10 +16,12 @@ def torch_free_python(extra: str | None = None) -> Path:
     """The interpreter of the slim install, or of the slim install with ``extra``, made if missing."""
     venv = ROOT / (f".venv-{extra}" if extra else ".venv-slim")
     python = venv / "bin" / "python"
+    install = [str(python), "-m", "pip", "install", "-q", f"{ROOT}[{extra}]" if extra else str(ROOT)]
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", f"{ROOT}[{extra}]" if extra else str(ROOT)],
-                       check=True, timeout=1200)
+        subprocess.run(install, check=True, timeout=1200)
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(ROOT)],
                    check=True, timeout=600)
+    if subprocess.run([str(python), "-m", "pip", "check"], capture_output=True, timeout=120).returncode != 0:
+        subprocess.run(install, check=True, timeout=1200)  # a dependency added since the venv was made
     return python
