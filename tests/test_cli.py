@@ -104,6 +104,15 @@ def test_bad_settings_are_named_one_line_each_before_anything_starts(
     assert "RESNET_SERVE_MAX_BATCH_SIZE='0'" in err and "RESNET_SERVE_PORT='99999'" in err  # a flag, as its variable
 
 
+def test_a_rule_between_settings_is_one_line_too(capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESNET_SERVE_MODEL_CONTROL", "explicit")
+    monkeypatch.setenv("RESNET_SERVE_WORKERS", "2")  # serve writes its flags there: so it is undone after
+    assert main(["serve", "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "\n  RESNET_SERVE_MODEL_CONTROL=explicit needs one worker" in err
+
+
 def test_predict_prints_a_top_k_table(
     seeded_weights: Path, photo_jpegs: dict[str, bytes], tmp_path: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,

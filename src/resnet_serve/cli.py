@@ -284,8 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings_errors(exc: ValidationError) -> list[str]:
-    """One line per bad setting, named as the environment variable it is read from."""
-    return [f"RESNET_SERVE_{str(error['loc'][0]).upper()}={error['input']!r}: {error['msg']}" for error in exc.errors()]
+    """One line per bad setting, named as the environment variable it is read from; a rule
+    between settings as its own message, which names them."""
+    return [f"RESNET_SERVE_{str(error['loc'][0]).upper()}={error['input']!r}: {error['msg']}" if error["loc"]
+            else str(error.get("ctx", {}).get("error", error["msg"])) for error in exc.errors()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
