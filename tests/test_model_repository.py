@@ -3,7 +3,9 @@ state; a damaged one isolated; the protocol per model, with Triton's own client.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -169,6 +171,116 @@ async def test_the_latest_version_is_served_and_the_index_lists_the_others(
         assert {(r["name"], r["version"]) for r in ready_only} == {("flowers", "2"), ("parts", "1")}
 
 
+def new_version(repository: Path, name: str, version: int, rename: tuple[str, str]) -> None:
+    """Version ``version`` of ``name``: the latest one's artefacts, one label renamed (so its answers tell)."""
+    latest = max(int(p.name) for p in (repository / name).iterdir() if p.name.isdigit())
+    folder = repository / name / str(version)
+    shutil.copytree(repository / name / str(latest), folder)
+    metadata = folder / "model.json"
+    metadata.write_text(metadata.read_text().replace(f'"version": {latest}', f'"version": {version}'))
+    labels = folder / "labels.tsv"
+    labels.write_text(labels.read_text().replace(f"\t{rename[0]}\t", f"\t{rename[1]}\t"))
+
+
+@pytest.fixture
+async def controlled(user_repository: Path, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Path]]:
+    """A server of a copy of the repository with explicit model control, and that copy."""
+    copy = tmp_path / "repository"
+    shutil.copytree(user_repository, copy)
+    async for client in ready_client(served(copy, model_control="explicit", shutdown_grace_s=5.0)):
+        yield client, copy
+
+
+async def test_a_new_version_is_loaded_without_a_restart_and_no_request_is_lost(
+    controlled: tuple[httpx.AsyncClient, Path], photo_jpegs: dict[str, bytes]
+) -> None:
+    client, repository = controlled
+    new_version(repository, "flowers", 2, ("rose", "rose v2"))
+    photos = [photo_jpegs[n] for n in ("chelsea", "coffee", "horse", "rocket")]
+
+    async def classify(data: bytes) -> dict[str, object]:
+        response = await client.post("/predict?model=flowers&top_k=5", **upload(data))
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    loading = asyncio.Event()
+    versions: list[int] = []
+
+    async def keep_asking(data: bytes) -> None:  # from before the load until after it
+        while not loading.is_set() or len(versions) < 8:
+            unique = data + os.urandom(8)  # a trailer JPEG decoders ignore: no answer from the result cache
+            versions.append((await classify(unique))["model_version"])
+
+    clients = asyncio.gather(*(keep_asking(p) for p in photos))
+    while len(versions) < 4 and not clients.done():
+        await asyncio.sleep(0.01)
+    loaded = await client.post("/v2/repository/models/flowers/load", json={})
+    loading.set()
+    versions.clear()
+    await clients
+    assert loaded.status_code == 200 and loaded.json() == {}
+    assert set(versions) == {2}
+    after = await classify(photos[0])
+    assert after["model_version"] == 2 and "rose v2" in [p["label"] for p in after["predictions"]]
+    assert (await client.get("/v2/models/flowers")).json()["versions"] == ["2"]
+    rows = {(r["name"], r["version"]): r["state"] for r in (await client.post("/v2/repository/index")).json()}
+    assert rows == {("flowers", "1"): "UNAVAILABLE", ("flowers", "2"): "READY", ("parts", "1"): "READY"}
+    again = await client.post("/v2/repository/models/flowers/load")  # already the latest: nothing to do
+    assert again.status_code == 200 and (await classify(photos[1]))["model_version"] == 2
+
+
+async def test_unload_then_load_and_a_model_exported_since_the_start(
+    controlled: tuple[httpx.AsyncClient, Path], photo_jpegs: dict[str, bytes]
+) -> None:
+    client, repository = controlled
+    assert (await client.post("/v2/repository/models/parts/unload")).status_code == 200
+    refused = await client.post("/predict?model=parts", **upload(photo_jpegs["coffee"]))
+    assert refused.status_code == 503 and "unloaded" in refused.json()["error"]["message"]
+    models = {m["name"]: m for m in (await client.get("/models")).json()["models"]}
+    assert (models["parts"]["state"], models["parts"]["reason"]) == ("UNAVAILABLE", "unloaded")
+    assert (await client.get("/v2/models/parts/ready")).status_code == 503
+    assert (await client.post("/v2/repository/models/parts/load")).status_code == 200
+    assert (await client.post("/predict?model=parts", **upload(photo_jpegs["coffee"]))).status_code == 200
+    shutil.copytree(repository / "flowers", repository / "roses")
+    for metadata in (repository / "roses").glob("*/model.json"):
+        metadata.write_text(metadata.read_text().replace('"name": "flowers"', '"name": "roses"'))
+    assert (await client.post("/predict?model=roses", **upload(photo_jpegs["coffee"]))).status_code == 404
+    assert (await client.post("/v2/repository/models/roses/load")).status_code == 200
+    assert (await client.post("/predict?model=roses", **upload(photo_jpegs["coffee"]))).json()["model"] == "roses"
+
+
+async def test_a_load_that_fails_leaves_the_version_served(
+    controlled: tuple[httpx.AsyncClient, Path], photo_jpegs: dict[str, bytes]
+) -> None:
+    client, repository = controlled
+    new_version(repository, "flowers", 2, ("rose", "rose v2"))
+    for artefact in (repository / "flowers" / "2").glob("model.*[!n]"):  # every artefact, not model.json
+        artefact.write_bytes(artefact.read_bytes()[:1000])
+    failed = await client.post("/v2/repository/models/flowers/load")
+    assert failed.status_code == 400 and "flowers/2 failed to load" in failed.json()["error"]
+    answer = await client.post("/predict?model=flowers", **upload(photo_jpegs["coffee"]))
+    assert answer.status_code == 200 and answer.json()["model_version"] == 1
+    missing = await client.post("/v2/repository/models/tulips/load")
+    assert missing.status_code == 404 and "no model 'tulips'" in missing.json()["error"]
+    override = await client.post("/v2/repository/models/flowers/load", json={"parameters": {"config": "{}"}})
+    assert override.status_code == 400 and "config cannot override" in override.json()["error"]
+
+
+async def test_model_control_needs_the_api_key_when_one_is_set(user_repository: Path) -> None:
+    async for client in ready_client(served(user_repository, model_control="explicit", api_key="s3cret")):
+        refused = await client.post("/v2/repository/models/parts/unload")
+        assert refused.status_code == 401 and (await client.get("/v2/models/parts/ready")).status_code == 200
+        assert (await client.post("/v2/repository/models/parts/unload", headers={"X-API-Key": "s3cret"})).status_code == 200
+
+
+async def test_model_control_is_off_unless_asked_and_needs_one_worker(client: httpx.AsyncClient) -> None:
+    for action in ("load", "unload"):
+        refused = await client.post(f"/v2/repository/models/flowers/{action}")
+        assert refused.status_code == 403 and "RESNET_SERVE_MODEL_CONTROL=explicit" in refused.json()["error"]
+    with pytest.raises(ValueError, match="needs one worker"):
+        Settings(model_control="explicit", workers=2)
+
+
 async def test_a_default_model_that_is_not_there_stops_the_start(user_repository: Path) -> None:
     from asgi_lifespan import LifespanManager
 
@@ -212,3 +324,24 @@ def test_tritonclient_sees_every_model_its_config_stats_and_the_index(
     assert {(m["name"], m["state"]) for m in index} == {("flowers", "READY"), ("parts", "READY")}
     with pytest.raises(triton.InferenceServerException, match="unknown|no model"):
         client.get_model_metadata("roses")  # the error string reaches the client intact
+
+
+def test_tritonclient_unloads_and_loads_a_model(user_repository: Path, tmp_path: Path) -> None:
+    """Triton's explicit model control, through Triton's own client and a real server process."""
+    import tritonclient.http as triton
+
+    copy = tmp_path / "repository"
+    shutil.copytree(user_repository, copy)
+    with real_server(tmp_path / "server.log", "--model-repository", str(copy), device="cpu", torch_threads="1",
+                     model_control="explicit") as (url, process):
+        wait_ready(url, process)
+        client = triton.InferenceServerClient(url=url.removeprefix("http://"))
+        client.unload_model("parts")
+        assert not client.is_model_ready("parts") and client.is_model_ready("flowers")
+        index = {m["name"]: m for m in client.get_model_repository_index()}
+        assert (index["parts"]["state"], index["parts"]["reason"]) == ("UNAVAILABLE", "unloaded")
+        new_version(copy, "parts", 2, ("nut", "hex nut"))
+        client.load_model("parts")
+        assert client.is_model_ready("parts", model_version="2") and client.get_model_metadata("parts")["versions"] == ["2"]
+        with pytest.raises(triton.InferenceServerException, match="no model 'gears'"):
+            client.load_model("gears")

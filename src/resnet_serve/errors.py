@@ -44,6 +44,20 @@ class MethodNotAllowed(ServeError):
     code = "method_not_allowed"
 
 
+class ModelControlDisabled(ServeError):
+    """Loading and unloading models on request is off (``RESNET_SERVE_MODEL_CONTROL``)."""
+
+    status_code = 403
+    code = "model_control_disabled"
+
+
+class LoadFailed(ServeError):
+    """A model asked to load cannot be (Triton answers 400); what was served before still is."""
+
+    status_code = 400
+    code = "load_failed"
+
+
 class ModelUnavailable(ServeError):
     """The model exists but cannot serve now (its artefact is missing or damaged)."""
 

@@ -11,6 +11,13 @@ Start-up reads the repository, and for the default one resolves the weights, bef
 accepts requests, so a missing repository or ``RESNET_SERVE_WEIGHTS_MODE=official`` without the
 official file stops the process. Everything here runs on the event loop thread; exporting and
 loading run in a worker thread, one model after another.
+
+Explicit model control (``RESNET_SERVE_MODEL_CONTROL=explicit``, Triton's name): a load reads the
+repository again and loads the model's latest version beside the one served, which keeps serving
+until the new one is warm; loads and unloads take turns (one lock). The swap is one assignment
+on the event loop, and a request takes its pipeline and is admitted to it with no await in
+between, so every request admitted to the old pipeline is counted there; the old one stops once
+those have finished (within ``shutdown_grace_s``). No request is refused or lost by a swap.
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from resnet_serve import memory, metrics
-from resnet_serve.errors import ModelNotFound, ModelUnavailable, NotReady
+from resnet_serve.errors import LoadFailed, ModelControlDisabled, ModelNotFound, ModelUnavailable, NotReady
 from resnet_serve.explain import Explainer, Target
 from resnet_serve.loading import (
     RepositoryPlan,
@@ -34,7 +42,7 @@ from resnet_serve.loading import (
     served_versions,
 )
 from resnet_serve.pipeline import Pipeline, Predictor
-from resnet_serve.repository import ModelVersion, valid_name
+from resnet_serve.repository import ModelVersion, Repository, valid_name
 from resnet_serve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -54,6 +62,12 @@ class ServedModel:
     pipeline: Pipeline | None = None
 
 
+def _forget_info(pipeline: Pipeline) -> None:
+    """Drop the model-info series of a pipeline that stops serving (before the next one sets its own)."""
+    info = pipeline.engine.info
+    metrics.MODEL_INFO.remove(info.name, info.device, info.precision, info.weights.source, info.runtime)
+
+
 class Service:
     """One server's runtime state: its models, the shared decode pool, readiness."""
 
@@ -70,6 +84,8 @@ class Service:
         self.explainer = Explainer(queue_limit=settings.explain_queue, priority=settings.explain_priority,
                                    max_pixels=min(settings.max_pixels, settings.explain_max_pixels))
         self._engines: list[Predictor] = []
+        self._root: Path | None = None  # the repository served, once read
+        self._control = asyncio.Lock()  # loads and unloads take turns
         self._loader: asyncio.Task[None] | None = None
         self._heap_trimmer: asyncio.Task[None] | None = None
 
@@ -85,6 +101,7 @@ class Service:
             self.status = "ready"
             return
         plan = await asyncio.to_thread(plan_repository, self.settings)
+        self._root = plan.root
         if plan.export is None:
             self._read(plan)
         else:
@@ -141,6 +158,70 @@ class Service:
         slot.pipeline = Pipeline(engine, settings, self.decode_pool)
         metrics.MODEL_INFO.labels(info.name, info.device, info.precision, info.weights.source, info.runtime).set(1)
         slot.state, slot.reason = "READY", None
+
+    async def load_model(self, name: str) -> ServedModel:
+        """Serve the latest version of ``name`` in the repository now: a model exported since the
+        start, a new version, or one unloaded (one already served at its latest: nothing to do).
+        A load that fails leaves what was served as it was."""
+        root = self._controllable()
+        async with self._control:
+            versions = await asyncio.to_thread(Repository(root).versions)
+            latest = {v.name: v for v in versions}
+            if name not in latest or not valid_name(name):
+                raise ModelNotFound(f"no model {name!r} in the repository {root} (it has {', '.join(latest)})")
+            version, old = latest[name], self.models.get(name)
+            if old is not None and old.version == version.version and old.pipeline is not None:
+                return old
+            try:
+                engine = await asyncio.to_thread(load_engine, version, self.settings)
+            except Exception as exc:
+                raise LoadFailed(f"{name}/{version.version} failed to load: {exc}") from exc
+            if self.status == "shutting_down":
+                await asyncio.to_thread(engine.close, 0)
+                raise NotReady("the service is shutting down")
+            slot = ServedModel(name, version.version)
+            if old is not None and old.pipeline is not None:
+                _forget_info(old.pipeline)
+            self._engines.append(engine)
+            self._serve(slot, engine, model_settings(version, self.settings))
+            self.models[name], self.versions = slot, versions
+            if self.status == "failed":  # nothing served before this load
+                self.status, self.failure = "ready", None
+            logger.info("loaded %s/%d on request%s", name, version.version,
+                        f", in place of version {old.version}" if old and old.version != version.version else "")
+            if old is not None and old.pipeline is not None:
+                await self._retire(old.pipeline)
+            return slot
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving ``name``: its admitted requests finish, new ones get 503 until a load."""
+        self._controllable()
+        async with self._control:
+            slot = self.model(name)
+            self.models[slot.name] = ServedModel(slot.name, slot.version, "UNAVAILABLE", "unloaded")
+            logger.info("unloaded %s/%d on request", slot.name, slot.version)
+            if slot.pipeline is not None:
+                _forget_info(slot.pipeline)
+                await self._retire(slot.pipeline)
+
+    def _controllable(self) -> Path:
+        """The repository, if models may be loaded and unloaded now."""
+        if self.settings.model_control != "explicit":
+            raise ModelControlDisabled("loading and unloading models is off (RESNET_SERVE_MODEL_CONTROL=explicit "
+                                       "turns it on)")
+        if self._root is None or self.status in ("loading", "shutting_down"):
+            raise NotReady(f"the service is {self.status}", headers={"Retry-After": "1"})
+        return self._root
+
+    async def _retire(self, pipeline: Pipeline) -> None:
+        """A pipeline no new request can reach: wait for the ones admitted to it (within the
+        shutdown grace), then stop its batcher and inference thread."""
+        end = time.monotonic() + self.settings.shutdown_grace_s
+        while pipeline.in_flight and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        await pipeline.close(0)
+        self._engines.remove(pipeline.engine)
+        await asyncio.to_thread(pipeline.engine.close, self.settings.shutdown_grace_s)
 
     def model(self, name: str | None) -> ServedModel:
         """The model ``name`` (the default one for None), or 404 naming the models served

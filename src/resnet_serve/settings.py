@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
@@ -18,6 +18,7 @@ PrecisionName = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 Int8Backend = Literal["fbgemm", "onednn", "x86"]
 WeightsMode = Literal["auto", "official", "random"]
 DispatchPolicy = Literal["eager", "wait"]
+ModelControl = Literal["none", "explicit"]
 LogFormat = Literal["plain", "json"]
 RuntimeName = Literal["auto", "torchscript", "onnxruntime", "openvino"]
 
@@ -45,6 +46,10 @@ class Settings(BaseSettings):
     )
     default_model: str | None = Field(
         None, description="the model /predict serves without ?model= (unset: resnet18 if served, else the first)"
+    )
+    model_control: ModelControl = Field(
+        "none", description="explicit: POST /v2/repository/models/NAME/load and /unload serve a model's latest "
+        "version, or stop serving it, with no restart (Triton's explicit model control); one worker only"
     )
 
     device: DeviceName = "auto"
@@ -98,6 +103,13 @@ class Settings(BaseSettings):
     )
     log_format: LogFormat = "plain"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _one_worker_for_model_control(self) -> Settings:
+        if self.model_control == "explicit" and self.workers > 1:
+            raise ValueError("RESNET_SERVE_MODEL_CONTROL=explicit needs one worker: a load or unload would "
+                             "reach only the worker that answers it")
+        return self
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -1,19 +1,22 @@
 """Triton's extensions to the protocol, which Triton's own tools and clients read: the model
-configuration (``/v2/models/{name}/config``), statistics (``/v2/models[/{name}]/stats``) and the
-repository index (``POST /v2/repository/index``), answered in Triton's JSON shapes."""
+configuration (``/v2/models/{name}/config``), statistics (``/v2/models[/{name}]/stats``), the
+repository index (``POST /v2/repository/index``) and, with ``RESNET_SERVE_MODEL_CONTROL=explicit``,
+loading and unloading (``POST /v2/repository/models/{name}/load|unload``), answered in Triton's
+JSON shapes."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
 from resnet_serve.errors import MalformedRequest
+from resnet_serve.http.auth import require_api_key
 from resnet_serve.http.dependencies import ServiceDep
 from resnet_serve.http.errors import OipRoute
 from resnet_serve.http.oip import MODEL_ERRORS, served
-from resnet_serve.http.oip_codec import BYTES_INPUT, OUTPUT_NAME, PIXELS_INPUT
+from resnet_serve.http.oip_codec import BYTES_INPUT, OUTPUT_NAME, PIXELS_INPUT, V2Error
 from resnet_serve.pipeline import Duration
 from resnet_serve.repository import LABELS_FILE
 from resnet_serve.service import ServedModel, Service
@@ -114,3 +117,44 @@ async def index(request: Request, service: ServiceDep) -> list[dict[str, str]]:
              for m in service.models.values()]
     rows.sort(key=lambda row: (row["name"], int(row["version"])))
     return [row for row in rows if not ready_only or row["state"] == "READY"]
+
+
+async def _parameters(request: Request) -> dict[str, Any]:
+    """A load or unload request's ``parameters`` (an empty body is none)."""
+    body = await request.body()
+    try:
+        parameters = (await request.json()).get("parameters", {}) if body.strip() else {}
+    except (ValueError, AttributeError):
+        raise MalformedRequest('the request is JSON: {} or {"parameters": {...}}') from None
+    if not isinstance(parameters, dict):
+        raise MalformedRequest('"parameters" is an object')
+    return parameters
+
+
+CONTROL: dict[str, Any] = {"dependencies": [Depends(require_api_key)], "responses": {
+    code: {"model": V2Error, "description": text}
+    for code, text in {400: "the load failed (the version served stays), or a malformed request",
+                       401: "API key missing or wrong", 403: "model control is off (RESNET_SERVE_MODEL_CONTROL)",
+                       404: "no such model in the repository", 503: "the service is loading or shutting down"}.items()
+}}
+
+
+@router.post("/repository/models/{name}/load", summary="Load a model's latest version (Triton, explicit model control)",
+             **CONTROL)
+async def load(name: str, request: Request, service: ServiceDep) -> dict[str, Any]:
+    """Serve the latest version in the repository: exported since the start, newer, or unloaded."""
+    overrides = [key for key in await _parameters(request) if key == "config" or key.startswith("file:")]
+    if overrides:
+        raise MalformedRequest(f"a load takes the model as exported; {', '.join(overrides)} cannot override it "
+                               "(export a new version instead)")
+    await service.load_model(name)
+    return {}
+
+
+@router.post("/repository/models/{name}/unload", summary="Stop serving a model (Triton, explicit model control)",
+             **CONTROL)
+async def unload(name: str, request: Request, service: ServiceDep) -> dict[str, Any]:
+    """Requests admitted before finish; later ones get 503 until the model is loaded again."""
+    await _parameters(request)  # unload_dependents: a classifier has none
+    await service.unload_model(name)
+    return {}
