@@ -194,6 +194,22 @@ async def test_the_queue_is_bounded_and_the_deadline_kept(photo_jpegs: dict[str,
     await explainer.close(1.0)
 
 
+async def test_one_version_of_each_model_is_kept_open(photo_jpegs: dict[str, bytes]) -> None:
+    """A version loaded in place of another (explicit model control) does not keep the old open."""
+    opened: list[int] = []
+
+    def opener(target: Target) -> GradCam:
+        opened.append(target.version)
+        return GradCam(TopRightOnly(), QUADRANT_SPEC)
+
+    explainer = Explainer(queue_limit=1, max_pixels=10**8, opener=opener)
+    far = time.monotonic() + 30
+    for version in (1, 1, 2, 2, 1):
+        await explainer.explain(Target(QUADRANT_SPEC, version, None), photo_jpegs["chelsea"], far)
+    assert opened == [1, 2, 1]  # 1 opened again: opening 2 dropped it
+    await explainer.close(1.0)
+
+
 @pytest.fixture
 async def explain_client(settings: Settings, engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
     """The API at normal explanation priority: at ``idle`` (the default, tested on its own above)

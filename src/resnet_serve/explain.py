@@ -2,7 +2,8 @@
 
 Concurrency contract:
 - One worker thread (``resnet-serve-explain``, a one-thread executor) runs explanations, one at
-  a time: it decodes the upload, loads the model's eager FP32 copy on first use (then keeps it),
+  a time: it decodes the upload, loads the model's eager FP32 copy on first use (then keeps it;
+  one version per model: a version loaded in place of another drops the other's copy),
   runs Grad-CAM and draws the PNGs. Nothing else touches the eager networks, so they need no lock.
 - It runs at the lowest CPU priority (``RESNET_SERVE_EXPLAIN_PRIORITY``, by default Linux's
   ``SCHED_IDLE``; nice 19 elsewhere), and the intra-op threads it starts inherit that: when ``/predict``'s threads need the cores they get
@@ -165,6 +166,8 @@ class Explainer:
     def _network(self, target: Target) -> Explains:
         key = (target.spec.name, target.version, target.directory)
         if key not in self._networks:
+            for replaced in [k for k in self._networks if k[0] == target.spec.name]:
+                del self._networks[replaced]
             self._networks[key] = self._opener(target)
         return self._networks[key]
 
