@@ -21,7 +21,7 @@ from resnet_serve.http.app import create_app
 from resnet_serve.repository import Repository
 from resnet_serve.settings import Settings
 from resnet_serve.transform import preprocess
-from tests.conftest import FLOWERS, PARTS, ready_client, real_server, wait_ready
+from tests.conftest import FLOWERS, PARTS, open_client, ready_client, real_server, until_ready, wait_ready
 
 
 def served(repository: Path, **changes: object) -> Settings:
@@ -264,6 +264,25 @@ async def test_a_load_that_fails_leaves_the_version_served(
     assert missing.status_code == 404 and "no model 'tulips'" in missing.json()["error"]
     override = await client.post("/v2/repository/models/flowers/load", json={"parameters": {"config": "{}"}})
     assert override.status_code == 400 and "config cannot override" in override.json()["error"]
+
+
+async def test_a_stop_during_a_load_waits_for_it_and_the_load_gives_up(user_repository: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "repository"
+    shutil.copytree(user_repository, copy)
+    app = create_app(served(copy, model_control="explicit"))
+    async for client in open_client(app):
+        await until_ready(client)
+        new_version(copy, "flowers", 2, ("rose", "rose v2"))
+        service = app.state.service
+        load = asyncio.ensure_future(client.post("/v2/repository/models/flowers/load"))
+        while not service._control.locked():  # the load is under way
+            await asyncio.sleep(0.001)
+        await service.stop()
+        assert not service._control.locked()  # the stop waited for the load
+        answer = await load
+        assert answer.status_code == 503 and "shutting down" in answer.json()["error"]
+        assert all(not m.pipeline.engine.alive for m in service.models.values() if m.pipeline)
+        assert service.models["flowers"].version == 1
 
 
 async def test_model_control_needs_the_api_key_when_one_is_set(user_repository: Path) -> None:

@@ -282,11 +282,13 @@ class Service:
         self.begin_shutdown()
         if self._loader is not None and not self._loader.done():
             await self._loader
+        async with self._control:  # a load or unload under way finishes first (a load then gives up)
+            pass
         if self._heap_trimmer is not None:
             self._heap_trimmer.cancel()
         grace = self.settings.shutdown_grace_s
         await asyncio.gather(self.explainer.close(grace),
                              *(m.pipeline.close(grace) for m in self.models.values() if m.pipeline))
-        for engine in self._engines:
+        for engine in list(self._engines):
             await asyncio.to_thread(engine.close, grace)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
