@@ -26,6 +26,7 @@ import cam_output_bench  # noqa: E402
 import engine_bench  # noqa: E402
 import explain_bench  # noqa: E402
 import http_bench  # noqa: E402
+import install_bench  # noqa: E402
 import memory_bench  # noqa: E402
 import multi_model_bench  # noqa: E402
 import ort_int8_bench  # noqa: E402
@@ -389,3 +390,12 @@ def test_cam_output_bench_times_graphs_with_and_without_features(tmp_path: Path,
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert set(rows) == {f"{p} {w} features" for p in ("fp32", "int8") for w in ("with", "without")}
     assert all(row["b1_ms"] > 0 and row["b4_ms"] > 0 for row in rows.values())
+
+
+def test_install_bench_sizes_a_fresh_slim_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(install_bench, "RESULTS", tmp_path)
+    assert install_bench.main(["--installs", "slim", "--out", "installs"]) == 0
+    slim = json.loads((tmp_path / "installs.json").read_text())["slim"]
+    assert {"resnet-serve", "onnxruntime", "fastapi"} <= set(slim["names"]) and "torch" not in slim["names"]
+    assert slim["packages"] == len(slim["names"]) and 100 < slim["mb"] < 1000
+    assert "onnxruntime" in slim["largest_mb"] and "| `pip install '.'` |" in (tmp_path / "installs.md").read_text()
