@@ -104,6 +104,18 @@ async def test_metrics_carry_the_model(client: httpx.AsyncClient, photo_jpegs: d
     assert 'resnet_serve_model_info{device="cpu",model="flowers"' in text
 
 
+def new_version(repository: Path, name: str, version: int, rename: tuple[str, str] | None = None) -> None:
+    """Version ``version`` of ``name``: the latest one's artefacts, and one label ``rename``d (so its answers tell)."""
+    latest = max(int(p.name) for p in (repository / name).iterdir() if p.name.isdigit())
+    folder = repository / name / str(version)
+    shutil.copytree(repository / name / str(latest), folder)
+    metadata = folder / "model.json"
+    metadata.write_text(metadata.read_text().replace(f'"version": {latest}', f'"version": {version}'))
+    if rename is not None:
+        labels = folder / "labels.tsv"
+        labels.write_text(labels.read_text().replace(f"\t{rename[0]}\t", f"\t{rename[1]}\t"))
+
+
 @pytest.fixture
 def damaged(user_repository: Path, tmp_path: Path) -> Path:
     """The same repository, with parts' TorchScript artefact damaged (one byte flipped)."""
@@ -156,9 +168,7 @@ async def test_the_latest_version_is_served_and_the_index_lists_the_others(
 ) -> None:
     copy = tmp_path / "repository"
     shutil.copytree(user_repository, copy)
-    shutil.copytree(copy / "flowers" / "1", copy / "flowers" / "2")
-    metadata = copy / "flowers" / "2" / "model.json"
-    metadata.write_text(metadata.read_text().replace('"version": 1', '"version": 2'))
+    new_version(copy, "flowers", 2)
     async for client in ready_client(served(copy, default_model="parts")):
         assert (await client.get("/models")).json()["default"] == "parts"
         assert (await client.get("/v2/models/flowers/versions/2")).json()["versions"] == ["2"]
@@ -169,17 +179,6 @@ async def test_the_latest_version_is_served_and_the_index_lists_the_others(
             ("flowers", "1", "UNAVAILABLE"), ("flowers", "2", "READY"), ("parts", "1", "READY")]
         ready_only = (await client.post("/v2/repository/index", json={"ready": True})).json()
         assert {(r["name"], r["version"]) for r in ready_only} == {("flowers", "2"), ("parts", "1")}
-
-
-def new_version(repository: Path, name: str, version: int, rename: tuple[str, str]) -> None:
-    """Version ``version`` of ``name``: the latest one's artefacts, one label renamed (so its answers tell)."""
-    latest = max(int(p.name) for p in (repository / name).iterdir() if p.name.isdigit())
-    folder = repository / name / str(version)
-    shutil.copytree(repository / name / str(latest), folder)
-    metadata = folder / "model.json"
-    metadata.write_text(metadata.read_text().replace(f'"version": {latest}', f'"version": {version}'))
-    labels = folder / "labels.tsv"
-    labels.write_text(labels.read_text().replace(f"\t{rename[0]}\t", f"\t{rename[1]}\t"))
 
 
 @pytest.fixture
@@ -264,6 +263,9 @@ async def test_a_load_that_fails_leaves_the_version_served(
     assert missing.status_code == 404 and "no model 'tulips'" in missing.json()["error"]
     override = await client.post("/v2/repository/models/flowers/load", json={"parameters": {"config": "{}"}})
     assert override.status_code == 400 and "config cannot override" in override.json()["error"]
+    for path, body in (("/v2/repository/models/flowers/load", b"not json"), ("/v2/repository/index", b"[1]")):
+        malformed = await client.post(path, content=body)
+        assert malformed.status_code == 400 and "the request is JSON" in malformed.json()["error"]
 
 
 async def test_a_stop_during_a_load_waits_for_it_and_the_load_gives_up(user_repository: Path, tmp_path: Path) -> None:

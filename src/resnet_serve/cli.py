@@ -23,7 +23,6 @@ from resnet_serve.logs import configure_logging
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
 
 TORCH_EXTRA = "pip install 'resnet-serve[torch]'"
-STARTUP_FAILURE = 3  # uvicorn's exit status for a server that never started serving
 SERVE_FLAGS = ("host", "port", "workers", "device", "precision", "runtime", "model_repository", "default_model",
                "log_level")
 
@@ -65,11 +64,12 @@ def _serve(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": max(1, round(settings.shutdown_grace_s)),
     }
     if settings.workers == 1:
-        uvicorn.run(app, **options)  # exits with STARTUP_FAILURE itself if the app never started
+        uvicorn.run(app, **options)  # exits with uvicorn's STARTUP_FAILURE (3) itself if the app never started
         return 0
     # uvicorn's supervisor, run here rather than by uvicorn.run, which returns as after a clean
     # stop when a worker fails to start (and the supervisor then stops the others): the exit
     # status must say that the server never served.
+    from uvicorn.main import STARTUP_FAILURE  # the status uvicorn.run exits with when the app never started
     from uvicorn.supervisors import Multiprocess
 
     config = uvicorn.Config(app, **options)

@@ -7,6 +7,7 @@ JSON shapes."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -99,13 +100,21 @@ async def stats(name: str, service: ServiceDep, version: str | None = None) -> d
     return {"model_stats": [model_stats(served(service, name, version))]}
 
 
-@router.post("/repository/index", summary="Every model version in the repository and its state (Triton)")
-async def index(request: Request, service: ServiceDep) -> list[dict[str, str]]:
+async def _json_object(request: Request, shape: str) -> dict[str, Any]:
+    """A repository request's JSON object (an empty body is an empty one), or 400 naming ``shape``."""
     body = await request.body()
     try:
-        ready_only = bool((await request.json()).get("ready", False)) if body.strip() else False
-    except (ValueError, AttributeError):
-        raise MalformedRequest("the index request is JSON: {} or {\"ready\": true}") from None
+        data = json.loads(body) if body.strip() else {}
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise MalformedRequest(f"the request is JSON: {shape}")
+    return data
+
+
+@router.post("/repository/index", summary="Every model version in the repository and its state (Triton)")
+async def index(request: Request, service: ServiceDep) -> list[dict[str, str]]:
+    ready_only = bool((await _json_object(request, '{} or {"ready": true}')).get("ready", False))
     rows = []
     for version in service.versions:
         slot = service.models.get(version.name)
@@ -120,12 +129,8 @@ async def index(request: Request, service: ServiceDep) -> list[dict[str, str]]:
 
 
 async def _parameters(request: Request) -> dict[str, Any]:
-    """A load or unload request's ``parameters`` (an empty body is none)."""
-    body = await request.body()
-    try:
-        parameters = (await request.json()).get("parameters", {}) if body.strip() else {}
-    except (ValueError, AttributeError):
-        raise MalformedRequest('the request is JSON: {} or {"parameters": {...}}') from None
+    """A load or unload request's ``parameters`` (an empty body has none)."""
+    parameters = (await _json_object(request, '{} or {"parameters": {...}}')).get("parameters", {})
     if not isinstance(parameters, dict):
         raise MalformedRequest('"parameters" is an object')
     return parameters
