@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 from collections.abc import AsyncIterator
 from typing import Any
@@ -209,6 +210,49 @@ async def test_a_full_queue_answers_503_with_retry_after(settings: Settings, eng
         refused = next(r for r in responses if r.status_code == 503)
         assert_error(refused, 503, "overloaded")
         assert refused.headers["Retry-After"] == "1"
+
+
+def batch_of(jpegs: list[bytes]) -> dict[str, Any]:
+    return {"files": [("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(jpegs)]}
+
+
+async def test_each_image_of_a_batch_takes_its_own_admission_slot(
+    settings: Settings, engine: Engine, photo_jpegs: dict[str, bytes]
+) -> None:
+    """A batch of four counts as four requests: three such batches against six slots (a queue of
+    four, batches of two) are not all queued; the ones refused get 503 at once, the one admitted
+    is answered in full, and a batch that could never fit gets 413, whatever the load."""
+    slow = WrappedEngine(engine, delay=0.2)
+    tight = settings.model_copy(update={"max_queue": 4, "max_batch_size": 2, "cache_size": 0})
+    four = batch_of([photo_jpegs[n] for n in ("rocket", "chelsea", "coffee", "astronaut")])
+    async for c in client_for(tight, slow):
+        responses = await asyncio.gather(*(c.post("/predict/batch", **four) for _ in range(3)))
+        answered = [r for r in responses if r.status_code == 200]
+        assert len(answered) == 1, [r.status_code for r in responses]
+        assert [item["status"] for item in answered[0].json()["results"]] == [200] * 4
+        for refused in (r for r in responses if r.status_code != 200):
+            assert_error(refused, 503, "overloaded")
+            assert refused.headers["Retry-After"] == "1"
+        assert sum(slow.batch_sizes) == 4  # nothing of the refused batches reached the model
+        seven = batch_of([photo_jpegs["rocket"]] * 7)
+        too_many = await c.post("/predict/batch", **seven)
+        assert_error(too_many, 413, "payload_too_large")
+        assert "at most 6" in too_many.json()["error"]["message"]
+        assert 'resnet_serve_in_flight{model="resnet18"} 0.0' in (await c.get("/metrics")).text
+
+
+async def test_protocol_requests_take_a_slot_per_image_and_answer_in_its_error_shape(
+    settings: Settings, engine: Engine, photo_jpegs: dict[str, bytes]
+) -> None:
+    tight = settings.model_copy(update={"max_queue": 4, "max_batch_size": 2})
+    data = [base64.b64encode(photo_jpegs["rocket"]).decode()] * 7
+    body = {"inputs": [{"name": "INPUT", "shape": [7], "datatype": "BYTES", "data": data}]}
+    async for c in client_for(tight, engine):
+        refused = await c.post("/v2/models/resnet18/infer", json=body)
+        assert refused.status_code == 413 and "at most 6" in refused.json()["error"]
+        body["inputs"][0].update(shape=[6], data=data[:6])
+        assert (await c.post("/v2/models/resnet18/infer", json=body)).json()["outputs"][0]["shape"] == [6, 1000]
+        assert 'resnet_serve_in_flight{model="resnet18"} 0.0' in (await c.get("/metrics")).text
 
 
 async def test_past_the_deadline_the_answer_is_504(settings: Settings, engine: Engine, photo_jpegs: dict[str, bytes]) -> None:

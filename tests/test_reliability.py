@@ -247,6 +247,49 @@ def test_a_burst_of_500_gets_only_200s_and_503s_with_bounded_memory(
     assert after - before < 100, report  # the second burst adds no lasting memory
 
 
+def test_concurrent_batches_are_admitted_per_image_and_refused_cleanly(
+    small_queue_server: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    """Batches of eight 1 MB photos over real sockets against 20 slots: the refused ones read a
+    clean 503 although their uploads were still arriving, one or two are admitted and answered in
+    full (a batch refused midway gives its slots back as it is refused, so batches arriving side
+    by side do not starve each other), and a batch larger than the server admits gets 413."""
+    url, _ = small_queue_server
+    rng = np.random.default_rng(7)
+
+    def noise_jpeg() -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (700, 700, 3), dtype=np.uint8)).save(out, "JPEG", quality=95)
+        return out.getvalue()
+
+    def batch(size: int) -> list[tuple[str, tuple[str, bytes, str]]]:
+        return [("files", (f"{i}.jpg", noise_jpeg(), "image/jpeg")) for i in range(size)]
+
+    batches = [batch(8) for _ in range(8)]
+    assert len(batches[0][0][1][1]) > 500_000
+
+    async def send_all() -> list[httpx.Response | str]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            async def one(files: list[tuple[str, tuple[str, bytes, str]]]) -> httpx.Response | str:
+                try:
+                    return await client.post("/predict/batch", files=files)
+                except httpx.HTTPError as exc:
+                    return type(exc).__name__
+            return await asyncio.gather(*(one(files) for files in batches))
+
+    outcomes = asyncio.run(send_all())
+    statuses = [o if isinstance(o, str) else o.status_code for o in outcomes]
+    assert set(statuses) <= {200, 503} and statuses.count(200) in (1, 2), statuses
+    for answer in outcomes:
+        assert isinstance(answer, httpx.Response)
+        if answer.status_code == 200:
+            assert [item["status"] for item in answer.json()["results"]] == [200] * 8
+        else:
+            assert answer.json()["error"]["code"] == "overloaded" and answer.headers["Retry-After"] == "1"
+    too_many = httpx.post(f"{url}/predict/batch", files=batch(21), timeout=60)
+    assert too_many.status_code == 413 and "at most 20" in too_many.json()["error"]["message"]
+
+
 def test_a_slow_1gb_upload_is_cut_off_at_the_limit(small_queue_server: tuple[str, subprocess.Popen[bytes]]) -> None:
     url, _ = small_queue_server
     host, port = url.removeprefix("http://").split(":")

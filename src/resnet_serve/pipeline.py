@@ -5,9 +5,10 @@
 
 Concurrency contract: everything here runs on the event loop thread, except ``preprocess`` (in
 the shared decode pool) and the forward pass (on the engine's inference thread). Admission is
-decided once, before an upload is read or decoded: ``admitted(n)`` holds ``n`` of
+decided before an upload is read or decoded, one slot per image: ``admitted(n)`` holds ``n`` of
 ``admission_limit`` slots (a full queue plus the batch being run) or raises ``Overloaded`` at
-once. A request waits for its result until its deadline or until the caller's ``abandoned``
+once, and a request that learns of more images as its body arrives takes a slot for each
+(``Slots.take``), so the batcher's queue never holds more than the limit. A request waits for its result until its deadline or until the caller's ``abandoned``
 awaitable completes (the client went away); either way its future is cancelled, and the batcher
 drops a cancelled request before inference.
 """
@@ -29,7 +30,7 @@ import numpy as np
 from resnet_serve import metrics
 from resnet_serve.batcher import Batcher, Pending
 from resnet_serve.cache import ResultCache
-from resnet_serve.errors import DeadlineExceeded, MalformedRequest, Overloaded
+from resnet_serve.errors import DeadlineExceeded, MalformedRequest, Overloaded, PayloadTooLarge
 from resnet_serve.inference import ModelInfo, Prediction
 from resnet_serve.results import ImageResult
 from resnet_serve.settings import Settings
@@ -79,6 +80,26 @@ class PipelineStats:
     last_inference_ms: int = 0
 
 
+class Slots:
+    """The in-flight slots one request holds: one per image, released together when it is answered."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        self.held = 0
+
+    def take(self, count: int = 1) -> None:
+        """``count`` more slots, or 503 at once if there are not enough now; 413 if this request
+        alone would need more than the model ever admits, since waiting would never help."""
+        pipeline = self._pipeline
+        if self.held + count > pipeline.admission_limit:
+            raise PayloadTooLarge(f"{self.held + count} images in one request; this model admits at most "
+                                  f"{pipeline.admission_limit} at a time: send them in smaller requests")
+        if not pipeline.has_room(count):
+            raise pipeline.overloaded()
+        pipeline.hold(count)
+        self.held += count
+
+
 class Pipeline:
     """The request path of one model: its cache, its batcher and its engine."""
 
@@ -111,20 +132,22 @@ class Pipeline:
         return self.in_flight + count <= self.admission_limit
 
     def overloaded(self) -> Overloaded:
-        return Overloaded(f"{self.in_flight} requests in flight; try again shortly", headers={"Retry-After": "1"})
+        return Overloaded(f"{self.in_flight} images in flight; try again shortly", headers={"Retry-After": "1"})
 
     @contextlib.contextmanager
-    def admitted(self, count: int = 1) -> Iterator[None]:
-        """Hold ``count`` in-flight slots, or raise 503 at once if there are not enough."""
-        if not self.has_room(count):
-            raise self.overloaded()
+    def admitted(self, count: int = 1) -> Iterator[Slots]:
+        """Hold ``count`` in-flight slots, and any the request takes later, until it is answered."""
+        slots = Slots(self)
+        try:
+            slots.take(count)
+            yield slots
+        finally:
+            self.hold(-slots.held)
+
+    def hold(self, count: int) -> None:
+        """Count ``count`` more images in flight (fewer, if negative), here and in the metrics."""
         self.in_flight += count
         self._in_flight.inc(count)
-        try:
-            yield
-        finally:
-            self.in_flight -= count
-            self._in_flight.dec(count)
 
     async def predict_bytes(self, data: bytes, deadline: float, abandoned: Abandoned | None = None) -> ImageResult:
         """Probabilities for one encoded image, from the cache or through the batcher."""

@@ -45,7 +45,7 @@ from resnet_serve.http.oip_codec import (
     request_inputs,
     requested_outputs,
 )
-from resnet_serve.http.uploads import client_gone, read_body
+from resnet_serve.http.uploads import admitted_upload, client_gone, read_body
 from resnet_serve.service import ServedModel, Service
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"], route_class=OipRoute)
@@ -121,14 +121,17 @@ async def infer(name: str, request: Request, service: ServiceDep, version: str |
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype not in ("application/json", "application/octet-stream", ""):
         raise UnsupportedMediaType("the v2 protocol takes application/json (or the binary extension)")
-    body = await read_body(request, max_bytes=4 * service.settings.max_upload_bytes)
-    parsed, binary = parse_body(body, request.headers.get(BINARY_HEADER))
-    wanted = requested_outputs(parsed, pipeline.spec.num_classes)
-    encoded, items = request_inputs(parsed, binary, pipeline)
-    run = pipeline.predict_bytes if encoded else pipeline.predict_pixels
-    deadline = start + service.settings.request_timeout_s
-    gone = functools.partial(client_gone, request)
-    with pipeline.admitted(len(items)):
+    max_bytes = 4 * service.settings.max_upload_bytes
+    async with admitted_upload(request, pipeline, max_bytes=max_bytes) as slots:
+        body = await read_body(request, max_bytes=max_bytes)
+        parsed, binary = parse_body(body, request.headers.get(BINARY_HEADER))
+        wanted = requested_outputs(parsed, pipeline.spec.num_classes)
+        encoded, items = request_inputs(parsed, binary, pipeline)
+        if len(items) > 1:
+            slots.take(len(items) - 1)  # the gate took the first
+        run = pipeline.predict_bytes if encoded else pipeline.predict_pixels
+        deadline = start + service.settings.request_timeout_s
+        gone = functools.partial(client_gone, request)
         results = await asyncio.gather(*(run(item, deadline, gone) for item in items), return_exceptions=True)
     for outcome in results:
         if isinstance(outcome, BaseException):

@@ -2,16 +2,15 @@
 
 Both routes are gated the same way, before anything is read or decoded: the service must be
 ready and the model's pipeline must have a free slot; a refused upload is drained so the client
-reads a clean 503 rather than a reset connection.
+reads a clean 503 rather than a reset connection. Each further image of a batch takes its own
+slot as its part arrives, so a batch of 32 counts as 32 requests, not one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -20,10 +19,16 @@ from resnet_serve.errors import ServeError
 from resnet_serve.http.auth import require_api_key
 from resnet_serve.http.dependencies import PredictQuery, PredictQueryDep, ServiceDep
 from resnet_serve.http.schemas import BatchItem, BatchResponse, ErrorDetail, ErrorResponse, PredictResponse
-from resnet_serve.http.uploads import BATCH_FIELD, FILE_FIELD, MAX_BATCH_FILES, client_gone, discard_body, read_within
+from resnet_serve.http.uploads import (
+    BATCH_FIELD,
+    FILE_FIELD,
+    MAX_BATCH_FILES,
+    admitted_upload,
+    client_gone,
+    read_within,
+)
 from resnet_serve.pipeline import Pipeline
 from resnet_serve.results import ImageResult
-from resnet_serve.service import Service
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -54,17 +59,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@contextlib.asynccontextmanager
-async def admitted_upload(request: Request, service: Service, model: str | None) -> AsyncIterator[Pipeline]:
-    """The gate of an upload route: ready, and a free slot, decided before anything is read."""
-    pipeline = service.ready_pipeline(model)
-    if not pipeline.has_room():
-        await discard_body(request, max_bytes=service.settings.max_upload_bytes)
-        raise pipeline.overloaded()
-    with pipeline.admitted():
-        yield pipeline
-
-
 def _answer(result: ImageResult, filename: str | None, pipeline: Pipeline, start: float,
             query: PredictQuery) -> PredictResponse:
     info = pipeline.engine.info
@@ -92,7 +86,8 @@ async def predict(request: Request, response: Response, query: PredictQueryDep,
                   service: ServiceDep) -> PredictResponse:
     start = time.monotonic()
     settings = service.settings
-    async with admitted_upload(request, service, query.model) as pipeline:
+    pipeline = service.ready_pipeline(query.model)
+    async with admitted_upload(request, pipeline, max_bytes=settings.max_upload_bytes):
         (upload,) = await read_within(request, settings.request_timeout_s, max_bytes=settings.max_upload_bytes)
         result = await pipeline.predict_bytes(upload.data, start + settings.request_timeout_s,
                                               functools.partial(client_gone, request))
@@ -107,9 +102,10 @@ async def predict_batch(request: Request, response: Response, query: PredictQuer
     start = time.monotonic()
     settings = service.settings
     deadline = start + settings.request_timeout_s
-    async with admitted_upload(request, service, query.model) as pipeline:
+    pipeline = service.ready_pipeline(query.model)
+    async with admitted_upload(request, pipeline, max_bytes=settings.max_upload_bytes) as slots:
         uploads = await read_within(request, settings.request_timeout_s, max_bytes=settings.max_upload_bytes,
-                                    max_files=MAX_BATCH_FILES, field=BATCH_FIELD)
+                                    max_files=MAX_BATCH_FILES, field=BATCH_FIELD, on_next_file=slots.take)
         gone = functools.partial(client_gone, request)
         outcomes = await asyncio.gather(*(pipeline.predict_bytes(u.data, deadline, gone) for u in uploads),
                                         return_exceptions=True)

@@ -12,6 +12,8 @@ bytes sent as ``image/*``, ``application/octet-stream`` or with no Content-Type 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from python_multipart.exceptions import MultipartParseError
@@ -25,6 +27,7 @@ from resnet_serve.errors import (
     UnsupportedMediaType,
     UploadTimeout,
 )
+from resnet_serve.pipeline import Pipeline, Slots
 
 FILE_FIELD = "file"
 BATCH_FIELD = "files"
@@ -46,10 +49,11 @@ def _too_large(limit: int) -> PayloadTooLarge:
 class _FileCollector:
     """python-multipart callbacks that keep the ``field`` parts' bytes and count the rest."""
 
-    def __init__(self, field: str, max_bytes: int, max_files: int) -> None:
+    def __init__(self, field: str, max_bytes: int, max_files: int, on_next_file: Callable[[], None] | None) -> None:
         self.field = field
         self.max_bytes = max_bytes
         self.max_files = max_files
+        self.on_next_file = on_next_file
         self.files: list[Upload] = []
         self._chunks: list[bytes] | None = None  # joined once at the end: one copy, no regrowth
         self._size = 0
@@ -80,6 +84,8 @@ class _FileCollector:
             if self.max_files == 1:
                 raise MissingFile(f"send exactly one '{self.field}' part; this request has several")
             raise MissingFile(f"send at most {self.max_files} '{self.field}' parts")
+        if self.files and self.on_next_file is not None:
+            self.on_next_file()  # may refuse the request: a ServeError, raised through the parser
         self._chunks = []
         raw_name = options.get(b"filename")
         self._filename = raw_name.decode("utf-8", "replace") if raw_name is not None else None
@@ -112,8 +118,9 @@ class _FileCollector:
         }
 
 
-async def _read_multipart(request: Request, boundary: bytes, max_bytes: int, field: str, max_files: int) -> list[Upload]:
-    collector = _FileCollector(field, max_bytes, max_files)
+async def _read_multipart(request: Request, boundary: bytes, max_bytes: int, field: str, max_files: int,
+                          on_next_file: Callable[[], None] | None) -> list[Upload]:
+    collector = _FileCollector(field, max_bytes, max_files, on_next_file)
     parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
     try:
         async for chunk in request.stream():
@@ -156,17 +163,21 @@ async def read_upload(request: Request, *, max_bytes: int) -> Upload:
 
 
 async def read_within(request: Request, timeout_s: float, *, max_bytes: int, max_files: int = 1,
-                      field: str = FILE_FIELD) -> list[Upload]:
+                      field: str = FILE_FIELD, on_next_file: Callable[[], None] | None = None) -> list[Upload]:
     """``read_uploads``, bounded in time: a client that sends too slowly gets 408."""
     try:
         async with asyncio.timeout(timeout_s):
-            return await read_uploads(request, max_bytes=max_bytes, max_files=max_files, field=field)
+            return await read_uploads(request, max_bytes=max_bytes, max_files=max_files, field=field,
+                                      on_next_file=on_next_file)
     except TimeoutError:
         raise UploadTimeout("the upload did not complete within the request deadline") from None
 
 
-async def read_uploads(request: Request, *, max_bytes: int, max_files: int, field: str = FILE_FIELD) -> list[Upload]:
-    """Up to ``max_files`` images, each at most ``max_bytes``; a raw body counts as one image."""
+async def read_uploads(request: Request, *, max_bytes: int, max_files: int, field: str = FILE_FIELD,
+                       on_next_file: Callable[[], None] | None = None) -> list[Upload]:
+    """Up to ``max_files`` images, each at most ``max_bytes``; a raw body counts as one image.
+    ``on_next_file`` is called as each file part after the first begins, and may refuse it by
+    raising a ``ServeError`` (a batch takes an admission slot per image as its parts arrive)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_files * (max_bytes + MULTIPART_OVERHEAD):
         raise _too_large(max_bytes)
@@ -176,7 +187,7 @@ async def read_uploads(request: Request, *, max_bytes: int, max_files: int, fiel
             boundary = options.get(b"boundary")
             if not boundary:
                 raise MalformedRequest("the multipart Content-Type has no boundary")
-            return await _read_multipart(request, boundary, max_bytes, field, max_files)
+            return await _read_multipart(request, boundary, max_bytes, field, max_files, on_next_file)
         if content_type in (b"", b"application/octet-stream") or content_type.startswith(b"image/"):
             return [await _read_raw(request, max_bytes)]
     except ClientDisconnect:
@@ -202,6 +213,18 @@ async def discard_body(request: Request, *, max_bytes: int) -> None:
                 return
     except ClientDisconnect:
         return
+
+
+@contextlib.asynccontextmanager
+async def admitted_upload(request: Request, pipeline: Pipeline, *, max_bytes: int) -> AsyncIterator[Slots]:
+    """The gate of an upload route, before anything is read: a slot for the first image, or a
+    503 at once (the body drained, so the client reads it); further images take theirs as
+    they are found (``Slots.take``)."""
+    if not pipeline.has_room():
+        await discard_body(request, max_bytes=max_bytes)
+        raise pipeline.overloaded()
+    with pipeline.admitted() as slots:
+        yield slots
 
 
 async def client_gone(request: Request) -> None:
