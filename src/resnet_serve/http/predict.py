@@ -49,7 +49,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         401: "API key missing or wrong (only when RESNET_SERVE_API_KEY is set)",
         404: "no such model (the message lists the models served)",
         408: "the upload did not arrive in time",
-        413: "the upload exceeds the byte limit or the image the pixel limit",
+        413: "the upload exceeds the byte limit, the image the pixel limit, or a batch the images the model admits at once",
         415: "not an image in a supported format, or a body type we do not accept",
         422: "no file, several files, or a bad query parameter",
         500: "the model failed on this request's batch",
