@@ -91,7 +91,8 @@ def test_large_jpegs_are_decoded_at_reduced_scale_close_to_the_reference(photos:
 @pytest.mark.parametrize(
     ("fmt", "save_args", "lossless"),
     [("PNG", {}, True), ("BMP", {}, True), ("TIFF", {}, True), ("WEBP", {"lossless": True}, True),
-     ("WEBP", {"quality": 90}, False), ("JPEG", {"quality": 95}, False), ("GIF", {}, False)],
+     ("WEBP", {"quality": 90}, False), ("JPEG", {"quality": 95}, False), ("GIF", {}, False),
+     ("AVIF", {"quality": 90}, False)],
 )
 def test_every_supported_format_is_detected_from_the_bytes(
     photos: dict[str, Image.Image], fmt: str, save_args: dict[str, object], lossless: bool
@@ -108,7 +109,7 @@ def test_a_fresh_process_decodes_every_format_importing_only_their_plugins(tmp_p
     """Start-up imports Pillow's plugins for our formats only (all ~40 cost ~30 ms); each still decodes,
     a camera's MPO JPEG included."""
     image = Image.new("RGB", (64, 48), "red")
-    for fmt in ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"):
+    for fmt in ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF"):
         image.save(tmp_path / fmt, fmt)
     image.save(tmp_path / "MPO", "MPO", save_all=True, append_images=[Image.new("RGB", (64, 48), "blue")])
     script = (
@@ -121,9 +122,9 @@ def test_a_fresh_process_decodes_every_format_importing_only_their_plugins(tmp_p
     )
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout.splitlines()
-    assert out[:-1] == [f"{fmt} {fmt} 64 48" for fmt in ("BMP", "GIF", "JPEG", "MPO", "PNG", "TIFF", "WEBP")]
-    assert set(out[-1].split()) == {f"PIL.{name}ImagePlugin" for name in ("Bmp", "Gif", "Jpeg", "Mpo", "Png", "Ppm",
-                                                                           "Tiff", "WebP")}
+    assert out[:-1] == [f"{fmt} {fmt} 64 48" for fmt in ("AVIF", "BMP", "GIF", "JPEG", "MPO", "PNG", "TIFF", "WEBP")]
+    assert set(out[-1].split()) == {f"PIL.{name}ImagePlugin" for name in ("Avif", "Bmp", "Gif", "Jpeg", "Mpo", "Png",
+                                                                           "Ppm", "Tiff", "WebP")}
 
 
 def test_only_the_first_frame_of_an_animation_is_used() -> None:

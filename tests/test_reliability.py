@@ -56,6 +56,7 @@ def hostile_inputs() -> dict[str, tuple[bytes, str, int]]:
     photo = Image.open(SKIMAGE_DATA / "chelsea.png").convert("RGB")
     jpeg = as_jpeg(photo)
     png = encode(photo, "PNG")
+    avif = encode(photo, "AVIF")
     dht = jpeg.index(b"\xff\xc4")
     bad_huffman = jpeg[: dht + 5] + b"\xff" * 16 + jpeg[dht + 21 :]
     idat = png.index(b"IDAT")
@@ -76,6 +77,8 @@ def hostile_inputs() -> dict[str, tuple[bytes, str, int]]:
         "truncated PNG": (png[: len(png) // 2], "image/png", 400),
         "JPEG with a corrupt Huffman table": (bad_huffman, "image/jpeg", 400),
         "PNG with a bad CRC": (bad_crc, "image/png", 400),
+        "truncated AVIF": (avif[: len(avif) * 2 // 3], "image/avif", 400),
+        "huge AVIF, small file": (encode(Image.new("RGB", (9000, 7000)), "AVIF", speed=10), "image/avif", 413),
         "decompression bomb 30000x30000 PNG": (png_with_header(30000, 30000), "image/png", 413),
         "huge dimensions, small file": (png_with_header(12000, 5000), "image/png", 413),
         "animated GIF": (gif.getvalue(), "image/gif", 200),
