@@ -21,8 +21,9 @@
 #   SLIM_PRECISIONS   the ONNX artefacts baked into slim: int8 (default: the smallest image and
 #              footprint; the image serves INT8) or fp32,int8 (then RESNET_SERVE_PRECISION picks)
 #   TORCH_PRECISIONS  the TorchScript artefacts baked into torch: fp32,int8 (add fp16 for CUDA)
-#   SLIM_EXTRAS  extras of the slim install: none (default) or openvino (OpenVINO's CPU plugin and
-#              its ONNX reader only: its GPU and NPU plugins and other model readers are left out)
+#   SLIM_EXTRAS  extras of the slim install: none (default), openvino (OpenVINO's CPU plugin and
+#              its ONNX reader only: its GPU and NPU plugins and other model readers are left out),
+#              heif (HEIC uploads), or both as openvino,heif
 #   SLIM_RUNTIME the slim image's RESNET_SERVE_RUNTIME: onnxruntime (default), openvino, or auto
 #              (times both at each container start, as the compiled-model cache starts empty)
 #   TORCH_INDEX  where torch comes from: PyTorch's CPU wheels by default; for NVIDIA GPUs

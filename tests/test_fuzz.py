@@ -23,7 +23,8 @@ LIMIT = 50_000_000
 SCHEMATHESIS_CONFIG = Path(__file__).parent / "schemathesis.toml"
 _photo = Image.open(SKIMAGE_DATA / "coffee.png").convert("RGB").resize((160, 120))
 SEEDS = [as_jpeg(_photo), encode(_photo, "PNG"), encode(_photo, "GIF"), encode(_photo, "WEBP"),
-         encode(_photo, "BMP"), encode(_photo, "TIFF"), encode(_photo, "AVIF")]
+         encode(_photo, "BMP"), encode(_photo, "TIFF"), encode(_photo, "AVIF"),
+         encode(_photo, "HEIF")]
 
 
 def outcome(data: bytes) -> int:

@@ -92,7 +92,7 @@ def test_large_jpegs_are_decoded_at_reduced_scale_close_to_the_reference(photos:
     ("fmt", "save_args", "lossless"),
     [("PNG", {}, True), ("BMP", {}, True), ("TIFF", {}, True), ("WEBP", {"lossless": True}, True),
      ("WEBP", {"quality": 90}, False), ("JPEG", {"quality": 95}, False), ("GIF", {}, False),
-     ("AVIF", {"quality": 90}, False)],
+     ("AVIF", {"quality": 90}, False), ("HEIF", {"quality": 90}, False)],
 )
 def test_every_supported_format_is_detected_from_the_bytes(
     photos: dict[str, Image.Image], fmt: str, save_args: dict[str, object], lossless: bool
@@ -142,6 +142,20 @@ def test_exif_orientation_is_applied(photos: dict[str, Image.Image]) -> None:
     exif[0x0112] = 6
     rotated = preprocess(as_jpeg(stored, quality=95, exif=exif.tobytes()), RESNET18, max_pixels=LIMIT)
     assert (rotated.width, rotated.height) == upright.size
+    expected = ours(as_jpeg(upright, quality=95)).float()
+    assert (torch.from_numpy(rotated.pixels).float() - expected).abs().mean() < 3
+
+
+def test_an_iphone_photo_comes_out_upright(photos: dict[str, Image.Image]) -> None:
+    """A HEIC with EXIF orientation 6 (the heif extra): libheif turns it and resets the tag, so it
+    is not turned twice."""
+    upright = photos["chelsea"]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    heic = encode(upright.transpose(Image.Transpose.ROTATE_90), "HEIF", quality=95, exif=exif.tobytes())
+    assert heic[4:12] == b"ftypheic"
+    rotated = preprocess(heic, RESNET18, max_pixels=LIMIT)
+    assert (rotated.format, rotated.width, rotated.height) == ("HEIF", *upright.size)
     expected = ours(as_jpeg(upright, quality=95)).float()
     assert (torch.from_numpy(rotated.pixels).float() - expected).abs().mean() < 3
 

@@ -32,13 +32,21 @@ from resnet_serve.errors import (
     UnsupportedMediaType,
 )
 
+try:  # the `heif` extra: iPhone photos (HEIC), through libheif
+    import pillow_heif
+except ImportError:
+    pillow_heif = None
+
 logger = logging.getLogger(__name__)
 
 # Pillow's preinit() registers JPEG (and MPO through it), PNG, BMP and GIF; WebP, TIFF and AVIF
 # come from importing their plugins. Image.init() would import all of Pillow's ~40 (~30 ms of start-up).
 Image.preinit()
+if pillow_heif is not None:
+    pillow_heif.register_heif_opener()
 
-SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF")
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF") + (("HEIF",) if pillow_heif else ())
+FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF, TIFF, AVIF" + (", HEIC" if pillow_heif else "")
 # Pillow decodes a JPEG at 1/2, 1/4 or 1/8 scale almost for free. We keep this many times the
 # resize target so the antialiased resize that follows hides the difference.
 DRAFT_MARGIN = 4
@@ -46,6 +54,8 @@ DRAFT_MARGIN = 4
 # Signatures of the formats we decode: bytes that start like this but fail are corrupt (400),
 # anything else is not an image we know (415).
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+_AVIF_BRANDS = (b"avif", b"avis")
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
@@ -66,7 +76,11 @@ class Decoded:
 def looks_like_an_image(data: bytes) -> bool:
     """Whether the bytes start like one of the formats we decode."""
     return (data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-            or data[4:12] in (b"ftypavif", b"ftypavis"))
+            or (data[4:8] == b"ftyp" and data[8:12] in _AVIF_BRANDS + (_HEIF_BRANDS if pillow_heif else ())))
+
+
+def is_heif_without_its_extra(data: bytes) -> bool:
+    return pillow_heif is None and data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
 
 
 def check_png_crcs(data: bytes) -> None:
@@ -95,10 +109,10 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         if looks_like_an_image(data):
             raise InvalidImage("the image is corrupt: its header cannot be read") from None
-        raise UnsupportedMediaType(
-            "the upload is not an image in a supported format "
-            "(JPEG, PNG, WebP, BMP, GIF, TIFF, AVIF)"
-        ) from None
+        if is_heif_without_its_extra(data):
+            raise UnsupportedMediaType("HEIC/HEIF photos need the heif extra on the server: "
+                                       "pip install 'resnet-serve[heif]'") from None
+        raise UnsupportedMediaType(f"the upload is not an image in a supported format ({FORMAT_NAMES})") from None
     except Image.DecompressionBombError:
         raise PayloadTooLarge(f"the image has more than {max_pixels} pixels") from None
     except _DECODE_ERRORS as exc:
