@@ -1,5 +1,5 @@
-"""Request IDs and log lines: JSON logs carry the request ID and the request's fields; start-up
-errors an operator can fix are one line."""
+"""Request IDs and log lines: JSON logs carry the request ID and the request's fields; HEAD is
+answered wherever GET is; start-up errors an operator can fix are one line."""
 
 from __future__ import annotations
 
@@ -40,6 +40,22 @@ async def test_json_log_lines_carry_the_request_and_its_id(client: httpx.AsyncCl
     assert access["request_id"] == "abc-123"
     assert (access["method"], access["path"], access["status"]) == ("GET", "/health/live", 200)
     assert access["latency_ms"] >= 0 and access["level"] == "INFO"
+
+
+@pytest.mark.parametrize("path", ["/health/live", "/health/ready", "/", "/docs", "/labels", "/v2/health/ready",
+                                  "/v2/models/resnet18"])
+async def test_head_answers_as_get_without_the_body(client: httpx.AsyncClient, path: str) -> None:
+    get, head = await client.get(path), await client.head(path)
+    assert (head.status_code, get.status_code) == (200, 200)
+    assert head.content == b"" and get.content
+    for header in ("content-type", "content-length"):
+        assert head.headers[header] == get.headers[header]
+    assert head.headers["x-request-id"] != get.headers["x-request-id"]
+
+
+async def test_head_is_refused_where_get_is(client: httpx.AsyncClient) -> None:
+    refused = await client.head("/predict")
+    assert refused.status_code == 405 and refused.headers["allow"] == "POST" and refused.content == b""
 
 
 def test_records_outside_a_request_say_so(json_logs: io.StringIO) -> None:

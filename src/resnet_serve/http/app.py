@@ -15,7 +15,7 @@ from fastapi_offline import FastAPIOffline
 from resnet_serve import __version__
 from resnet_serve.http import explain, health, info, oip, predict, triton
 from resnet_serve.http.errors import install_error_handlers
-from resnet_serve.http.middleware import RequestLog, StartupErrors
+from resnet_serve.http.middleware import HeadAsGet, RequestLog, StartupErrors
 from resnet_serve.http.page import mount_page
 from resnet_serve.logs import configure_logging
 from resnet_serve.pipeline import Predictor
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None, *, engine: Predictor | None = N
     for router in routers():
         app.include_router(router)
     mount_page(app)
+    app.add_middleware(HeadAsGet)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -1,5 +1,5 @@
 """Pure ASGI middleware: request IDs, the one log line per request and the request metrics;
-and start-up failures an operator can fix, told in one line.
+HEAD answered wherever GET is; and start-up failures an operator can fix, told in one line.
 
 Every response carries ``X-Request-ID``: the caller's, if it is a sane token, else a new one.
 Handlers add fields to the line through ``scope["state"]`` (e.g. ``batch_size``).
@@ -76,6 +76,24 @@ class RequestLog(HttpMiddleware):
                        "client": f"{client[0]}:{client[1]}" if client else None},
             )
             REQUEST_ID.reset(token)
+
+
+class HeadAsGet(HttpMiddleware):
+    """HEAD is answered as GET would be, headers only: HTTP asks it of every GET resource, and
+    uptime monitors and ``curl -I`` probe with it, but FastAPI routes only the methods declared.
+    The server drops a HEAD answer's body too; it is emptied here so no server depends on that."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 class StartupErrors:
