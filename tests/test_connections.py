@@ -1,7 +1,8 @@
-"""Connections that never finish their request's headers are closed (a real server, real sockets)."""
+"""Request headers that never finish, or never end, close the connection (a real server, real sockets)."""
 
 from __future__ import annotations
 
+import json
 import resource
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from resnet_serve.http.connections import MAX_HEADER_BYTES
 from tests.conftest import real_server, wait_ready
 
 STALLED_AFTER_S = 5.0  # uvicorn's keep-alive timeout, which the header deadline shares
@@ -30,6 +32,18 @@ def connect(url: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=30)
 
 
+def response(sock: socket.socket) -> bytes:
+    """One whole response: its head, and as many body bytes as its Content-Length says."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head + b"\r\n\r\n" + body
+
+
 def closed_after(sock: socket.socket) -> float:
     """Seconds until the server closes the connection (reading nothing but the end)."""
     start = time.monotonic()
@@ -42,7 +56,7 @@ def test_a_connection_whose_headers_never_arrive_is_closed_in_time(server: tuple
     silent, partial, after_a_request = connect(url), connect(url), connect(url)
     partial.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
     after_a_request.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert after_a_request.recv(4096).startswith(b"HTTP/1.1 200")
+    assert response(after_a_request).startswith(b"HTTP/1.1 200")
     after_a_request.sendall(b"GET /health/live HTTP/1.1\r\n")  # then nothing: not idle, not a request
     for sock in (silent, partial, after_a_request):
         assert closed_after(sock) < STALLED_AFTER_S + 3
@@ -55,7 +69,24 @@ def test_headers_that_arrive_slowly_but_in_time_are_served(server: tuple[str, su
         for piece in (b"GET /health/live HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):
             sock.sendall(piece)
             time.sleep(1)
-        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        assert response(sock).startswith(b"HTTP/1.1 200")
+
+
+def test_headers_past_the_size_limit_are_refused_with_431_before_they_end(
+    server: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    url, _ = server
+    cookie = b"Cookie: " + b"c" * (MAX_HEADER_BYTES // 2) + b"\r\n"  # large, as browsers can send
+    with connect(url) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n" + cookie + b"\r\n")
+        assert response(sock).startswith(b"HTTP/1.1 200")
+    with connect(url) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Endless: " + b"a" * (MAX_HEADER_BYTES + 4096))
+        answer = response(sock)
+        assert answer.startswith(b"HTTP/1.1 431 ")
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert body["error"]["code"] == "headers_too_large" and "64 kB" in body["error"]["message"]
+        assert sock.recv(4096) == b""  # and the connection is closed
 
 
 def test_stalled_connections_past_the_file_limit_do_not_lock_out_real_requests(

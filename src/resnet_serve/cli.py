@@ -39,7 +39,7 @@ def imports_done(*, freeze: bool = False) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from resnet_serve.http.connections import HeaderDeadline
+    from resnet_serve.http.connections import HeaderLimits
 
     # Workers are separate processes that build their own Settings, so flags travel as env.
     for name in SERVE_FLAGS:
@@ -64,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
         "log_level": settings.log_level,
         "access_log": False,  # resnet_serve.access logs one line per request, with its ID
         "timeout_graceful_shutdown": max(1, round(settings.shutdown_grace_s)),
-        "http": HeaderDeadline,  # a request's headers within the keep-alive timeout, or the connection closes
+        "http": HeaderLimits,  # request headers within the keep-alive timeout and 64 kB, or the connection closes
     }
     if settings.workers == 1:
         uvicorn.run(app, **options)  # exits with uvicorn's STARTUP_FAILURE (3) itself if the app never started
