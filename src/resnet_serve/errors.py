@@ -114,6 +114,14 @@ class PayloadTooLarge(ServeError):
     code = "payload_too_large"
 
 
+class HeadersTooLarge(ServeError):
+    """The request line and headers are past their size limit (answered by ``http.connections``,
+    below the app, as the headers are still arriving)."""
+
+    status_code = 431
+    code = "headers_too_large"
+
+
 class Overloaded(ServeError):
     """The queue is full; the client should retry later."""
 

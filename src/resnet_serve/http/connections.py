@@ -22,12 +22,13 @@ import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from resnet_serve.errors import HeadersTooLarge
+
 # The request line and headers together: browsers send a few kB (cookies included); nginx allows
 # 32 kB by default, Node.js 16 kB.
 MAX_HEADER_BYTES = 64 * 1024
-_TOO_LARGE = json.dumps({"error": {
-    "code": "headers_too_large",
-    "message": f"the request line and headers exceed {MAX_HEADER_BYTES // 1024} kB"}}).encode()
+_TOO_LARGE = HeadersTooLarge(f"the request line and headers exceed {MAX_HEADER_BYTES // 1024} kB")
+_TOO_LARGE_ANSWER = json.dumps({"error": {"code": _TOO_LARGE.code, "message": _TOO_LARGE.message}}).encode()
 
 
 class HeaderLimits(HttpToolsProtocol):
@@ -48,8 +49,9 @@ class HeaderLimits(HttpToolsProtocol):
             if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
                 self._stop_waiting()
                 self.transport.write(
-                    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE))
+                    b"HTTP/1.1 %d Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                    % (_TOO_LARGE.status_code, len(_TOO_LARGE_ANSWER), _TOO_LARGE_ANSWER))
                 self.transport.close()
 
     def on_message_begin(self) -> None:
