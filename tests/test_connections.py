@@ -20,7 +20,8 @@ STALLED_AFTER_S = 5.0  # uvicorn's keep-alive timeout, which the header deadline
 
 
 @pytest.fixture(scope="module")
-def server(seeded_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def server(seeded_weights: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     log = tmp_path_factory.mktemp("connections") / "server.log"
     with real_server(log, weights=str(seeded_weights), allow_download="false", device="cpu") as (url, process):
         wait_ready(url, process)
@@ -38,7 +39,8 @@ def response(sock: socket.socket) -> bytes:
     while b"\r\n\r\n" not in data:
         data += sock.recv(4096)
     head, body = data.split(b"\r\n\r\n", 1)
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
     while len(body) < length:
         body += sock.recv(4096)
     return head + b"\r\n\r\n" + body

@@ -157,15 +157,17 @@ def test_what_needs_torch_names_the_extra(slim_python: Path, user_repository: Pa
     assert torchscript.returncode != 0 and EXTRA in torchscript.stderr
 
 
-def test_an_iphone_photo_on_an_install_without_the_heif_extra_names_it(slim_python: Path, photos: dict[str, Image.Image],
-                                                                        tmp_path: Path) -> None:
+def test_an_iphone_photo_on_an_install_without_the_heif_extra_names_it(
+    slim_python: Path, photos: dict[str, Image.Image], tmp_path: Path
+) -> None:
     heic = tmp_path / "IMG_0001.HEIC"
     photos["chelsea"].save(heic, "HEIF")  # this (dev) install has the extra
     script = ("import sys\nfrom resnet_serve.decode import decode\nfrom resnet_serve.errors import ServeError\n"
               "try:\n    decode(open(sys.argv[1], 'rb').read(), resize_size=256, max_pixels=10**8)\n"
               "except ServeError as exc:\n    print(exc.status_code, exc.message)\n")
     answer = run_slim(slim_python, "-c", script, str(heic))
-    assert answer.stdout.strip() == "415 HEIC/HEIF photos need the heif extra on the server: pip install 'resnet-serve[heif]'"
+    expected = "415 HEIC/HEIF photos need the heif extra on the server: pip install 'resnet-serve[heif]'"
+    assert answer.stdout.strip() == expected, answer.stderr
 
 
 def test_the_slim_server_serves_int8_without_the_photos_the_export_calibrated_on(

@@ -4,13 +4,14 @@
     queue (``batcher``) → one forward pass per batch on the inference thread (``inference``)
 
 Concurrency contract: everything here runs on the event loop thread, except ``preprocess`` (in
-the shared decode pool) and the forward pass (on the engine's inference thread). Admission is
-decided before an upload is read or decoded, one slot per image: ``admitted(n)`` holds ``n`` of
+the shared decode pool) and the forward pass (on the engine's inference thread). Admission
+counts images and is decided before an upload is read or decoded: ``admitted()`` holds one of
 ``admission_limit`` slots (a full queue plus the batch being run) or raises ``Overloaded`` at
-once, and a request that learns of more images as its body arrives takes a slot for each
-(``Slots.take``), so the batcher's queue never holds more than the limit. A request waits for its result until its deadline or until the caller's ``abandoned``
-awaitable completes (the client went away); either way its future is cancelled, and the batcher
-drops a cancelled request before inference.
+once, and a request that finds more images in its body takes a slot for each as it finds them
+(``Slots.take``), so the batcher's queue never holds more than the limit. A request waits for
+its result until its deadline or until the caller's ``abandoned`` awaitable completes (the
+client went away); either way its future is cancelled, and the batcher drops a cancelled
+request before inference.
 """
 
 from __future__ import annotations
@@ -135,11 +136,11 @@ class Pipeline:
         return Overloaded(f"{self.in_flight} images in flight; try again shortly", headers={"Retry-After": "1"})
 
     @contextlib.contextmanager
-    def admitted(self, count: int = 1) -> Iterator[Slots]:
-        """Hold ``count`` in-flight slots, and any the request takes later, until it is answered."""
+    def admitted(self) -> Iterator[Slots]:
+        """Hold a slot for the request's first image, and any it takes later, until it is answered."""
         slots = Slots(self)
         try:
-            slots.take(count)
+            slots.take()
             yield slots
         finally:
             self.hold(-slots.held)

@@ -59,7 +59,8 @@ INFER_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": V2Error, "description": text}
     for code, text in {400: "malformed request, bad tensor, or an image that cannot be decoded",
                        401: "API key missing or wrong", 404: "no such model or version",
-                       413: "body or image too large, or more images than the model admits at once", 415: "not JSON, or not an image format we decode",
+                       413: "body or image too large, or more images than the model admits at once",
+                       415: "not JSON, or not an image format we decode",
                        422: "no image in a BYTES element", 500: "the model failed on this batch",
                        503: "overloaded or not ready", 504: "no result within the deadline"}.items()
 }

@@ -1,12 +1,14 @@
-"""Read one image out of an HTTP request body, in memory, never past the size limit.
+"""Read the images out of an HTTP request body, in memory, never past the size limit; and the
+gate every upload passes before its body is read (``admitted_upload``).
 
 FastAPI's ``UploadFile`` spools large files to a temporary file on disk; uploads here must
 never touch the disk, and an oversized body must be cut off at the limit rather than read to
 the end. So the body is streamed through python-multipart's push parser (the one Starlette
 uses) and the bytes of the ``file`` part are counted as they arrive.
 
-Accepted bodies: ``multipart/form-data`` with exactly one ``file`` part, or the raw image
-bytes sent as ``image/*``, ``application/octet-stream`` or with no Content-Type at all.
+Accepted bodies: ``multipart/form-data`` with exactly one ``file`` part (or, for a batch, up
+to ``MAX_BATCH_FILES`` ``files`` parts, each taking its admission slot as it begins), or the
+raw image bytes sent as ``image/*``, ``application/octet-stream`` or with no Content-Type at all.
 """
 
 from __future__ import annotations
