@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from collections import Counter
@@ -187,6 +188,45 @@ async def test_sigterm_flips_readiness_at_once_and_refuses_new_work(
         refused = await c.post("/predict", files={"file": ("a.jpg", HOSTILE["EXIF rotation"][0], "image/jpeg")})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
     assert signal.getsignal(signal.SIGTERM) is not handler  # restored at shutdown
+
+
+async def test_sigterm_during_a_write_to_the_log_still_reaches_uvicorn(
+    settings: Settings, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signal can arrive while the main thread is writing a log line to stderr. Seen in a
+    container: the handler's own log line then failed ("reentrant call inside BufferedWriter"),
+    the error escaped the handler, uvicorn's handler never ran, and the server kept serving
+    until it was killed. Here the signal is delivered from inside the log stream's write."""
+    chained: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: chained.append(signum))  # uvicorn's, say
+    delivered = False
+
+    class RawStderr(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # type: ignore[operator]
+            return len(data)
+
+    stderr = io.TextIOWrapper(io.BufferedWriter(RawStderr()), write_through=True)
+    try:
+        async for c in open_client(create_app(settings, engine=engine)):
+            monkeypatch.setattr(sys, "stderr", stderr)  # where logging reports its own failures too
+            handler = logging.getLogger("resnet_serve").handlers[0]
+            former = handler.setStream(stderr)  # type: ignore[attr-defined]
+            try:
+                await c.get("/health/live")  # its access line is the write the signal interrupts
+            finally:
+                handler.setStream(former)  # type: ignore[attr-defined]
+                monkeypatch.undo()
+            assert delivered and chained == [signal.SIGTERM]
+            assert (await c.get("/health/ready")).json()["status"] == "shutting_down"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def test_a_dead_inference_thread_makes_readiness_503_then_recovers(settings: Settings, engine: Engine) -> None:

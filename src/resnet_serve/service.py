@@ -74,6 +74,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.status: Status = "loading"
+        self._shutdown_said = False
         self.failure: str | None = None
         self.models: dict[str, ServedModel] = {}
         self.versions: list[ModelVersion] = []
@@ -271,15 +272,23 @@ class Service:
         return slot.pipeline if slot else None
 
     def begin_shutdown(self) -> None:
-        """Readiness false and new predictions refused; admitted requests carry on. Said in the
-        log once, and only when something had started (not after a start that failed)."""
-        if self.status != "shutting_down" and (self._loader is not None or self.models):
+        """Readiness false and new predictions refused; admitted requests carry on. Nothing but
+        an assignment: SIGTERM's handler calls this, and a signal handler can run in the middle
+        of a write to the log, where a second write fails ("reentrant call") and, raised out of
+        the handler, loses the signal. ``say_shutdown`` logs it, from the event loop."""
+        self.status = "shutting_down"
+
+    def say_shutdown(self) -> None:
+        """The shutdown's log line: once, and only when something had started (not after a start
+        that failed)."""
+        if not self._shutdown_said and (self._loader is not None or self.models):
+            self._shutdown_said = True
             in_flight = sum(m.pipeline.in_flight for m in self.models.values() if m.pipeline)
             logger.info("shutting down: refusing new requests, finishing %d in flight", in_flight)
-        self.status = "shutting_down"
 
     async def stop(self) -> None:
         self.begin_shutdown()
+        self.say_shutdown()
         if self._loader is not None and not self._loader.done():
             await self._loader
         async with self._control:  # a load or unload under way finishes first (a load then gives up)

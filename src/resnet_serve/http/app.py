@@ -3,6 +3,7 @@ middleware and the lifespan (start-up and shutdown live in ``service``)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -29,15 +30,21 @@ def _flip_readiness_on_sigterm(service: Service) -> Callable[[], None]:
     """Turn readiness false the moment SIGTERM arrives, then let uvicorn's own handler drain.
 
     uvicorn installs its handler before the lifespan starts; this one runs first and chains to
-    it. Only the main thread may set signal handlers (tests may run the app elsewhere)."""
+    it, whatever happens. Only the main thread may set signal handlers (tests may run the app
+    elsewhere). The handler may run in the middle of any write of the main thread, so it does
+    no I/O: the log line is left to the event loop."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = signal.getsignal(signal.SIGTERM)
+    loop = asyncio.get_running_loop()
 
     def handler(signum: int, frame: object) -> None:
-        service.begin_shutdown()
-        if callable(previous):
-            previous(signum, frame)
+        try:
+            service.begin_shutdown()
+            loop.call_soon_threadsafe(service.say_shutdown)
+        finally:
+            if callable(previous):
+                previous(signum, frame)
 
     signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, previous)
