@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 import pytest
+import uvicorn
 from starlette.applications import Starlette
 from starlette.types import Message
 
@@ -69,6 +70,16 @@ def test_in_json_uvicorn_s_own_lines_are_json_too(json_logs: io.StringIO) -> Non
     logging.getLogger("uvicorn.error").error("Application startup failed. Exiting.")
     (line,) = [json.loads(x) for x in json_logs.getvalue().splitlines()]
     assert line == {**line, "logger": "uvicorn.error", "message": "Application startup failed. Exiting.", "level": "ERROR"}
+
+
+@pytest.mark.parametrize("access_log", [False, True])
+def test_in_json_uvicorn_s_access_log_stays_as_uvicorn_set_it(json_logs: io.StringIO, access_log: bool) -> None:
+    """The CLI turns uvicorn's access log off (resnet_serve.access logs each request, with its ID):
+    routing uvicorn's loggers to JSON must not turn it back on, a second line per request."""
+    uvicorn.Config(Starlette(), access_log=access_log)  # configures uvicorn's loggers, as a server does
+    configure_logging("json", "info")
+    logging.getLogger("uvicorn.access").info("GET / 200")
+    assert [json.loads(x)["logger"] for x in json_logs.getvalue().splitlines()] == ["uvicorn.access"] * access_log
 
 
 async def _start(error: BaseException) -> tuple[list[Message], BaseException | None]:

@@ -13,7 +13,9 @@ import logging
 from resnet_serve.settings import LogFormat
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-UVICORN_LOGGERS = ("uvicorn", "uvicorn.access")  # uvicorn.error's records reach "uvicorn"'s handlers
+# uvicorn.error's records reach "uvicorn"'s handlers; uvicorn.access is routed only while uvicorn's
+# access log is on (the CLI turns it off: resnet_serve.access logs each request, with its ID).
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.access")
 
 
 class _RequestIdFilter(logging.Filter):
@@ -62,5 +64,8 @@ def configure_logging(log_format: LogFormat, level: str = "info") -> None:
         root._resnet_serve_configured = (log_format, level)  # type: ignore[attr-defined]
     if log_format == "json":
         for name in UVICORN_LOGGERS:
-            logging.getLogger(name).handlers = list(root.handlers)
-            logging.getLogger(name).propagate = False
+            uvicorn_logger = logging.getLogger(name)
+            if name == "uvicorn.access" and not uvicorn_logger.handlers:
+                continue  # off: giving it a handler would turn it on, one more line per request
+            uvicorn_logger.handlers = list(root.handlers)
+            uvicorn_logger.propagate = False
