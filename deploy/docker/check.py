@@ -284,7 +284,11 @@ def check_image(image: str, images: list[bytes]) -> dict[str, object]:
         outcomes = asyncio.run(burst_during_stop(url, name, images))
         exit_code = inspect(name, "{{.State.ExitCode}}")
         assert set(outcomes) <= {200}, f"requests accepted before the stop were lost: {outcomes}"
-        assert exit_code == "0", f"exit code {exit_code} after docker stop"
+        if exit_code != "0":
+            log = sh(docker(), "logs", "--timestamps", name, check=False, capture=True)
+            kept = BUILD / f"{name}.log"
+            kept.write_text(log.stdout + log.stderr)
+            raise SystemExit(f"exit code {exit_code} after docker stop; the container's log: {kept}")
     finally:
         sh(docker(), "rm", "-f", name, check=False, capture=True)
     size = int(sh(docker(), "image", "inspect", "-f", "{{.Size}}", f"resnet-serve:{image}", capture=True).stdout)
