@@ -212,6 +212,38 @@ async def test_a_full_queue_answers_503_with_retry_after(settings: Settings, eng
         assert refused.headers["Retry-After"] == "1"
 
 
+async def test_a_refused_upload_that_awaits_100_continue_is_never_read(
+    settings: Settings, engine: Engine, photo_jpegs: dict[str, bytes]
+) -> None:
+    """curl sends `Expect: 100-continue` for uploads over 1 MB and waits before sending the body:
+    a full server answers 503 without asking for it (and closes the connection, whose promised
+    body stays unread); a client that sent no such header has its body drained as before."""
+    slow = WrappedEngine(engine, delay=1.0)
+    tight = settings.model_copy(update={"max_queue": 1, "max_batch_size": 1, "cache_size": 0})
+    async for c in client_for(tight, slow):
+        busy = [asyncio.create_task(c.post("/predict", **upload(photo_jpegs[n]))) for n in ("rocket", "coffee")]
+        while 'resnet_serve_in_flight{model="resnet18"} 2.0' not in (await c.get("/metrics")).text:
+            await asyncio.sleep(0.01)
+        pulled = {"expect": 0, "plain": 0}
+
+        def body(kind: str) -> AsyncIterator[bytes]:
+            async def chunks() -> AsyncIterator[bytes]:
+                for _ in range(40):  # 2.5 MB
+                    pulled[kind] += 1
+                    yield b"\xff" * 65536
+            return chunks()
+
+        headers = {"content-type": "image/jpeg"}
+        waiting = await c.post("/predict", content=body("expect"), headers={**headers, "expect": "100-continue"})
+        assert_error(waiting, 503, "overloaded")
+        assert waiting.headers["connection"] == "close" and waiting.headers["retry-after"] == "1"
+        plain = await c.post("/predict", content=body("plain"), headers=headers)
+        assert_error(plain, 503, "overloaded")
+        assert "connection" not in plain.headers
+        assert pulled["expect"] <= 1 and pulled["plain"] == 40
+        assert [r.status_code for r in await asyncio.gather(*busy)] == [200, 200]
+
+
 def batch_of(jpegs: list[bytes]) -> dict[str, Any]:
     return {"files": [("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(jpegs)]}
 

@@ -18,7 +18,7 @@ from resnet_serve.http.auth import require_api_key
 from resnet_serve.http.dependencies import ExplainQuery, ExplainQueryDep, ServiceDep
 from resnet_serve.http.predict import BINARY, ERROR_RESPONSES, multipart_body
 from resnet_serve.http.schemas import ExplainedClass, ExplainResponse, ImageInfo, class_scores
-from resnet_serve.http.uploads import FILE_FIELD, discard_body, read_within
+from resnet_serve.http.uploads import FILE_FIELD, read_within, refused_upload
 from resnet_serve.results import ImageResult
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -71,8 +71,7 @@ async def explain(request: Request, query: ExplainQueryDep, service: ServiceDep)
     target = service.explain_target(query.model)
     classes = target.classes(query.class_id, query.top_k)
     if not explainer.has_room():
-        await discard_body(request, max_bytes=settings.max_upload_bytes)
-        raise explainer.overloaded()
+        raise await refused_upload(request, explainer.overloaded(), max_bytes=settings.max_upload_bytes)
     (upload,) = await read_within(request, settings.request_timeout_s, max_bytes=settings.max_upload_bytes)
     overlay = wants_png(request.headers.get("accept"))
     explanation = await explainer.explain(target, upload.data, start + settings.request_timeout_s,

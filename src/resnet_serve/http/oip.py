@@ -45,7 +45,7 @@ from resnet_serve.http.oip_codec import (
     request_inputs,
     requested_outputs,
 )
-from resnet_serve.http.uploads import admitted_upload, client_gone, read_body
+from resnet_serve.http.uploads import admitted_upload, client_gone, read_body, refused_upload
 from resnet_serve.service import ServedModel, Service
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"], route_class=OipRoute)
@@ -169,9 +169,10 @@ async def explain(name: str, request: Request, service: ServiceDep, version: str
     start = time.monotonic()
     slot = served(service, name, version)
     target, explainer = service.explain_target(slot.name), service.explainer
+    max_bytes = 4 * service.settings.max_upload_bytes
     if not explainer.has_room():
-        raise explainer.overloaded()
-    body = await read_body(request, max_bytes=4 * service.settings.max_upload_bytes)
+        raise await refused_upload(request, explainer.overloaded(), max_bytes=max_bytes)
+    body = await read_body(request, max_bytes=max_bytes)
     parsed, binary = parse_body(body, request.headers.get(BINARY_HEADER))
     top_k = _int_parameter(parsed, "top_k", 1) or 1
     classes = target.classes(_int_parameter(parsed, "class_id", None), top_k)

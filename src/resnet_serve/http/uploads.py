@@ -26,6 +26,7 @@ from resnet_serve.errors import (
     MalformedRequest,
     MissingFile,
     PayloadTooLarge,
+    ServeError,
     UnsupportedMediaType,
     UploadTimeout,
 )
@@ -217,14 +218,26 @@ async def discard_body(request: Request, *, max_bytes: int) -> None:
         return
 
 
+async def refused_upload(request: Request, refusal: ServeError, *, max_bytes: int) -> ServeError:
+    """``refusal``, ready to raise before the body is read. A client that sent ``Expect:
+    100-continue`` (curl does for uploads over 1 MB) waits for leave to send its body: it never
+    gets it, and as the promised body stays unread the connection is closed after the answer.
+    Any other client's body is drained, without being kept, so it reads the answer rather than
+    a reset connection."""
+    if request.headers.get("expect", "").lower() == "100-continue":
+        refusal.headers["Connection"] = "close"
+    else:
+        await discard_body(request, max_bytes=max_bytes)
+    return refusal
+
+
 @contextlib.asynccontextmanager
 async def admitted_upload(request: Request, pipeline: Pipeline, *, max_bytes: int) -> AsyncIterator[Slots]:
     """The gate of an upload route, before anything is read: a slot for the first image, or a
-    503 at once (the body drained, so the client reads it); further images take theirs as
-    they are found (``Slots.take``)."""
+    503 at once (``refused_upload``); further images take theirs as they are found
+    (``Slots.take``)."""
     if not pipeline.has_room():
-        await discard_body(request, max_bytes=max_bytes)
-        raise pipeline.overloaded()
+        raise await refused_upload(request, pipeline.overloaded(), max_bytes=max_bytes)
     with pipeline.admitted() as slots:
         yield slots
 
