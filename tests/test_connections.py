@@ -46,6 +46,13 @@ def response(sock: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
+def closed(url: str, reason: str) -> float:
+    """How many connections the server has closed for ``reason`` (its metric)."""
+    line = next((x for x in httpx.get(f"{url}/metrics").text.splitlines()
+                 if x.startswith(f'resnet_serve_connections_closed_total{{reason="{reason}"}}')), "_ 0")
+    return float(line.rsplit(" ", 1)[1])
+
+
 def closed_after(sock: socket.socket) -> float:
     """Seconds until the server closes the connection (reading nothing but the end)."""
     start = time.monotonic()
@@ -55,6 +62,7 @@ def closed_after(sock: socket.socket) -> float:
 
 def test_a_connection_whose_headers_never_arrive_is_closed_in_time(server: tuple[str, subprocess.Popen[bytes]]) -> None:
     url, _ = server
+    before = closed(url, "headers_late")
     silent, partial, after_a_request = connect(url), connect(url), connect(url)
     partial.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
     after_a_request.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -63,6 +71,7 @@ def test_a_connection_whose_headers_never_arrive_is_closed_in_time(server: tuple
     for sock in (silent, partial, after_a_request):
         assert closed_after(sock) < STALLED_AFTER_S + 3
         sock.close()
+    assert closed(url, "headers_late") == before + 3
 
 
 def test_headers_that_arrive_slowly_but_in_time_are_served(server: tuple[str, subprocess.Popen[bytes]]) -> None:
@@ -89,6 +98,7 @@ def test_headers_past_the_size_limit_are_refused_with_431_before_they_end(
         body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
         assert body["error"]["code"] == "headers_too_large" and "64 kB" in body["error"]["message"]
         assert sock.recv(4096) == b""  # and the connection is closed
+    assert closed(url, "headers_too_large") == 1
 
 
 def test_stalled_connections_past_the_file_limit_do_not_lock_out_real_requests(

@@ -25,6 +25,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 
 REQUESTS = Counter("resnet_serve_requests", "HTTP requests by route and status", ["route", "method", "status"])
+CONNECTIONS_CLOSED = Counter("resnet_serve_connections_closed",
+                             "Connections closed before their request was read: headers late or too large",
+                             ["reason"])
 REQUEST_SECONDS = Histogram("resnet_serve_request_duration_seconds", "HTTP request latency", ["route"],
                             buckets=LATENCY_BUCKETS)
 # Per model (the ``model`` label): what its pipeline and inference thread do.

@@ -9,7 +9,7 @@ headers' size: httptools buffers a header of any length, so a client can make th
 gigabytes for one request. Here a request's headers must be complete within the keep-alive
 timeout, counted from the connection's start or from the request's first byte, or the connection
 is closed; and within ``MAX_HEADER_BYTES``, or the request is answered 431 and the connection
-closed. A body that arrives slowly is the request deadline's business (408), a large one the
+closed. Both are counted (``resnet_serve_connections_closed_total{reason}``). A body that arrives slowly is the request deadline's business (408), a large one the
 upload limit's (413).
 
 Concurrency: everything here runs on the event loop thread, in the protocol's callbacks.
@@ -23,6 +23,7 @@ import json
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from resnet_serve.errors import HeadersTooLarge
+from resnet_serve.metrics import CONNECTIONS_CLOSED
 
 # The request line and headers together: browsers send a few kB (cookies included); nginx allows
 # 32 kB by default, Node.js 16 kB.
@@ -53,6 +54,7 @@ class HeaderLimits(HttpToolsProtocol):
                     b"content-length: %d\r\nconnection: close\r\n\r\n%s"
                     % (_TOO_LARGE.status_code, len(_TOO_LARGE_ANSWER), _TOO_LARGE_ANSWER))
                 self.transport.close()
+                CONNECTIONS_CLOSED.labels("headers_too_large").inc()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -80,3 +82,4 @@ class HeaderLimits(HttpToolsProtocol):
         self._headers_due = None
         if not self.transport.is_closing():
             self.transport.close()
+            CONNECTIONS_CLOSED.labels("headers_late").inc()
