@@ -23,7 +23,7 @@
 #   TORCH_PRECISIONS  the TorchScript artefacts baked into torch: fp32,int8 (add fp16 for CUDA)
 #   SLIM_EXTRAS  extras of the slim install: none (default), openvino (OpenVINO's CPU plugin and
 #              its ONNX reader only: its GPU and NPU plugins and other model readers are left out),
-#              heif (HEIC uploads), or both as openvino,heif
+#              heif (HEIC uploads; pillow-heif's wheels are GPLv2), or both as openvino,heif
 #   SLIM_RUNTIME the slim image's RESNET_SERVE_RUNTIME: onnxruntime (default), openvino, or auto
 #              (times both at each container start, as the compiled-model cache starts empty)
 #   TORCH_INDEX  where torch comes from: PyTorch's CPU wheels by default; for NVIDIA GPUs
