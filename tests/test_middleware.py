@@ -59,6 +59,12 @@ async def test_head_is_refused_where_get_is(client: httpx.AsyncClient) -> None:
     assert refused.status_code == 405 and refused.headers["allow"] == "POST" and refused.content == b""
 
 
+@pytest.mark.parametrize("path", ["/health/live", "/v2/health/live"])
+async def test_a_405_on_a_get_path_names_head_too(client: httpx.AsyncClient, path: str) -> None:
+    refused = await client.delete(path)
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
+
+
 def test_records_outside_a_request_say_so(json_logs: io.StringIO) -> None:
     assert REQUEST_ID.get() == "-"
     logging.getLogger("resnet_serve.test").warning("plain message")

@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
+def allowed_methods(methods: set[str]) -> str:
+    """A 405's ``Allow``: HEAD is answered wherever GET is (``middleware.HeadAsGet``)."""
+    return ", ".join(sorted(methods | {"HEAD"} if "GET" in methods else methods))
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
 
@@ -52,7 +57,10 @@ async def invalid_parameter(request: Request, exc: Exception) -> JSONResponse:
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if "Allow" in headers:
+        headers["Allow"] = allowed_methods({m.strip() for m in headers["Allow"].split(",")})
+    return error_response(exc.status_code, code, str(exc.detail), headers)
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -29,7 +29,7 @@ from resnet_serve import __version__
 from resnet_serve.errors import MalformedRequest, MethodNotAllowed, ModelNotFound, NotFound, UnsupportedMediaType
 from resnet_serve.http.auth import require_api_key
 from resnet_serve.http.dependencies import ServiceDep
-from resnet_serve.http.errors import OipRoute
+from resnet_serve.http.errors import OipRoute, allowed_methods
 from resnet_serve.http.oip_codec import (
     BINARY_HEADER,
     BYTES_INPUT,
@@ -203,7 +203,7 @@ def fallback_for(*routers: APIRouter) -> APIRouter:
         allowed = set().union(*(r.methods for r in known if r.matches(request.scope)[0] is Match.PARTIAL))
         if allowed:
             raise MethodNotAllowed(f"{request.method} is not allowed on /v2/{path}",
-                                   headers={"Allow": ", ".join(sorted(allowed))})
+                                   headers={"Allow": allowed_methods(allowed)})
         raise NotFound(f"no such endpoint: /v2/{path}")
 
     return fallback
