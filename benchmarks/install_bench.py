@@ -24,7 +24,7 @@ from http_bench import RESULTS  # noqa: E402
 from machine import publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-INSTALLS = {"slim": "", "openvino": "[openvino]", "torch": "[torch]"}
+INSTALLS = {"slim": "", "openvino": "[openvino]", "heif": "[heif]", "torch": "[torch]"}
 LARGEST = 3  # packages named per install
 
 
