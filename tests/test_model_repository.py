@@ -266,6 +266,9 @@ async def test_a_load_that_fails_leaves_the_version_served(
     for path, body in (("/v2/repository/models/flowers/load", b"not json"), ("/v2/repository/index", b"[1]")):
         malformed = await client.post(path, content=body)
         assert malformed.status_code == 400 and "the request is JSON" in malformed.json()["error"]
+    for path in ("/v2/repository/models/flowers/load", "/v2/repository/index"):  # read only so far
+        huge = await client.post(path, content=b"{" + b" " * (1024 * 1024) + b"}")
+        assert huge.status_code == 413 and "limit" in huge.json()["error"]
 
 
 async def test_a_stop_during_a_load_waits_for_it_and_the_load_gives_up(user_repository: Path, tmp_path: Path) -> None:

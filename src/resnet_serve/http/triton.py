@@ -18,6 +18,7 @@ from resnet_serve.http.dependencies import ServiceDep
 from resnet_serve.http.errors import OipRoute
 from resnet_serve.http.oip import MODEL_ERRORS, served
 from resnet_serve.http.oip_codec import BYTES_INPUT, OUTPUT_NAME, PIXELS_INPUT, V2Error
+from resnet_serve.http.uploads import read_body
 from resnet_serve.pipeline import Duration
 from resnet_serve.repository import LABELS_FILE
 from resnet_serve.service import ServedModel, Service
@@ -100,9 +101,13 @@ async def stats(name: str, service: ServiceDep, version: str | None = None) -> d
     return {"model_stats": [model_stats(served(service, name, version))]}
 
 
+# A repository request is a small JSON object; a larger body is refused as it arrives (413).
+MAX_REPOSITORY_BODY = 64 * 1024
+
+
 async def _json_object(request: Request, shape: str) -> dict[str, Any]:
     """A repository request's JSON object (an empty body is an empty one), or 400 naming ``shape``."""
-    body = await request.body()
+    body = await read_body(request, max_bytes=MAX_REPOSITORY_BODY)
     try:
         data = json.loads(body) if body.strip() else {}
     except ValueError:
@@ -112,7 +117,8 @@ async def _json_object(request: Request, shape: str) -> dict[str, Any]:
     return data
 
 
-@router.post("/repository/index", summary="Every model version in the repository and its state (Triton)")
+@router.post("/repository/index", summary="Every model version in the repository and its state (Triton)",
+             responses={413: {"model": V2Error, "description": "a request body over 64 kB"}})
 async def index(request: Request, service: ServiceDep) -> list[dict[str, str]]:
     ready_only = bool((await _json_object(request, '{} or {"ready": true}')).get("ready", False))
     rows = []
@@ -140,7 +146,8 @@ CONTROL: dict[str, Any] = {"dependencies": [Depends(require_api_key)], "response
     code: {"model": V2Error, "description": text}
     for code, text in {400: "the load failed (the version served stays), or a malformed request",
                        401: "API key missing or wrong", 403: "model control is off (RESNET_SERVE_MODEL_CONTROL)",
-                       404: "no such model in the repository", 503: "the service is loading or shutting down"}.items()
+                       404: "no such model in the repository", 413: "a request body over 64 kB",
+                       503: "the service is loading or shutting down"}.items()
 }}
 
 
