@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +99,48 @@ def test_resume_writes_each_input_once(folder: Path, tmp_path: Path, offline_env
     assert out.read_text().splitlines() == resumed  # nothing left to do: no row added
 
 
+def test_what_cannot_be_served_is_refused_before_it_is_read(tmp_path: Path, offline_env: None, photo_jpegs: dict[str, bytes],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESNET_SERVE_MAX_UPLOAD_MB", "1")
+    fifo, big, photo = tmp_path / "pipe.jpg", tmp_path / "big.jpg", tmp_path / "chelsea.jpg"
+    os.mkfifo(fifo)
+    big.write_bytes(os.urandom(1024 * 1024 + 1))
+    photo.write_bytes(photo_jpegs["chelsea"])
+    # Were the FIFO opened for reading, it would wait for a writer for ever: this one comes late.
+    late_writer = threading.Timer(10, lambda: os.close(os.open(fifo, os.O_RDWR)))
+    late_writer.daemon = True
+    late_writer.start()
+    out = tmp_path / "out.jsonl"
+    started = time.monotonic()
+    assert main(["predict", str(fifo), "/dev/null", str(big), str(photo), "--output", str(out), "--quiet"]) == 0
+    assert time.monotonic() - started < 10
+    late_writer.cancel()
+    errors = {Path(r["path"]).name: r["error"] for r in rows(out)}
+    assert errors["pipe.jpg"] == f"OSError: not a regular file: {fifo}"
+    assert errors["null"] == "OSError: not a regular file: /dev/null"
+    assert errors["big.jpg"] == "413 payload_too_large: the upload exceeds the 1 MB limit"
+    assert errors["chelsea.jpg"] is None
+
+
+def test_a_file_name_that_is_not_utf8_is_kept_as_its_bytes(tmp_path: Path, offline_env: None,
+                                                           photo_jpegs: dict[str, bytes],
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    name = os.fsencode(tmp_path) + b"/caf\xe9.jpg"  # Latin-1, as an old camera or archive names it
+    with open(name, "wb") as f:
+        f.write(photo_jpegs["coffee"])
+    for out in (tmp_path / "out.jsonl", tmp_path / "out.csv"):
+        assert main(["predict", str(tmp_path), "--output", str(out), "--quiet"]) == 0
+        written = out.read_bytes()
+        assert name in written and written.count(b"caf") == 1
+        assert main(["predict", str(tmp_path), "--output", str(out), "--resume", "--quiet"]) == 0
+        assert out.read_bytes() == written  # found again: not classified twice
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(name + b"\n"), encoding="utf-8"))  # find | predict -
+    assert main(["predict", "-"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("caf\\xe9.jpg")  # escaped for a terminal
+
+
 def test_rows_keep_input_order_within_a_bounded_window() -> None:
     inputs = [Path(f"{i}.jpg") for i in range(20)]
     in_flight, most = 0, 0
@@ -138,9 +183,10 @@ def test_progress_is_a_line_now_and_then_when_stderr_is_not_a_terminal() -> None
 
 @pytest.fixture
 def busy_server(seeded_weights: Path, tmp_path: Path) -> Iterator[str]:
-    """A server that batches one at a time with no queue: concurrent uploads get 503s."""
+    """A server that batches one at a time with no queue (concurrent uploads get 503s) and takes
+    uploads up to 1 MB."""
     with real_server(tmp_path / "server.log", weights=str(seeded_weights), allow_download="false",
-                     max_batch_size="1", max_queue="1", cache_size="0") as (url, process):
+                     max_batch_size="1", max_queue="1", cache_size="0", max_upload_mb="1") as (url, process):
         wait_ready(url, process)
         yield url
 
@@ -164,6 +210,21 @@ def test_through_a_server_that_answers_503_the_rows_match_offline(
             assert a["class_ids"][0] == b["class_ids"][0] and (a["width"], a["height"]) == (b["width"], b["height"])
         else:
             assert a["error"].split(":")[0] == b["error"].split(":")[0]  # same status and code
+
+
+def test_a_file_past_the_servers_limit_is_not_sent_and_a_refusal_of_all_stops_the_run(
+    busy_server: str, tmp_path: Path, photo_jpegs: dict[str, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "big.jpg").write_bytes(photo_jpegs["chelsea"] + os.urandom(1024 * 1024))  # the server's limit: 1 MB
+    (tmp_path / "chelsea.jpg").write_bytes(photo_jpegs["chelsea"])
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", str(tmp_path), "--output", str(out), "--quiet", "--server", busy_server]) == 0
+    errors = {Path(r["path"]).name: r["error"] for r in rows(out)}
+    assert errors == {"big.jpg": "413 payload_too_large: the upload exceeds the 1 MB limit", "chelsea.jpg": None}
+    assert 'status="413"' not in httpx.get(f"{busy_server}/metrics").text  # refused here, never uploaded
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path), "--quiet", "--server", busy_server, "--model", "nope"]) == 2
+    assert "404 model_not_found" in capsys.readouterr().err  # once, for the run, not a row per input
 
 
 def test_an_unreachable_server_stops_the_run_with_a_message(folder: Path, tmp_path: Path,

@@ -2,7 +2,13 @@
 
 Inputs (``find_inputs``): files as given; folders, recursively, keeping the files whose name or
 first bytes say image; glob patterns; ``-`` for paths read from stdin. Every input gets a row:
-one that cannot be read or decoded gets a row with its error, and the run goes on.
+one that cannot be read or decoded gets a row with its error, and the run goes on. An input
+that is not a regular file (a FIFO, a device) or is larger than the upload limit is refused
+before it is read (``read_input``), as it would block, never end, or fill the memory.
+
+Paths are the file system's bytes: a name that is not UTF-8 is kept as Python's
+``surrogateescape`` gives it, written to CSV and JSON Lines as the same bytes (so ``--resume``
+finds it again), and shown escaped (``\\xff``) on a terminal.
 
 Concurrency: one event loop. At most ``window`` inputs are in flight at once (read, predict,
 wait to be written), so memory does not grow with the number of inputs. Offline, each input goes
@@ -19,6 +25,8 @@ import csv
 import glob
 import io
 import json
+import os
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -28,7 +36,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from resnet_serve.decode import looks_like_an_image
-from resnet_serve.errors import ServeError, ServerUnreachable
+from resnet_serve.errors import PayloadTooLarge, ServeError, ServerRefused, ServerUnreachable
 from resnet_serve.inference import ModelInfo
 from resnet_serve.labels import Labels
 from resnet_serve.loading import open_model
@@ -59,6 +67,27 @@ class Row:
 
 
 Predict = Callable[[Path], Awaitable[Row]]
+PATH_ERRORS = "surrogateescape"  # a file name that is not UTF-8 round-trips as its bytes
+
+
+def read_input(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes, or an error before reading what could never be served: not a regular
+    file (opening a FIFO or reading a device would block or never end), or over ``max_bytes``."""
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"not a regular file: {shown(str(path))}")
+        if info.st_size > max_bytes:
+            raise PayloadTooLarge.upload_over(max_bytes)
+        data = f.read(max_bytes + 1)  # a file that grew since fstat is still cut at the limit
+    if len(data) > max_bytes:
+        raise PayloadTooLarge.upload_over(max_bytes)
+    return data
+
+
+def shown(path: str) -> str:
+    """A path fit for a terminal: bytes that are not UTF-8 written as ``\\xff``."""
+    return path.encode("utf-8", PATH_ERRORS).decode("utf-8", "backslashreplace")
 
 
 def _is_image(path: Path) -> bool:
@@ -77,7 +106,8 @@ def find_inputs(arguments: Iterable[str], stdin: IO[str] | None = None) -> list[
     found: dict[Path, None] = {}
     for argument in arguments:
         if argument == "-":
-            source = stdin if stdin is not None else sys.stdin
+            source = stdin if stdin is not None else io.TextIOWrapper(
+                sys.stdin.buffer, encoding=sys.getfilesystemencoding(), errors=PATH_ERRORS)
             found.update((Path(line.strip()), None) for line in source if line.strip())
         elif Path(argument).is_dir():
             found.update((p, None) for p in sorted(Path(argument).rglob("*")) if p.is_file() and _is_image(p))
@@ -102,9 +132,9 @@ class TextSink:
 
     def write(self, row: Row) -> None:
         if row.error is not None:
-            print(f"{row.path}: {row.error}", file=self.err)
+            print(f"{shown(row.path)}: {row.error}", file=self.err)
             return
-        lines = [row.path] + [f"  {rank:>2}. {p * 100:6.2f}%  {i:>3}  {en}  ({zh})" for rank, (p, i, en, zh)
+        lines = [shown(row.path)] + [f"  {rank:>2}. {p * 100:6.2f}%  {i:>3}  {en}  ({zh})" for rank, (p, i, en, zh)
                               in enumerate(zip(row.confidences, row.class_ids, row.labels_en, row.labels_zh), 1)]
         print("\n".join(lines), file=self.out, flush=True)
 
@@ -119,7 +149,7 @@ class FileSink:
     def __init__(self, path: Path) -> None:
         self.jsonl = path.suffix.lower() == ".jsonl"
         fresh = not path.exists() or path.stat().st_size == 0
-        self.file = path.open("a", encoding="utf-8", newline="")
+        self.file = path.open("a", encoding="utf-8", errors=PATH_ERRORS, newline="")
         self.csv = None if self.jsonl else csv.writer(self.file)
         if self.csv is not None and fresh:
             self.csv.writerow(COLUMNS)
@@ -141,7 +171,7 @@ def done_paths(path: Path) -> set[str]:
     """The inputs an earlier run already wrote to ``path`` (its rows are kept, errors included)."""
     if not path.exists():
         return set()
-    text = path.read_text("utf-8")
+    text = path.read_text("utf-8", errors=PATH_ERRORS)
     if path.suffix.lower() == ".jsonl":
         return {json.loads(line)["path"] for line in text.splitlines() if line.strip().endswith("}")}
     return {row["path"] for row in csv.DictReader(io.StringIO(text)) if row.get("path")}
@@ -256,7 +286,8 @@ async def run_offline(inputs: list[Path], settings: Settings, sink: Sink, *, mod
     labels = engine.info.spec.labels
 
     async def predict(path: Path) -> Row:
-        result = await pipeline.predict_bytes(await asyncio.to_thread(path.read_bytes),
+        data = await asyncio.to_thread(read_input, path, settings.max_upload_bytes)
+        result = await pipeline.predict_bytes(data,
                                               time.monotonic() + OFFLINE_DEADLINE_S)
         return row_of(path, result.probs, labels, k, (result.width, result.height, result.format))
 
@@ -280,10 +311,17 @@ async def run_remote(inputs: list[Path], url: str, sink: Sink, *, model: str | N
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with AsyncClient(url, api_key=api_key, retries=REMOTE_RETRIES, timeout=120.0, limits=limits) as client:
+        try:  # the server's upload limit, so a file past it is refused here rather than sent
+            max_bytes = int((await client.model(model)).max_upload_mb * 1024 * 1024)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"{url}: {type(exc).__name__}: {exc}") from None
+        except ClientError as exc:
+            raise ServerRefused(f"{url}: {exc}") from None
+
         async def predict(path: Path) -> Row:
-            data = await asyncio.to_thread(path.read_bytes)
+            data = await asyncio.to_thread(read_input, path, max_bytes)
             try:
-                answer = await client.predict(data, top_k=k, filename=path.name, model=model)
+                answer = await client.predict(data, top_k=k, filename=shown(path.name), model=model)
             except ClientError as exc:
                 return Row(str(path), error=f"{exc.status} {exc.code}: {exc.message}")
             except httpx.TransportError as exc:

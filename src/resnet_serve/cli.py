@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from resnet_serve.errors import ExportError, RepositoryError, ServerUnreachable, WeightsError
+from resnet_serve.errors import ExportError, RepositoryError, ServerRefused, ServerUnreachable, WeightsError
 from resnet_serve.logs import configure_logging
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
 
@@ -298,9 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.run is not _serve:
         imports_done()  # the other commands work long after their imports: collect as usual
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury predict's progress
     try:
         return int(args.run(args))
-    except (WeightsError, RepositoryError, ExportError, ServerUnreachable) as exc:
+    except (WeightsError, RepositoryError, ExportError, ServerUnreachable, ServerRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:

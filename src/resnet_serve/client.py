@@ -11,7 +11,7 @@ Errors from the service raise ``ClientError`` with its status, code and message.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,20 +126,19 @@ class Client:
 
 
 class AsyncClient:
-    """The same, for asyncio; ``retries``: how often ``predict`` retries a 503 (``retry_delay``)."""
+    """The same, for asyncio; ``retries``: how often a call retries a 503 (``retry_delay``)."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
                  timeout: float = 30.0, retries: int = 0, **httpx_options: Any) -> None:
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=_headers(api_key), **httpx_options)
         self.retries = retries
 
-    async def predict(self, image: Image, *, top_k: int = 3, lang: str = "en", filename: str | None = None,
-                      model: str | None = None) -> PredictResponse:
-        files, attempt = {"file": _image(image, filename)}, 0
+    async def _answer(self, send: Callable[[], Awaitable[httpx.Response]]) -> httpx.Response:
+        """``send``'s answer, sent again after a 503 (a server warming up or full) up to ``retries`` times."""
+        attempt = 0
         while True:
-            response = await self._http.post("/predict", params=_params(model, top_k=top_k, lang=lang), files=files)
             try:
-                return PredictResponse.model_validate(_checked(response).json())
+                return _checked(await send())
             except ClientError as error:
                 delay = retry_delay(error, attempt)
                 if delay is None or attempt >= self.retries:
@@ -147,30 +146,40 @@ class AsyncClient:
             attempt += 1
             await asyncio.sleep(delay)
 
+    async def predict(self, image: Image, *, top_k: int = 3, lang: str = "en", filename: str | None = None,
+                      model: str | None = None) -> PredictResponse:
+        files = {"file": _image(image, filename)}
+        response = await self._answer(lambda: self._http.post(
+            "/predict", params=_params(model, top_k=top_k, lang=lang), files=files))
+        return PredictResponse.model_validate(response.json())
+
     async def predict_batch(self, images: Sequence[Image], *, top_k: int = 3, lang: str = "en",
                             model: str | None = None) -> BatchResponse:
         files = [("files", _image(image, None)) for image in images]
-        response = await self._http.post("/predict/batch", params=_params(model, top_k=top_k, lang=lang),
-                                         files=files)
-        return BatchResponse.model_validate(_checked(response).json())
+        response = await self._answer(lambda: self._http.post(
+            "/predict/batch", params=_params(model, top_k=top_k, lang=lang), files=files))
+        return BatchResponse.model_validate(response.json())
 
     async def explain(self, image: Image, *, top_k: int = 1, class_id: int | None = None, lang: str = "en",
                       model: str | None = None) -> ExplainResponse:
-        response = await self._http.post("/explain", params=_explain_params(top_k, class_id, lang, model),
-                                         files={"file": _image(image, None)})
-        return ExplainResponse.model_validate(_checked(response).json())
+        files = {"file": _image(image, None)}
+        response = await self._answer(lambda: self._http.post(
+            "/explain", params=_explain_params(top_k, class_id, lang, model), files=files))
+        return ExplainResponse.model_validate(response.json())
 
     async def ready(self) -> bool:
         return (await self._http.get("/health/ready")).status_code == 200
 
     async def models(self) -> ModelsResponse:
-        return ModelsResponse.model_validate(_checked(await self._http.get("/models")).json())
+        return ModelsResponse.model_validate((await self._answer(lambda: self._http.get("/models"))).json())
 
     async def model(self, name: str | None = None) -> ModelResponse:
-        return ModelResponse.model_validate(_checked(await self._http.get("/model", params=_params(name))).json())
+        response = await self._answer(lambda: self._http.get("/model", params=_params(name)))
+        return ModelResponse.model_validate(response.json())
 
     async def labels(self, model: str | None = None) -> LabelsResponse:
-        return LabelsResponse.model_validate(_checked(await self._http.get("/labels", params=_params(model))).json())
+        response = await self._answer(lambda: self._http.get("/labels", params=_params(model)))
+        return LabelsResponse.model_validate(response.json())
 
     async def aclose(self) -> None:
         await self._http.aclose()

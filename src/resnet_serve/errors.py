@@ -113,6 +113,11 @@ class PayloadTooLarge(ServeError):
     status_code = 413
     code = "payload_too_large"
 
+    @classmethod
+    def upload_over(cls, limit_bytes: int) -> PayloadTooLarge:
+        """The one wording for the byte limit, whether an HTTP body or a file on disk passed it."""
+        return cls(f"the upload exceeds the {limit_bytes / 1024 / 1024:g} MB limit")
+
 
 class HeadersTooLarge(ServeError):
     """The request line and headers are past their size limit (answered by ``http.connections``,
@@ -171,3 +176,8 @@ class ExportError(Exception):
 
 class ServerUnreachable(Exception):
     """A client cannot reach the server at all (not an answer about one image)."""
+
+
+class ServerRefused(Exception):
+    """The server answers, but refuses what every request of a run needs (a wrong API key, a
+    model it does not have), so the run stops rather than write the same error for each input."""

@@ -45,10 +45,6 @@ class Upload:
     filename: str | None
 
 
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"the upload exceeds the {limit / 1024 / 1024:g} MB limit")
-
-
 class _FileCollector:
     """python-multipart callbacks that keep the ``field`` parts' bytes and count the rest."""
 
@@ -97,12 +93,12 @@ class _FileCollector:
         if self._chunks is None:
             self._other_bytes += end - start
             if self._other_bytes > MULTIPART_OVERHEAD:
-                raise _too_large(self.max_bytes)
+                raise PayloadTooLarge.upload_over(self.max_bytes)
             return
         self._chunks.append(data[start:end])
         self._size += end - start
         if self._size > self.max_bytes:
-            raise _too_large(self.max_bytes)
+            raise PayloadTooLarge.upload_over(self.max_bytes)
 
     def on_part_end(self) -> None:
         if self._chunks is not None:
@@ -144,7 +140,7 @@ async def read_body(request: Request, *, max_bytes: int) -> bytes:
             chunks.append(chunk)
             size += len(chunk)
             if size > max_bytes:
-                raise _too_large(max_bytes)
+                raise PayloadTooLarge.upload_over(max_bytes)
     except ClientDisconnect:
         raise MalformedRequest("the client disconnected during the upload") from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -183,7 +179,7 @@ async def read_uploads(request: Request, *, max_bytes: int, max_files: int, fiel
     raising a ``ServeError`` (a batch takes an admission slot per image as its parts arrive)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_files * (max_bytes + MULTIPART_OVERHEAD):
-        raise _too_large(max_bytes)
+        raise PayloadTooLarge.upload_over(max_bytes)
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     try:
         if content_type == b"multipart/form-data":
