@@ -9,9 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.conftest import real_server, wait_ready
+from tests.conftest import encode, real_server, wait_ready
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
@@ -104,6 +105,29 @@ def test_a_non_image_gets_a_clear_message(page: Page, tmp_path: Path) -> None:
     expect(card(page, "fake.jpg").locator(".error")).to_have_text(
         "This file is not an image format the server understands."
     )
+
+
+def test_what_the_browser_cannot_show_is_still_classified(page: Page, photos: dict[str, Image.Image],
+                                                          photo_jpegs: dict[str, bytes]) -> None:
+    tiff = encode(photos["astronaut"], "TIFF")  # the server reads TIFF; Chromium cannot draw it
+    page.set_input_files("#file", files=[{"name": "scan.tif", "mimeType": "image/tiff", "buffer": tiff}])
+    scan = card(page, "scan.tif")
+    expect(scan.locator("li.prediction")).to_have_count(3)
+    expect(scan.locator(".unshown")).to_have_text("No preview: this browser cannot show TIFF.")
+    expect(scan.locator("img.photo")).to_be_hidden()  # no broken-image icon
+    expect(scan.locator(".times")).to_contain_text("batch")
+    # A name without an extension: a type the browser does not know is left to the server.
+    page.set_input_files("#file", files=[{"name": "IMG_0001", "mimeType": "", "buffer": photo_jpegs["rocket"]}])
+    expect(card(page, "IMG_0001").locator("li.prediction")).to_have_count(3)
+    page.set_input_files("#file", files=[{"name": "NOTES", "mimeType": "", "buffer": b"plain text"}])
+    notes = card(page, "NOTES")
+    expect(notes.locator(".error")).to_have_text("This file is not an image format the server understands.")
+    expect(notes.locator(".preview")).to_be_hidden()
+    # The same bytes again come from the server's cache: no inference time, no batch to report.
+    page.set_input_files("#file", files=[{"name": "again.tif", "mimeType": "image/tiff", "buffer": tiff}])
+    again = card(page, "again.tif")
+    expect(again.locator(".times")).to_contain_text("from the cache")
+    expect(again.locator(".times")).not_to_contain_text("batch")
 
 
 def test_two_images_at_once_make_two_cards(page: Page, photo_files: dict[str, Path]) -> None:

@@ -11,7 +11,8 @@ const TEXT = {
     connecting: "Connecting…", warming: "The model is warming up…",
     status: (m) => `${displayName(m)} on ${m.device} · ${m.precision} · batch ≤ ${m.max_batch_size} · ${m.dispatch} dispatch · weights: ${m.weights}`,
     classifying: "Classifying…", inference: "inference", roundTrip: "round trip", batch: "batch",
-    preview: (name) => `Preview of ${name}`, langButton: "中文", langLabel: "切换到中文",
+    cached: "from the cache (same image as before)",
+    preview: (name) => `Preview of ${name}`, unshown: (format) => `No preview: this browser cannot show ${format || "this format"}.`, langButton: "中文", langLabel: "切换到中文",
     why: "why?", whyLabel: (label) => `Show where the model looked for ${label}`, opacity: "Heatmap opacity",
     explaining: "Explaining…", heatmap: (label) => `Heatmap: where the model looked for ${label}`,
     errors: {
@@ -36,7 +37,8 @@ const TEXT = {
     connecting: "正在连接…", warming: "模型正在预热…",
     status: (m) => `${displayName(m)} · 设备 ${m.device} · 精度 ${m.precision} · 批大小 ≤ ${m.max_batch_size} · ${m.dispatch} 调度 · 权重：${m.weights}`,
     classifying: "识别中…", inference: "推理", roundTrip: "往返", batch: "批",
-    preview: (name) => `${name} 的预览`, langButton: "English", langLabel: "Switch to English",
+    cached: "来自缓存（与之前的图片相同）",
+    preview: (name) => `${name} 的预览`, unshown: (format) => `无法预览：此浏览器不能显示${format ? ` ${format} ` : "此格式"}。`, langButton: "English", langLabel: "Switch to English",
     why: "为什么？", whyLabel: (label) => `显示模型判断为「${label}」时关注的区域`, opacity: "热力图不透明度",
     explaining: "正在解释…", heatmap: (label) => `热力图：模型判断为「${label}」时关注的区域`,
     errors: {
@@ -230,7 +232,13 @@ function opacitySlider(card) {
 function renderCard(card) {
   const body = card.node.querySelector(".body");
   body.replaceChildren(element("h2", "", card.name));
-  card.node.querySelector("img.photo").alt = t().preview(card.name);
+  const photo = card.node.querySelector("img.photo");
+  photo.alt = t().preview(card.name);
+  photo.hidden = card.unshown;
+  const unshown = card.node.querySelector(".unshown");
+  unshown.hidden = !card.unshown;
+  unshown.textContent = t().unshown(card.result ? card.result.image.format : null);
+  card.node.querySelector(".preview").hidden = !card.previewed || (card.unshown && card.error !== null);
   renderOverlay(card);
   if (card.error) {
     body.append(element("p", "error", errorText(card)));
@@ -256,8 +264,9 @@ function renderCard(card) {
     list.append(item);
   }
   const r = card.result;
+  const work = r.cached ? t().cached : `${t().inference} ${r.inference_time_ms.toFixed(1)} ms`;
   const times = element("p", "times",
-    `${t().inference} ${r.inference_time_ms.toFixed(1)} ms · ${t().roundTrip} ${card.roundTripMs.toFixed(0)} ms · ${t().batch} ${r.batch_size}`
+    `${work} · ${t().roundTrip} ${card.roundTripMs.toFixed(0)} ms` + (r.cached ? "" : ` · ${t().batch} ${r.batch_size}`)
     + ($("model-picker").hidden ? "" : ` · ${r.model}`));
   body.append(list, times);
   if (card.explaining) body.append(element("p", "pending", t().explaining));
@@ -271,18 +280,23 @@ function renderCard(card) {
 async function classify(file) {
   const card = { name: file.name || "pasted image", result: null, error: null, node: element("article", "card"),
                  file, model: state.chosen, explained: null, heatmaps: {}, opacity: 0.6, explaining: false,
-                 explainError: null };
+                 explainError: null, previewed: false, unshown: false };
+  // A type the browser does not know ("" or the generic binary type) may still be an image the
+  // server reads (HEIC on many systems): only a type known not to be an image is refused here.
+  const image = ["", "application/octet-stream"].includes(file.type) || file.type.startsWith("image/");
   const preview = element("div", "preview");
   const img = element("img", "photo");
+  const unshown = element("p", "unshown");  // an image the server reads but the browser cannot show (TIFF, HEIC)
   const heat = element("img", "heat");
   heat.hidden = true;
-  if (file.type.startsWith("image/")) img.src = URL.createObjectURL(file);
-  else preview.hidden = true;
-  preview.append(img, heat);
+  img.addEventListener("error", () => { card.unshown = true; renderCard(card); });
+  card.previewed = image;
+  if (image) img.src = URL.createObjectURL(file);
+  preview.append(img, unshown, heat);
   card.node.append(preview, element("div", "body"));
   $("results").prepend(card.node);
   state.cards.push(card);
-  if (!file.type.startsWith("image/")) card.error = "not_image";
+  if (!image) card.error = "not_image";
   else if (file.size > state.maxBytes) card.error = "too_large";
   renderCard(card);
   if (card.error) return;
