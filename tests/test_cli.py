@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,8 +48,9 @@ import gc, sys
 import uvicorn
 from resnet_serve.__main__ import main
 print("entry", gc.isenabled())
-uvicorn.run = lambda app, **kw: print("serve", gc.isenabled(), gc.get_freeze_count() > 0,
-                                       "resnet_serve.http.app" in sys.modules, app)
+uvicorn.Config.bind_socket = lambda self: None
+uvicorn.Server.run = lambda self, sockets: print("serve", gc.isenabled(), gc.get_freeze_count() > 0,
+                                                "resnet_serve.http.app" in sys.modules, self.config.app)
 main(sys.argv[1:])
 print("after", gc.isenabled())
 """
@@ -81,6 +83,18 @@ def test_a_server_that_never_started_exits_with_uvicorn_s_startup_failure_status
     result = subprocess.run([*CLI, "serve", "--port", str(free_port())], env=env, capture_output=True, timeout=120)
     assert result.returncode == 3 and b"missing is not a folder" in result.stdout + result.stderr
     assert b"Traceback" not in result.stderr and b"shutting down" not in result.stderr  # one line, the mistake
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_fails_before_any_model_loads(workers: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([*CLI, "serve", "--port", str(port)], env=env_with(workers=workers),
+                                capture_output=True, timeout=120)
+    assert result.returncode == 3 and b"Address already in use" in result.stderr
+    assert b"application startup" not in result.stderr and b"Traceback" not in result.stderr  # no app was built
 
 
 def test_in_json_every_line_of_a_server_is_json_the_supervisor_s_included(tmp_path: Path) -> None:

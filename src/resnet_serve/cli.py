@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import importlib.util
 import json
@@ -66,18 +67,22 @@ def _serve(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": max(1, round(settings.shutdown_grace_s)),
         "http": HeaderLimits,  # request headers within the keep-alive timeout and 64 kB, or the connection closes
     }
-    if settings.workers == 1:
-        uvicorn.run(app, **options)  # exits with uvicorn's STARTUP_FAILURE (3) itself if the app never started
-        return 0
-    # uvicorn's supervisor, run here rather than by uvicorn.run, which returns as after a clean
-    # stop when a worker fails to start (and the supervisor then stops the others): the exit
-    # status must say that the server never served.
-    from uvicorn.main import STARTUP_FAILURE  # the status uvicorn.run exits with when the app never started
+    # Run here rather than by uvicorn.run, for two reasons. The socket is bound first, so a port
+    # in use fails at once, not after the model has loaded (uvicorn binds after the app's
+    # startup). And uvicorn.run returns as after a clean stop when a worker of several fails to
+    # start: the exit status must say that the server never served.
+    from uvicorn.main import STARTUP_FAILURE  # the status uvicorn exits with when the app never started
     from uvicorn.supervisors import Multiprocess
 
     config = uvicorn.Config(app, **options)
-    configure_logging(settings.log_format, settings.log_level)  # the supervisor's lines too, once uvicorn set its loggers
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    configure_logging(settings.log_format, settings.log_level)  # over the loggers uvicorn.Config just set
+    socket = config.bind_socket()  # exits with STARTUP_FAILURE, the error logged, if it cannot bind
+    if settings.workers == 1:
+        server = uvicorn.Server(config)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=[socket])
+        return 0 if server.started else STARTUP_FAILURE
+    supervisor = Multiprocess(config, sockets=[socket])
     supervisor.run()
     return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
