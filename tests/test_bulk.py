@@ -141,6 +141,19 @@ def test_a_file_name_that_is_not_utf8_is_kept_as_its_bytes(tmp_path: Path, offli
     assert capsys.readouterr().out.splitlines()[0].endswith("caf\\xe9.jpg")  # escaped for a terminal
 
 
+def test_an_output_that_cannot_be_written_stops_the_run_with_a_message(
+    folder: Path, tmp_path: Path, offline_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    full = tmp_path / "full.jsonl"
+    full.symlink_to("/dev/full")  # a disk that is full when the first row is written
+    missing, wrong = tmp_path / "missing" / "out.csv", tmp_path / "out.json"
+    for output, message in {missing: f"cannot write {missing}: No such file or directory",
+                            full: f"cannot write {full}: No space left on device",
+                            wrong: f"{wrong}: rows are written as .csv or .jsonl, not .json"}.items():
+        assert main(["predict", str(folder), "--output", str(output), "--resume", "--quiet"]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"error: {message}"
+
+
 def test_rows_keep_input_order_within_a_bounded_window() -> None:
     inputs = [Path(f"{i}.jpg") for i in range(20)]
     in_flight, most = 0, 0

@@ -21,6 +21,7 @@ window bounds how many wait) or, with ``ordered=False``, as they come.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import glob
 import io
@@ -29,14 +30,14 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
 from resnet_serve.decode import looks_like_an_image
-from resnet_serve.errors import PayloadTooLarge, ServeError, ServerRefused, ServerUnreachable
+from resnet_serve.errors import OutputFailed, PayloadTooLarge, ServeError, ServerRefused, ServerUnreachable
 from resnet_serve.inference import ModelInfo
 from resnet_serve.labels import Labels
 from resnet_serve.loading import open_model
@@ -49,6 +50,7 @@ OFFLINE_DEADLINE_S = 3600.0  # offline, an input waits only for the ones ahead o
 REMOTE_RETRIES = 8
 COLUMNS = ("path", "class_ids", "labels_en", "labels_zh", "confidences", "width", "height", "format", "error")
 LIST_SEPARATOR = "|"
+OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
 
 @dataclass
@@ -144,34 +146,55 @@ class TextSink:
 
 class FileSink:
     """CSV (lists joined by ``|``) or JSON Lines, appended and flushed row by row, so a stopped
-    run loses nothing it wrote and ``--resume`` can continue it."""
+    run loses nothing it wrote and ``--resume`` can continue it. A file that cannot be written
+    (a missing folder, a full disk) raises ``OutputFailed``: the run stops, the rows written stay."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.suffix and path.suffix.lower() not in OUTPUT_SUFFIXES:  # no suffix (/dev/stdout): CSV
+            raise OutputFailed(f"{shown(str(path))}: rows are written as .csv or .jsonl, not {path.suffix}")
         self.jsonl = path.suffix.lower() == ".jsonl"
-        fresh = not path.exists() or path.stat().st_size == 0
-        self.file = path.open("a", encoding="utf-8", errors=PATH_ERRORS, newline="")
+        with self._writing():
+            fresh = not path.exists() or path.stat().st_size == 0
+            self.file = path.open("a", encoding="utf-8", errors=PATH_ERRORS, newline="")
         self.csv = None if self.jsonl else csv.writer(self.file)
         if self.csv is not None and fresh:
-            self.csv.writerow(COLUMNS)
+            self._write(lambda: self.csv.writerow(COLUMNS))  # type: ignore[union-attr]
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise OutputFailed(f"cannot write {shown(str(self.path))}: {exc.strerror or exc}") from None
+
+    def _write(self, write: Callable[[], object]) -> None:
+        with self._writing():
+            write()
+            self.file.flush()
 
     def write(self, row: Row) -> None:
         if self.csv is None:
-            self.file.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
-        else:
-            values = asdict(row)
-            self.csv.writerow([LIST_SEPARATOR.join(map(str, v)) if isinstance(v, list) else ("" if v is None else v)
-                               for v in (values[c] for c in COLUMNS)])
-        self.file.flush()
+            self._write(lambda: self.file.write(json.dumps(asdict(row), ensure_ascii=False) + "\n"))
+            return
+        values = asdict(row)
+        self._write(lambda: self.csv.writerow(  # type: ignore[union-attr]
+            [LIST_SEPARATOR.join(map(str, v)) if isinstance(v, list) else ("" if v is None else v)
+             for v in (values[c] for c in COLUMNS)]))
 
     def close(self) -> None:
-        self.file.close()
+        with self._writing():
+            self.file.close()
 
 
 def done_paths(path: Path) -> set[str]:
     """The inputs an earlier run already wrote to ``path`` (its rows are kept, errors included)."""
-    if not path.exists():
+    if not path.is_file():  # nothing yet, or not a file to read back (/dev/stdout)
         return set()
-    text = path.read_text("utf-8", errors=PATH_ERRORS)
+    try:
+        text = path.read_text("utf-8", errors=PATH_ERRORS)
+    except OSError as exc:
+        raise OutputFailed(f"cannot read {shown(str(path))} to resume: {exc.strerror or exc}") from None
     if path.suffix.lower() == ".jsonl":
         return {json.loads(line)["path"] for line in text.splitlines() if line.strip().endswith("}")}
     return {row["path"] for row in csv.DictReader(io.StringIO(text)) if row.get("path")}

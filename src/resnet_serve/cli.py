@@ -19,7 +19,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from resnet_serve.errors import ExportError, RepositoryError, ServerRefused, ServerUnreachable, WeightsError
+from resnet_serve.errors import (
+    ExportError,
+    OutputFailed,
+    RepositoryError,
+    ServerRefused,
+    ServerUnreachable,
+    WeightsError,
+)
 from resnet_serve.logs import configure_logging
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
 
@@ -306,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury predict's progress
     try:
         return int(args.run(args))
-    except (WeightsError, RepositoryError, ExportError, ServerUnreachable, ServerRefused) as exc:
+    except (WeightsError, RepositoryError, ExportError, ServerUnreachable, ServerRefused, OutputFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:

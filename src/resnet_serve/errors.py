@@ -178,6 +178,10 @@ class ServerUnreachable(Exception):
     """A client cannot reach the server at all (not an answer about one image)."""
 
 
+class OutputFailed(Exception):
+    """Rows cannot be written where asked (a missing folder, a full disk); the rows written stay."""
+
+
 class ServerRefused(Exception):
     """The server answers, but refuses what every request of a run needs (a wrong API key, a
     model it does not have), so the run stops rather than write the same error for each input."""
