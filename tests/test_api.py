@@ -361,6 +361,22 @@ async def test_a_client_that_disconnects_frees_its_queue_slot() -> None:
     assert pending.future.cancelled()  # the batcher will drop it before inference
 
 
+async def test_a_waiter_that_is_cancelled_cancels_its_request() -> None:
+    """As when ``predict`` is stopped by Ctrl-C: the request must not run for no one, nor leave
+    a future whose exception asyncio reports as never retrieved when the batcher closes."""
+    from resnet_serve.batcher import Pending
+    from resnet_serve.pipeline import await_result
+
+    loop = asyncio.get_running_loop()
+    pending: Pending[np.ndarray, Prediction] = Pending(np.zeros(1), loop.create_future(), 0.0, 1e12)
+    waiter = asyncio.create_task(await_result(pending, timeout_s=30))
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert pending.future.cancelled()
+
+
 async def test_the_same_bytes_again_are_answered_from_the_cache(settings: Settings, engine: Engine,
                                                                 photo_jpegs: dict[str, bytes]) -> None:
     counting = WrappedEngine(engine)

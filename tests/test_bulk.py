@@ -8,6 +8,8 @@ import asyncio
 import io
 import json
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -20,7 +22,7 @@ from PIL import Image
 
 from resnet_serve import bulk
 from resnet_serve.cli import main
-from tests.conftest import encode, real_server, wait_ready
+from tests.conftest import encode, env_with, real_server, wait_ready
 
 
 @pytest.fixture
@@ -152,6 +154,32 @@ def test_an_output_that_cannot_be_written_stops_the_run_with_a_message(
                             wrong: f"{wrong}: rows are written as .csv or .jsonl, not .json"}.items():
         assert main(["predict", str(folder), "--output", str(output), "--resume", "--quiet"]) == 2
         assert capsys.readouterr().err.splitlines()[-1] == f"error: {message}"
+
+
+def test_ctrl_c_leaves_no_row_for_what_was_in_flight_and_resume_finishes(
+    tmp_path: Path, seeded_weights: Path, photo_jpegs: dict[str, bytes]
+) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(120):
+        (folder / f"{i:03}.jpg").write_bytes(photo_jpegs["coffee"])
+    out = tmp_path / "out.csv"
+    command = [sys.executable, "-m", "resnet_serve", "predict", str(folder), "--output", str(out), "--quiet"]
+    env = env_with(weights=str(seeded_weights), allow_download="false")
+    run = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 120
+    while (not out.exists() or out.read_text().count("\n") < 6) and time.monotonic() < end:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert err.splitlines()[-1] == f"stopped; {out} keeps the rows written, and --resume continues"
+    assert "Traceback" not in err and "never retrieved" not in err
+    stopped = out.read_text().splitlines()
+    assert 6 <= len(stopped) < 121 and all(line.endswith("JPEG,") for line in stopped[1:])  # no error rows
+    subprocess.run([*command, "--resume"], env=env, check=True, timeout=300)
+    paths = [line.split(",", 1)[0] for line in out.read_text().splitlines()[1:]]
+    assert sorted(paths) == sorted(str(p) for p in folder.iterdir())  # every input once, none lost
 
 
 def test_rows_keep_input_order_within_a_bounded_window() -> None:

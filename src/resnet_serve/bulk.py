@@ -15,7 +15,9 @@ wait to be written), so memory does not grow with the number of inputs. Offline,
 through the server's own pipeline (the bounded decode pool, the batcher, the inference thread);
 with ``--server``, through the project's client, whose retries honour ``Retry-After`` on 503.
 Rows are written as they finish: in input order (a row waits only for those before it, and the
-window bounds how many wait) or, with ``ordered=False``, as they come.
+window bounds how many wait) or, with ``ordered=False``, as they come. A stop (Ctrl-C, a server
+gone, an output that fails) cancels the inputs in flight: they get no row, so ``--resume``
+classifies them, where a row with the stop's error would have been taken for their answer.
 """
 
 from __future__ import annotations
@@ -227,6 +229,7 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 @dataclass
@@ -278,12 +281,19 @@ async def classify(inputs: list[Path], predict: Predict, sink: Sink, *, window: 
             next_out += 1
 
     running: set[asyncio.Task[None]] = set()
-    for index, path in enumerate(inputs):
-        await slots.acquire()
-        task = asyncio.create_task(one(index, path))
-        running.add(task)
-        task.add_done_callback(running.discard)
-    await asyncio.gather(*running)
+    try:
+        for index, path in enumerate(inputs):
+            await slots.acquire()
+            task = asyncio.create_task(one(index, path))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        await asyncio.gather(*running)
+    finally:
+        # A stop (Ctrl-C, a server gone, an output that fails) leaves the inputs in flight
+        # without a row, rather than with the stop's error as theirs: --resume does them again.
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
     summary.seconds = time.monotonic() - started
     return summary
 

@@ -31,6 +31,7 @@ from resnet_serve.logs import configure_logging
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
 
 TORCH_EXTRA = "pip install 'resnet-serve[torch]'"
+INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
 SERVE_FLAGS = ("host", "port", "workers", "device", "precision", "runtime", "model_repository", "default_model",
                "log_level")
 
@@ -117,6 +118,11 @@ def _predict(args: argparse.Namespace) -> int:
                                                          ordered=not args.unordered, progress=progress))
             if info.weights.is_random:
                 print("WARNING: random-init weights; these predictions are meaningless", file=sys.stderr)
+    except KeyboardInterrupt:  # asyncio.run cancelled the run: the inputs in flight got no row
+        progress.close()
+        kept = "" if args.output is None else f"; {args.output} keeps the rows written, and --resume continues"
+        print(f"stopped{kept}", file=sys.stderr)
+        return INTERRUPTED
     finally:
         progress.close()
         sink.close()

@@ -232,9 +232,11 @@ async def await_result(pending: Pending[np.ndarray, Prediction], timeout_s: floa
     finally:
         if watcher is not None:
             watcher.cancel()
-    if pending.future.done():
+        gave_up = not pending.future.done()
+        if gave_up:  # the deadline, the client gone, or this task cancelled: the batcher drops it
+            pending.future.cancel()
+    if not gave_up:
         return pending.future.result()
-    pending.future.cancel()
     if watcher is not None and watcher in done:
         raise MalformedRequest("the client disconnected before the result was ready")
     raise DeadlineExceeded("no result within the request deadline")
