@@ -144,10 +144,13 @@ def test_predict_prints_a_top_k_table(
 
 
 def test_info_reports_what_would_run(seeded_weights: Path, capsys: pytest.CaptureFixture[str],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RESNET_SERVE_WEIGHTS", str(seeded_weights))
+    monkeypatch.setenv("RESNET_SERVE_MAX_BATCH", "8")
     assert main(["info"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert "RESNET_SERVE_MAX_BATCH is not a setting and is ignored (did you mean RESNET_SERVE_MAX_BATCH_SIZE?)" in [
+        record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     assert report["weights"] == "custom" and report["weights_path"] == str(seeded_weights)
     assert report["torch"].startswith("2.14.1") and report["settings"]["max_batch_size"] == 4
 

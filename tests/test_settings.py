@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from resnet_serve.settings import Settings
+from resnet_serve.settings import Settings, unknown_variables
 
 
 def test_defaults_match_the_documented_design() -> None:
@@ -58,3 +58,13 @@ def test_an_empty_variable_is_an_unset_one(monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.setenv(f"RESNET_SERVE_{name}", "")
     s = Settings()
     assert (s.model_repository, s.max_batch_size, s.precision, s.api_key, s.cors_origins) == (None, 4, "auto", None, [])
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_resembles() -> None:
+    environ = {"RESNET_SERVE_BATCH_SIZE": "8", "RESNET_SERVE_DEVCE": "cpu", "RESNET_SERVE_PORT": "9000",
+               "RESNET_SERVE_ZZZ": "1", "RESNET_SERVE_BENCH_IMAGES": "64", "PATH": "/bin"}
+    assert unknown_variables(environ) == [
+        "RESNET_SERVE_BATCH_SIZE is not a setting and is ignored (did you mean RESNET_SERVE_MAX_BATCH_SIZE?)",
+        "RESNET_SERVE_DEVCE is not a setting and is ignored (did you mean RESNET_SERVE_DEVICE?)",
+        "RESNET_SERVE_ZZZ is not a setting and is ignored",
+    ]  # a setting, a benchmark's variable and any other variable pass without a word

@@ -28,7 +28,7 @@ from resnet_serve.errors import (
     WeightsError,
 )
 from resnet_serve.logs import configure_logging
-from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings
+from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings, unknown_variables
 
 TORCH_EXTRA = "pip install 'resnet-serve[torch]'"
 INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
@@ -84,6 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = uvicorn.Config(app, **options)
     configure_logging(settings.log_format, settings.log_level)  # over the loggers uvicorn.Config just set
+    _warn_unknown_variables()
     socket = config.bind_socket()  # exits with STARTUP_FAILURE, the error logged, if it cannot bind
     if settings.workers == 1:
         server = uvicorn.Server(config)
@@ -311,12 +312,19 @@ def _settings_errors(exc: ValidationError) -> list[str]:
             else str(error.get("ctx", {}).get("error", error["msg"])) for error in exc.errors()]
 
 
+def _warn_unknown_variables() -> None:
+    for line in unknown_variables():
+        logging.getLogger("resnet_serve.settings").warning(line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.run is not _serve:
         imports_done()  # the other commands work long after their imports: collect as usual
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury predict's progress
+    if args.run is not _serve:  # serve says it once its logging is set up
+        _warn_unknown_variables()
     try:
         return int(args.run(args))
     except (WeightsError, RepositoryError, ExportError, ServerUnreachable, ServerRefused, OutputFailed) as exc:

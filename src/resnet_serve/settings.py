@@ -6,7 +6,9 @@ no module reads the environment on its own.
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -24,6 +26,8 @@ RuntimeName = Literal["auto", "torchscript", "onnxruntime", "openvino"]
 
 MAX_TOP_K = 20
 DEFAULT_TOP_K = 3
+ENV_PREFIX = "RESNET_SERVE_"
+NOT_SETTINGS = ("RESNET_SERVE_BENCH_",)  # read by the benchmarks, not by the service
 
 
 def _cores() -> int:
@@ -35,7 +39,7 @@ class Settings(BaseSettings):
 
     # An empty variable is an unset one (compose files pass ${VAR:-} through): the default, not
     # the current folder for a path or an error for a number.
-    model_config = SettingsConfigDict(env_prefix="RESNET_SERVE_", extra="ignore", frozen=True, env_ignore_empty=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, env_ignore_empty=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -137,3 +141,17 @@ class Settings(BaseSettings):
             return 16 * self.max_batch_size
         batches = (self.request_timeout_s * 1000.0 / 2) / batch_ms
         return max(self.max_batch_size, min(4096, int(batches * self.max_batch_size)))
+
+
+def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """A line for each ``RESNET_SERVE_*`` variable that sets nothing, with the setting it most
+    resembles: a misspelt variable is otherwise ignored without a word."""
+    fields = list(Settings.model_fields)
+    lines = []
+    for name in sorted(environ):
+        field = name[len(ENV_PREFIX):].lower()
+        if name.startswith(ENV_PREFIX) and field not in fields and not name.startswith(NOT_SETTINGS):
+            close = difflib.get_close_matches(field, fields, n=1, cutoff=0.6)
+            lines.append(f"{name} is not a setting and is ignored"
+                         + (f" (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else ""))
+    return lines
