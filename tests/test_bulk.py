@@ -182,6 +182,27 @@ def test_ctrl_c_leaves_no_row_for_what_was_in_flight_and_resume_finishes(
     assert sorted(paths) == sorted(str(p) for p in folder.iterdir())  # every input once, none lost
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_resume_does_again_what_a_server_error_or_a_cut_left(suffix: str, tmp_path: Path) -> None:
+    out = tmp_path / f"out{suffix}"
+    sink = bulk.FileSink(out)
+    answered = bulk.Row("a.jpg", [1], ["one"], ["一"], [0.9], 10, 10, "JPEG")
+    refused = bulk.Row("b.jpg", error="415 unsupported_media_type: not an image")
+    for row in (answered, refused, bulk.Row("c.jpg", error="503 overloaded: busy"),
+                bulk.Row("d.jpg", error="504 deadline_exceeded: too slow"), bulk.Row("e.jpg", [2], ["two"], ["二"], [0.5])):
+        sink.write(row)
+    sink.close()
+    text = out.read_bytes()
+    out.write_bytes(text[:-12])  # the last row cut short, as by a full disk
+    assert bulk.done_paths(out) == {"a.jpg", "b.jpg"}
+    assert bulk.done_paths(out) == {"a.jpg", "b.jpg"}  # as rewritten
+    sink = bulk.FileSink(out)
+    sink.write(bulk.Row("e.jpg", [2], ["two"], ["二"], [0.5], 9, 9, "PNG"))
+    sink.close()
+    assert bulk.done_paths(out) == {"a.jpg", "b.jpg", "e.jpg"}  # the row after a cut one is whole
+    assert out.read_bytes().startswith(text[:text.index(b"c.jpg")].rsplit(b"\n", 1)[0])  # the rows kept are as written
+
+
 def test_rows_keep_input_order_within_a_bounded_window() -> None:
     inputs = [Path(f"{i}.jpg") for i in range(20)]
     in_flight, most = 0, 0
@@ -222,12 +243,15 @@ def test_progress_is_a_line_now_and_then_when_stderr_is_not_a_terminal() -> None
     assert silent.getvalue() == ""
 
 
+API_KEY = "k3y"
+
+
 @pytest.fixture
 def busy_server(seeded_weights: Path, tmp_path: Path) -> Iterator[str]:
-    """A server that batches one at a time with no queue (concurrent uploads get 503s) and takes
-    uploads up to 1 MB."""
+    """A server that batches one at a time with no queue (concurrent uploads get 503s), takes
+    uploads up to 1 MB, and wants an API key."""
     with real_server(tmp_path / "server.log", weights=str(seeded_weights), allow_download="false",
-                     max_batch_size="1", max_queue="1", cache_size="0", max_upload_mb="1") as (url, process):
+                     max_batch_size="1", max_queue="1", cache_size="0", max_upload_mb="1", api_key=API_KEY) as (url, process):
         wait_ready(url, process)
         yield url
 
@@ -238,7 +262,7 @@ def test_through_a_server_that_answers_503_the_rows_match_offline(
     offline, remote = tmp_path / "offline.jsonl", tmp_path / "remote.jsonl"
     assert main(["predict", str(folder), "--output", str(offline), "--quiet"]) == 0
     assert main(["predict", str(folder), "--output", str(remote), "--quiet", "--server", busy_server,
-                 "--concurrency", "6"]) == 0
+                 "--concurrency", "6", "--api-key", API_KEY]) == 0
     metrics = httpx.get(f"{busy_server}/metrics").text
     refused = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                   if line.startswith("resnet_serve_requests_total") and 'status="503"' in line)
@@ -259,13 +283,19 @@ def test_a_file_past_the_servers_limit_is_not_sent_and_a_refusal_of_all_stops_th
     (tmp_path / "big.jpg").write_bytes(photo_jpegs["chelsea"] + os.urandom(1024 * 1024))  # the server's limit: 1 MB
     (tmp_path / "chelsea.jpg").write_bytes(photo_jpegs["chelsea"])
     out = tmp_path / "out.jsonl"
-    assert main(["predict", str(tmp_path), "--output", str(out), "--quiet", "--server", busy_server]) == 0
+    assert main(["predict", str(tmp_path), "--output", str(out), "--quiet", "--server", busy_server,
+                 "--api-key", API_KEY]) == 0
     errors = {Path(r["path"]).name: r["error"] for r in rows(out)}
     assert errors == {"big.jpg": "413 payload_too_large: the upload exceeds the 1 MB limit", "chelsea.jpg": None}
     assert 'status="413"' not in httpx.get(f"{busy_server}/metrics").text  # refused here, never uploaded
     capsys.readouterr()
     assert main(["predict", str(tmp_path), "--quiet", "--server", busy_server, "--model", "nope"]) == 2
     assert "404 model_not_found" in capsys.readouterr().err  # once, for the run, not a row per input
+    refused = tmp_path / "refused.jsonl"
+    assert main(["predict", str(tmp_path), "--output", str(refused), "--quiet", "--server", busy_server,
+                 "--api-key", "wrong"]) == 2
+    assert "401 unauthorized" in capsys.readouterr().err
+    assert [r["path"] for r in rows(refused)] == [str(tmp_path / "big.jpg")]  # refused here; chelsea: no 401 row
 
 
 def test_an_unreachable_server_stops_the_run_with_a_message(folder: Path, tmp_path: Path,

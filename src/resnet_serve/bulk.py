@@ -189,8 +189,25 @@ class FileSink:
             self.file.close()
 
 
+def _answered(error: object) -> bool:
+    """A row's answer stands: a result, or an error about the input itself (4xx, an unreadable
+    file); not a server's error (5xx: busy, timed out, interrupted), which may pass."""
+    return not (isinstance(error, str) and error[:3].isdigit() and error.startswith("5"))
+
+
+def _json_row(line: str) -> dict[str, object] | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None  # cut short
+    return row if isinstance(row, dict) and "path" in row else None
+
+
 def done_paths(path: Path) -> set[str]:
-    """The inputs an earlier run already wrote to ``path`` (its rows are kept, errors included)."""
+    """The inputs an earlier run answered in ``path``. The file is rewritten first (a new file
+    put in its place) without the rows to do again: a row cut short (a full disk, a kill),
+    which the next row appended would run into, and a row with a server's error. The other
+    rows stay as written."""
     if not path.is_file():  # nothing yet, or not a file to read back (/dev/stdout)
         return set()
     try:
@@ -198,8 +215,36 @@ def done_paths(path: Path) -> set[str]:
     except OSError as exc:
         raise OutputFailed(f"cannot read {shown(str(path))} to resume: {exc.strerror or exc}") from None
     if path.suffix.lower() == ".jsonl":
-        return {json.loads(line)["path"] for line in text.splitlines() if line.strip().endswith("}")}
-    return {row["path"] for row in csv.DictReader(io.StringIO(text)) if row.get("path")}
+        lines = text.splitlines()
+        kept = [(line, row) for line, row in ((line, _json_row(line)) for line in lines)
+                if row is not None and _answered(row.get("error"))]
+        paths = [str(row["path"]) for _, row in kept]
+        rewritten = "".join(f"{line}\n" for line, _ in kept)
+        unchanged = len(kept) == len(lines) and text.endswith("\n")
+    else:
+        every = list(csv.DictReader(io.StringIO(text)))  # a row cut short has None for its missing columns
+        rows = [row for row in every if None not in row and None not in row.values() and _answered(row["error"])]
+        paths = [row["path"] for row in rows]
+        out = io.StringIO(newline="")
+        writer = csv.DictWriter(out, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        rewritten, unchanged = out.getvalue(), len(rows) == len(every) and text.endswith("\n")
+    if not unchanged:
+        _replace(path, rewritten)
+    return set(paths)
+
+
+def _replace(path: Path, text: str) -> None:
+    """``path`` holds ``text`` after this, or, if it cannot be written, is left as it was."""
+    fresh = path.with_name(f".{path.name}.resume")
+    try:
+        with open(fresh, "w", encoding="utf-8", errors=PATH_ERRORS, newline="") as f:
+            f.write(text)
+        os.replace(fresh, path)
+    except OSError as exc:
+        fresh.unlink(missing_ok=True)
+        raise OutputFailed(f"cannot rewrite {shown(str(path))} to resume: {exc.strerror or exc}") from None
 
 
 class Progress:
@@ -356,6 +401,8 @@ async def run_remote(inputs: list[Path], url: str, sink: Sink, *, model: str | N
             try:
                 answer = await client.predict(data, top_k=k, filename=shown(path.name), model=model)
             except ClientError as exc:
+                if exc.status == 401 or exc.code == "model_not_found":  # so would every input be: stop
+                    raise ServerRefused(f"{url}: {exc}") from None
                 return Row(str(path), error=f"{exc.status} {exc.code}: {exc.message}")
             except httpx.TransportError as exc:
                 raise ServerUnreachable(f"{url}: {type(exc).__name__}: {exc}") from None
