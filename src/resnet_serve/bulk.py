@@ -365,8 +365,7 @@ async def run_offline(inputs: list[Path], settings: Settings, sink: Sink, *, mod
 
     async def predict(path: Path) -> Row:
         data = await asyncio.to_thread(read_input, path, settings.max_upload_bytes)
-        result = await pipeline.predict_bytes(data,
-                                              time.monotonic() + OFFLINE_DEADLINE_S)
+        result = await pipeline.predict_bytes(data, time.monotonic() + OFFLINE_DEADLINE_S)
         return row_of(path, result.probs, labels, k, (result.width, result.height, result.format))
 
     window = 2 * settings.max_batch_size + settings.decode_threads  # keeps a batch queued behind the one running
