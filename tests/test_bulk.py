@@ -298,6 +298,14 @@ def test_a_file_past_the_servers_limit_is_not_sent_and_a_refusal_of_all_stops_th
     assert [r["path"] for r in rows(refused)] == [str(tmp_path / "big.jpg")]  # refused here; chelsea: no 401 row
 
 
+def test_nothing_to_classify_is_an_error_before_any_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "notes.txt").write_text("no image here")
+    monkeypatch.setenv("RESNET_SERVE_MODEL_REPOSITORY", str(tmp_path / "missing"))  # loading a model would fail
+    assert main(["predict", str(tmp_path), str(tmp_path / "*.jpgg")]) == 2
+    assert capsys.readouterr().err == f"error: no image found in {tmp_path} {tmp_path / '*.jpgg'}\n"
+
+
 def test_an_unreachable_server_stops_the_run_with_a_message(folder: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     started = time.monotonic()

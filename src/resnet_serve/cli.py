@@ -100,6 +100,9 @@ def _predict(args: argparse.Namespace) -> int:
     from resnet_serve import bulk
 
     inputs = bulk.find_inputs(args.paths)
+    if not inputs:  # a glob that matches nothing, a folder with no image: say so before loading a model
+        print(f"error: no image found in {' '.join(args.paths)}", file=sys.stderr)
+        return 2
     skipped = 0
     if args.resume and args.output is not None:
         done = bulk.done_paths(args.output)
