@@ -18,8 +18,9 @@ import re
 import sys
 from pathlib import Path
 
+from resnet_serve.photos import IMAGE_SUFFIXES
+
 REFERENCE = {"fp32": (69.758, 89.078), "int8": (69.494, 88.882)}  # torchvision's published figures
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jpeg"}
 WNID = re.compile(r"n\d{8}")
 
 

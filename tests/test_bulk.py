@@ -20,7 +20,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from resnet_serve import bulk
+from resnet_serve import bulk, decode
 from resnet_serve.cli import main
 from tests.conftest import encode, env_with, real_server, wait_ready
 
@@ -54,6 +54,19 @@ def test_inputs_come_from_folders_globs_files_and_stdin(folder: Path) -> None:
     explicit = bulk.find_inputs(["-", str(folder / "things" / "readme.txt")],
                                 stdin=io.StringIO(f"{folder / 'cats' / 'chelsea.jpg'}\n\n"))
     assert [p.name for p in explicit] == ["chelsea.jpg", "readme.txt"]  # a file named is a file taken
+
+
+def test_iphone_photos_in_a_folder_are_found_by_name_or_bytes(tmp_path: Path, photos: dict[str, Image.Image],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    heic = encode(photos["chelsea"], "HEIF")
+    (tmp_path / "IMG_0001.HEIC").write_bytes(heic)
+    (tmp_path / "IMG_0002").write_bytes(heic)
+    (tmp_path / "cat.avif").write_bytes(encode(photos["chelsea"], "AVIF"))
+    (tmp_path / "cat2").write_bytes(encode(photos["chelsea"], "AVIF"))
+    found = ["IMG_0001.HEIC", "IMG_0002", "cat.avif", "cat2"]
+    assert [p.name for p in bulk.find_inputs([str(tmp_path)])] == found
+    monkeypatch.setattr(decode, "pillow_heif", None)  # an install without the heif extra
+    assert [p.name for p in bulk.find_inputs([str(tmp_path)])] == found  # each to get its row naming the extra
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
-from resnet_serve.decode import looks_like_an_image
+from resnet_serve.decode import is_heif_without_its_extra, looks_like_an_image
 from resnet_serve.errors import OutputFailed, PayloadTooLarge, ServeError, ServerRefused, ServerUnreachable
 from resnet_serve.inference import ModelInfo
 from resnet_serve.labels import Labels
@@ -99,7 +99,8 @@ def _is_image(path: Path) -> bool:
         return True
     try:
         with path.open("rb") as f:
-            return looks_like_an_image(f.read(16))
+            head = f.read(16)
+        return looks_like_an_image(head) or is_heif_without_its_extra(head)
     except OSError:
         return False
 

@@ -20,7 +20,8 @@ from resnet_serve.transform import preprocess
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# Named as images: HEIC too, with or without its extra (without, the file gets its 415 naming it).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif"}
 MAX_PHOTOS = 256
 SKIMAGE_PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png",
                   "motorcycle_right.png", "horse.png", "retina.jpg", "hubble_deep_field.jpg", "ihc.png",
