@@ -130,6 +130,25 @@ def test_what_the_browser_cannot_show_is_still_classified(page: Page, photos: di
     expect(again.locator(".times")).not_to_contain_text("batch")
 
 
+SEND_FILE = """([kind, where, name, bytes]) => {
+  const data = new DataTransfer();
+  data.items.add(new File([new Uint8Array(bytes)], name, { type: "image/jpeg" }));
+  const event = kind === "paste"
+    ? new ClipboardEvent("paste", { clipboardData: data, bubbles: true, cancelable: true })
+    : new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true });
+  return document.querySelector(where).dispatchEvent(event);  // false: the page took it over
+}"""
+
+
+@pytest.mark.parametrize(("kind", "where"), [("drop", "#drop"), ("drop", "h1"), ("paste", "body")])
+def test_a_photo_dropped_anywhere_or_pasted_is_classified(page: Page, photo_jpegs: dict[str, bytes],
+                                                          kind: str, where: str) -> None:
+    """A drop that misses the zone must not leave the browser to open the file instead of the page."""
+    name = f"{kind}-{where.strip('#')}.jpg"
+    assert page.evaluate(SEND_FILE, [kind, where, name, list(photo_jpegs["chelsea"])]) is False
+    expect(card(page, name).locator("li.prediction")).to_have_count(3)
+
+
 def test_two_images_at_once_make_two_cards(page: Page, photo_files: dict[str, Path]) -> None:
     page.set_input_files("#file", [str(photo_files["chelsea"]), str(photo_files["coffee"])])
     expect(page.locator("article.card")).to_have_count(2)

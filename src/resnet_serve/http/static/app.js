@@ -339,20 +339,26 @@ function setUp() {
     classifyAll([...e.target.files]);
     e.target.value = "";
   });
+  // Files dropped anywhere on the page are classified: a drop that misses the zone would
+  // otherwise make the browser open the file in place of the page, and every card with it.
   const drop = $("drop");
   for (const type of ["dragenter", "dragover"]) {
-    drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
+    drop.addEventListener(type, () => drop.classList.add("over"));
+    document.addEventListener(type, (e) => e.preventDefault());
   }
   for (const type of ["dragleave", "drop"]) {
     drop.addEventListener(type, () => drop.classList.remove("over"));
   }
-  drop.addEventListener("drop", (e) => {
+  document.addEventListener("drop", (e) => {
     e.preventDefault();
-    classifyAll([...e.dataTransfer.files]);
+    const files = [...(e.dataTransfer ? e.dataTransfer.files : [])];
+    if (files.length) classifyAll(files);
   });
   document.addEventListener("paste", (e) => {
     const files = [...(e.clipboardData ? e.clipboardData.files : [])];
-    if (files.length) classifyAll(files);
+    if (!files.length) return;  // text pasted into a field stays text
+    e.preventDefault();
+    classifyAll(files);
   });
   $("model").addEventListener("change", (e) => {
     state.chosen = e.target.value;
