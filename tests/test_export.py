@@ -90,6 +90,35 @@ def test_a_pickled_whole_model_is_refused_with_how_to_save_a_state_dict(tmp_path
         read_checkpoint(tmp_path / "whole.pt")
 
 
+def test_a_file_that_is_no_checkpoint_is_called_so_and_a_legacy_one_loads(tmp_path: Path) -> None:
+    (tmp_path / "labels.txt").write_text("cat\ndog\n")  # the wrong file given as --weights
+    with pytest.raises(WeightsError, match=r"labels.txt: not a checkpoint \(a file written by torch.save, or a safetensors"):
+        read_checkpoint(tmp_path / "labels.txt")
+    state = torchvision.models.resnet18(num_classes=3).state_dict()
+    torch.save(state, tmp_path / "old.pth", _use_new_zipfile_serialization=False)  # PyTorch < 1.6's format
+    assert read_checkpoint(tmp_path / "old.pth").keys() == state.keys()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--precision", "int9"], "argument --precision: int9: choose from fp32,int8,bf16,fp16"),
+    (["--format", "xml"], "argument --format: xml: choose from torchscript,onnx,state_dict"),
+    (["--format", "onnx", "--precision", "fp16"], "ONNX artefacts are fp32 or int8, not fp16"),
+])
+def test_formats_and_precisions_are_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            flags: list[str], message: str) -> None:
+    try:
+        status = export_cli("--weights", "random", "--repository", str(tmp_path), *flags)
+    except SystemExit as exc:  # argparse's own exit for a bad argument
+        status = exc.code
+    assert status == 2 and message in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_an_fp16_export_has_no_onnx_artefact_unless_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_cli("--weights", "random", "--precision", "fp16", "--repository", str(tmp_path)) == 0
+    written = sorted(p.name for p in (tmp_path / "resnet18" / "1").iterdir())
+    assert "model.fp16.pt" in written and not [n for n in written if n.endswith(".onnx")]
+
+
 def test_export_reads_a_lightning_checkpoint_s_network(user_files: dict[str, Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """Under ``model.``: export sees its 7-class head (not a network that does not fit)."""

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from resnet_serve.errors import (
     WeightsError,
 )
 from resnet_serve.logs import configure_logging
+from resnet_serve.repository import ONNX_PRECISIONS
 from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings, unknown_variables
 
 TORCH_EXTRA = "pip install 'resnet-serve[torch]'"
@@ -150,6 +151,17 @@ def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _comma_choices(*choices: str) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated list of ``choices``, checked before any work starts."""
+    def parse(text: str) -> list[str]:
+        items = _comma_list(text)
+        wrong = [item for item in items if item not in choices]
+        if wrong or not items:
+            raise argparse.ArgumentTypeError(f"{', '.join(wrong) or repr(text)}: choose from {','.join(choices)}")
+        return items
+    return parse
+
+
 def _export(args: argparse.Namespace) -> int:
     from resnet_serve.backends.torch import export
     from resnet_serve.labels import read_labels
@@ -166,7 +178,8 @@ def _export(args: argparse.Namespace) -> int:
         raise ExportError(f"--labels {args.labels}: {exc}") from None
     name = args.name or args.arch
     spec, weights = export.model_inputs(args.arch, args.weights, labels, name, geometry, settings)
-    formats = args.format or ["torchscript", *(["onnx"] if importlib.util.find_spec("onnx") else []), "state_dict"]
+    onnx = importlib.util.find_spec("onnx") is not None and bool(set(args.precision) & set(ONNX_PRECISIONS))
+    formats = args.format or ["torchscript", *(["onnx"] if onnx else []), "state_dict"]
     job = export.ExportJob(
         spec=spec, weights=weights, repository=args.repository,
         version=args.version or export.next_version(args.repository, name), formats=formats,
@@ -255,10 +268,12 @@ def _export_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
     export.add_argument("--name", help="model name, [a-z0-9_.-] (default: the architecture)")
     export.add_argument("--repository", type=Path, required=True)
     export.add_argument("--version", type=int, help="default: one more than the latest")
-    export.add_argument("--format", type=_comma_list,
-                        help="torchscript,onnx,state_dict (default: all three; onnx where it is installed). "
+    export.add_argument("--format", type=_comma_choices("torchscript", "onnx", "state_dict"),
+                        help="torchscript,onnx,state_dict (default: all three; onnx where it is installed and "
+                             "for fp32 and int8, the precisions ONNX artefacts have). "
                              "state_dict: the FP32 weights that explanations (POST /explain) run on")
-    export.add_argument("--precision", type=_comma_list, default=["fp32"], help="fp32,int8,bf16,fp16 (default fp32)")
+    export.add_argument("--precision", type=_comma_choices("fp32", "int8", "bf16", "fp16"), default=["fp32"],
+                        help="fp32,int8,bf16,fp16 (default fp32)")
     export.add_argument("--calibration", type=Path, help="photos for INT8 and validation (default: scikit-image's)")
     export.add_argument("--int8-backend", choices=["x86", "fbgemm", "onednn"], default="x86")
     export.add_argument("--no-channels-last", action="store_true", help="NCHW graphs (default: NHWC on the CPU)")

@@ -40,6 +40,7 @@ SUFFIXES: dict[str, str] = {"torchscript": ".pt", "onnx": ".onnx", "state_dict":
 # Not served by a runtime: the FP32 weights that explanations load into an eager network, and
 # the linear head (W, b) with which the ONNX graphs' features give CAM explanations without torch.
 EAGER_WEIGHTS, CAM_HEAD = "state_dict", "cam"
+ONNX_PRECISIONS = ("fp32", "int8")  # an ONNX graph is FP32 or statically quantized INT8 (QDQ)
 
 
 def valid_name(name: str) -> bool:

@@ -58,6 +58,8 @@ def read_checkpoint(path: Path, architecture: str | None = None) -> dict[str, to
 
     Loading never runs code from the file (``weights_only``); a file holding a whole pickled
     model is refused with a message saying how to save its state_dict instead."""
+    if not _is_safetensors(path) and not _is_torch_save(path):
+        raise WeightsError(f"{path}: not a checkpoint (a file written by torch.save, or a safetensors file)")
     try:
         data = load_safetensors(path) if _is_safetensors(path) else torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -104,6 +106,14 @@ def _is_safetensors(path: Path) -> bool:
     with path.open("rb") as file:
         start = file.read(9)
     return len(start) == 9 and start[8:] == b"{" and 2 <= int.from_bytes(start[:8], "little") < path.stat().st_size
+
+
+def _is_torch_save(path: Path) -> bool:
+    """What ``torch.save`` writes: a zip archive (since PyTorch 1.6), or before that a pickle,
+    whose first opcode is PROTO (0x80). Anything else would only give pickle's puzzling errors."""
+    with path.open("rb") as file:
+        start = file.read(4)
+    return start == b"PK\x03\x04" or start[:1] == b"\x80"
 
 
 def _holds_tensors(data: object, *, nested: bool = False) -> bool:

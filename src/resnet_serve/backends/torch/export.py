@@ -44,6 +44,7 @@ from resnet_serve.repository import (
     CAM_HEAD,
     EAGER_WEIGHTS,
     LABELS_FILE,
+    ONNX_PRECISIONS,
     SUFFIXES,
     Artefact,
     Batching,
@@ -161,8 +162,6 @@ def _write(job: ExportJob, fmt: str, precision: str, path: Path) -> dict[str, ob
     if fmt == "onnx":
         from resnet_serve.backends.torch.onnx_export import export_onnx, quantize_onnx
 
-        if precision not in ("fp32", "int8"):
-            raise ExportError(f"ONNX artefacts are FP32 or INT8, not {precision}")
         features = job.cam.layer if job.cam is not None else None
         if precision == "fp32":
             export_onnx(job.spec, job.weights, path, features)
@@ -227,6 +226,8 @@ def export(job: ExportJob, progress: Progress = logger.info) -> ModelVersion:
     labels; its other artefacts stay."""
     if not valid_name(job.spec.name):
         raise ExportError(f"model name {job.spec.name!r}: use lowercase letters, digits and _.- only")
+    if "onnx" in job.formats and not set(job.precisions) & set(ONNX_PRECISIONS):
+        raise ExportError(f"ONNX artefacts are {' or '.join(ONNX_PRECISIONS)}, not {','.join(job.precisions)}")
     final = job.repository / job.spec.name / str(job.version)
     existing = read_version(job.spec.name, job.version, final) if final.exists() else None
     if existing is not None and not same_model(existing, job):
@@ -261,7 +262,8 @@ def export(job: ExportJob, progress: Progress = logger.info) -> ModelVersion:
 def _artefacts_of(job: ExportJob) -> list[tuple[str, str]]:
     """(format, precision) of each artefact to build: every precision of each compiled format, and
     the eager weights once, in FP32 (explanations' input, whatever precision serves)."""
-    pairs = [(f, p) for f in job.formats if f != EAGER_WEIGHTS for p in job.precisions]
+    pairs = [(f, p) for f in job.formats if f != EAGER_WEIGHTS for p in job.precisions
+             if f != "onnx" or p in ONNX_PRECISIONS]  # an FP16 or BF16 model: TorchScript's artefact only
     return (pairs + ([(EAGER_WEIGHTS, "fp32")] if EAGER_WEIGHTS in job.formats else [])
             + ([(CAM_HEAD, "fp32")] if job.cam is not None else []))
 
