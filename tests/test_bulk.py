@@ -322,8 +322,17 @@ def test_nothing_to_classify_is_an_error_before_any_model_loads(tmp_path: Path, 
 def test_an_unreachable_server_stops_the_run_with_a_message(folder: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     started = time.monotonic()
-    assert main(["predict", str(folder), "--output", str(tmp_path / "o.csv"), "--server", "http://127.0.0.1:9"]) == 2
-    assert "http://127.0.0.1:9" in capsys.readouterr().err and time.monotonic() - started < 30
+    assert main(["predict", str(folder), "--output", str(tmp_path / "o.csv"), "--server", "127.0.0.1:9"]) == 2
+    assert "error: http://127.0.0.1:9: ConnectError" in capsys.readouterr().err  # http:// when no scheme is given
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("concurrency", ["0", "-3", "many"])
+def test_a_concurrency_below_one_is_refused_rather_than_waiting_for_ever(folder: Path, concurrency: str,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["predict", str(folder), "--server", "127.0.0.1:9", "--concurrency", concurrency])
+    assert stopped.value.code == 2 and "give a whole number of at least 1" in capsys.readouterr().err
 
 
 def test_the_text_output_is_for_eyes(folder: Path, offline_env: None, capsys: pytest.CaptureFixture[str]) -> None:

@@ -151,6 +151,17 @@ def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return int(text)
+
+
+def _server_url(text: str) -> str:
+    """As curl takes it: ``host:port`` means ``http://host:port``."""
+    return text if "://" in text else f"http://{text}"
+
+
 def _comma_choices(*choices: str) -> Callable[[str], list[str]]:
     """An argparse type: a comma-separated list of ``choices``, checked before any work starts."""
     def parse(text: str) -> list[str]:
@@ -301,8 +312,9 @@ def _predict_parser(commands: argparse._SubParsersAction) -> None:  # type: igno
     predict.add_argument("--model", help="a model of the repository (default: the default model)")
     predict.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, choices=range(1, MAX_TOP_K + 1),
                          metavar=f"1..{MAX_TOP_K}")
-    predict.add_argument("--server", help="a running server's URL instead of a model in this process")
-    predict.add_argument("--concurrency", type=int, default=8, help="requests at once with --server")
+    predict.add_argument("--server", type=_server_url,
+                         help="a running server's URL instead of a model in this process (http:// if none is given)")
+    predict.add_argument("--concurrency", type=_positive_int, default=8, help="requests at once with --server")
     predict.add_argument("--api-key", help="the server's API key (or RESNET_SERVE_API_KEY)")
     predict.add_argument("--quiet", action="store_true", help="no progress and no summary")
     predict.set_defaults(run=_predict)
