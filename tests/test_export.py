@@ -103,14 +103,30 @@ def test_a_file_that_is_no_checkpoint_is_called_so_and_a_legacy_one_loads(tmp_pa
     (["--precision", "int9"], "argument --precision: int9: choose from fp32,int8,bf16,fp16"),
     (["--format", "xml"], "argument --format: xml: choose from torchscript,onnx,state_dict"),
     (["--format", "onnx", "--precision", "fp16"], "ONNX artefacts are fp32 or int8, not fp16"),
+    (["--version", "0"], "argument --version: '0': give a whole number of at least 1"),
+    (["--crop", "0"], "error: --crop: Input should be greater than 0"),
+    (["--crop", "300"], "error: the crop (300) exceeds the resize (256): it would pad"),
+    (["--std", "0", "1", "1"], "error: --std: Input should be greater than 0"),  # would divide by zero: NaN
+    (["--max-batch-size", "0"], "error: --max-batch-size: Input should be greater than or equal to 1"),
 ])
-def test_formats_and_precisions_are_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_export_flags_are_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                             flags: list[str], message: str) -> None:
     try:
         status = export_cli("--weights", "random", "--repository", str(tmp_path), *flags)
     except SystemExit as exc:  # argparse's own exit for a bad argument
         status = exc.code
     assert status == 2 and message in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_weights_with_nan_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = random_state_dict("resnet18", 3, seed=1)
+    state["fc.weight"][0, 0] = float("nan")  # as a diverged fine-tuning leaves
+    torch.save(state, tmp_path / "diverged.pt")
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    assert export_cli("--weights", str(tmp_path / "diverged.pt"), "--labels", str(tmp_path / "labels.txt"),
+                      "--name", "diverged", "--repository", str(tmp_path / "repo")) == 2
+    assert "NaN or infinite probabilities" in capsys.readouterr().err
+    assert not (tmp_path / "repo" / "diverged" / "1").exists()
 
 
 def test_an_fp16_export_has_no_onnx_artefact_unless_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

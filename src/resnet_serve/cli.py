@@ -176,13 +176,17 @@ def _comma_choices(*choices: str) -> Callable[[str], list[str]]:
 def _export(args: argparse.Namespace) -> int:
     from resnet_serve.backends.torch import export
     from resnet_serve.labels import read_labels
-    from resnet_serve.repository import Batching
+    from resnet_serve.repository import Batching, Geometry
 
     settings = Settings()
-    geometry = export.default_geometry(args.arch).model_copy(update={k: v for k, v in {
-        "resize_size": args.resize, "crop_size": args.crop, "interpolation": args.interpolation,
-        "mean": tuple(args.mean) if args.mean else None, "std": tuple(args.std) if args.std else None,
-    }.items() if v is not None})
+    overrides = {"resize_size": args.resize, "crop_size": args.crop, "interpolation": args.interpolation,
+                 "mean": args.mean, "std": args.std}
+    try:
+        geometry = Geometry.model_validate({**export.default_geometry(args.arch).model_dump(),
+                                            **{k: v for k, v in overrides.items() if v is not None}})
+        batching = Batching(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
+    except ValidationError as exc:
+        raise ExportError("; ".join(_flag_errors(exc))) from None
     try:
         labels = read_labels(args.labels) if args.labels else None
     except (OSError, ValueError) as exc:
@@ -195,7 +199,7 @@ def _export(args: argparse.Namespace) -> int:
         spec=spec, weights=weights, repository=args.repository,
         version=args.version or export.next_version(args.repository, name), formats=formats,
         precisions=args.precision, channels_last=not args.no_channels_last, int8_backend=args.int8_backend,
-        calibration=args.calibration, batching=Batching(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms),
+        calibration=args.calibration, batching=batching,
         explain_layer=args.explain_layer,
     )
     version = export.export(job, progress=lambda message: print(message, file=sys.stderr, flush=True))
@@ -278,7 +282,7 @@ def _export_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
     export.add_argument("--labels", type=Path, help=".txt, .json or .tsv (default: ImageNet for 1000 classes)")
     export.add_argument("--name", help="model name, [a-z0-9_.-] (default: the architecture)")
     export.add_argument("--repository", type=Path, required=True)
-    export.add_argument("--version", type=int, help="default: one more than the latest")
+    export.add_argument("--version", type=_positive_int, help="default: one more than the latest")
     export.add_argument("--format", type=_comma_choices("torchscript", "onnx", "state_dict"),
                         help="torchscript,onnx,state_dict (default: all three; onnx where it is installed and "
                              "for fp32 and int8, the precisions ONNX artefacts have). "
@@ -333,6 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("info", help="versions, and the repository and weights that would be served"
                         ).set_defaults(run=_info)
     return parser
+
+
+EXPORT_FLAGS = {"resize_size": "--resize", "crop_size": "--crop", "interpolation": "--interpolation", "mean": "--mean",
+                "std": "--std", "max_batch_size": "--max-batch-size", "max_wait_ms": "--max-wait-ms"}
+
+
+def _flag_errors(exc: ValidationError) -> list[str]:
+    """Each error named by the export flag it came from; a rule between flags by its message."""
+    return [f"{EXPORT_FLAGS.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" if e["loc"]
+            else str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors()]
 
 
 def _settings_errors(exc: ValidationError) -> list[str]:

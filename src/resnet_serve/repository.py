@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, PositiveFloat, ValidationError, model_validator
 
 from resnet_serve.backends import GRAPH_VERSION, ONNXRUNTIME, TORCHSCRIPT
 from resnet_serve.errors import RepositoryError
@@ -55,7 +55,13 @@ class Geometry(BaseModel):
     crop_size: int = Field(gt=0)
     interpolation: Interpolation = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD  # pixels are divided by it
+
+    @model_validator(mode="after")
+    def _crop_within_resize(self) -> Geometry:
+        if self.crop_size > self.resize_size:
+            raise ValueError(f"the crop ({self.crop_size}) exceeds the resize ({self.resize_size}): it would pad")
+        return self
 
 
 class SourceWeights(BaseModel):

@@ -194,6 +194,9 @@ def build_artefact(job: ExportJob, fmt: str, precision: str, directory: Path, pi
     options = _write(job, fmt, precision, directory / name)
     served = _run_artefact(fmt, directory / name, pixels, job.spec, job.weights.state_dict,
                            options.get("ort_gemm_patch"))  # type: ignore[arg-type]
+    if not np.isfinite(served).all():
+        raise ExportError(f"{job.spec.name} {fmt} {precision} gives NaN or infinite probabilities on the "
+                          "validation photos; refusing to write it")
     figures = _compare(served, reference)
     if precision == "fp32" and figures["max_abs_diff"] > FP32_TOLERANCE:
         raise ExportError(f"{job.spec.name} {fmt} fp32 differs from eager PyTorch by {figures['max_abs_diff']:.2e} "
@@ -246,6 +249,9 @@ def export(job: ExportJob, progress: Progress = logger.info) -> ModelVersion:
         pixels = load_pixels(calibration_files(job.calibration)[:VALIDATION_PHOTOS], job.spec)
         with torch.inference_mode():
             reference = _eager(job.spec, job.weights.state_dict)(torch.from_numpy(pixels)).numpy()
+        if not np.isfinite(reference).all():
+            raise ExportError(f"{job.spec.name}: the network gives NaN or infinite probabilities on the validation "
+                              "photos, in eager PyTorch already (weights with NaN, as a diverged training leaves)")
         if "onnx" in job.formats:
             job = dataclasses.replace(job, cam=find_cam_head(job, pixels, reference, progress))
         built = [build_artefact(job, f, p, staging, pixels, reference, progress) for f, p in _artefacts_of(job)]
