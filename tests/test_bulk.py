@@ -22,6 +22,7 @@ from PIL import Image
 
 from resnet_serve import bulk, decode
 from resnet_serve.cli import main
+from resnet_serve.errors import ServerUnreachable
 from tests.conftest import encode, env_with, real_server, wait_ready
 
 
@@ -243,6 +244,39 @@ def test_rows_keep_input_order_within_a_bounded_window() -> None:
     assert ordered.rows == [str(p) for p in inputs] and most <= 4 and summary.ok == 20
     asyncio.run(bulk.classify(inputs, predict, unordered, window=4, ordered=False))
     assert sorted(unordered.rows) == sorted(ordered.rows) and unordered.rows != ordered.rows
+
+
+def test_an_input_that_stops_the_run_stops_it_even_while_inputs_wait_for_a_slot() -> None:
+    """The first input's failure must end the run though the loop that starts inputs waits for a
+    slot, which that input never gives back: it hung there before."""
+    async def predict(path: Path) -> bulk.Row:
+        await asyncio.sleep(0.01)
+        raise ServerUnreachable("gone")
+
+    class Keep:
+        def write(self, row: bulk.Row) -> None:
+            raise AssertionError("no row for an input the stop interrupted")
+
+        def close(self) -> None:
+            pass
+
+    inputs = [Path(f"{i}.jpg") for i in range(10)]
+    with pytest.raises(ServerUnreachable, match="gone"):
+        asyncio.run(asyncio.wait_for(bulk.classify(inputs, predict, Keep(), window=2), timeout=10))
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path: Path, seeded_weights: Path,
+                                                      photo_jpegs: dict[str, bytes]) -> None:
+    """``predict DIR | head -1``: exit 141 as the shell's tools do, no traceback, no hang."""
+    for i in range(60):  # rows still to come when the reader goes
+        (tmp_path / f"{i:02}.jpg").write_bytes(photo_jpegs["chelsea"])
+    command = [sys.executable, "-m", "resnet_serve", "predict", str(tmp_path), "--quiet"]
+    run = subprocess.Popen(command, env=env_with(weights=str(seeded_weights), allow_download="false"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout is not None and run.stdout.readline().strip().endswith("00.jpg")
+    run.stdout.close()  # as head does once it has its line
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 141 and "Traceback" not in err and "Error" not in err, err
 
 
 def test_progress_is_a_line_now_and_then_when_stderr_is_not_a_terminal() -> None:

@@ -39,7 +39,14 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from resnet_serve.decode import is_heif_without_its_extra, looks_like_an_image
-from resnet_serve.errors import OutputFailed, PayloadTooLarge, ServeError, ServerRefused, ServerUnreachable
+from resnet_serve.errors import (
+    OutputClosed,
+    OutputFailed,
+    PayloadTooLarge,
+    ServeError,
+    ServerRefused,
+    ServerUnreachable,
+)
 from resnet_serve.inference import ModelInfo
 from resnet_serve.labels import Labels
 from resnet_serve.loading import open_model
@@ -141,7 +148,10 @@ class TextSink:
             return
         lines = [shown(row.path)] + [f"  {rank:>2}. {p * 100:6.2f}%  {i:>3}  {en}  ({zh})" for rank, (p, i, en, zh)
                               in enumerate(zip(row.confidences, row.class_ids, row.labels_en, row.labels_zh), 1)]
-        print("\n".join(lines), file=self.out, flush=True)
+        try:
+            print("\n".join(lines), file=self.out, flush=True)
+        except BrokenPipeError:
+            raise OutputClosed("stdout") from None
 
     def close(self) -> None:
         pass
@@ -168,6 +178,8 @@ class FileSink:
     def _writing(self) -> Iterator[None]:
         try:
             yield
+        except BrokenPipeError:
+            raise OutputClosed(shown(str(self.path))) from None
         except OSError as exc:
             raise OutputFailed(f"cannot write {shown(str(self.path))}: {exc.strerror or exc}") from None
 
@@ -326,20 +338,17 @@ async def classify(inputs: list[Path], predict: Predict, sink: Sink, *, window: 
             emit(finished.pop(next_out))
             next_out += 1
 
-    running: set[asyncio.Task[None]] = set()
+    # The task group stops the run at the first input that fails it (a server gone, an output
+    # that fails), even while this loop waits for a slot that input will never give back, and
+    # cancels the inputs in flight on any stop (Ctrl-C too): they get no row, rather than the
+    # stop's error as theirs, so --resume does them again.
     try:
-        for index, path in enumerate(inputs):
-            await slots.acquire()
-            task = asyncio.create_task(one(index, path))
-            running.add(task)
-            task.add_done_callback(running.discard)
-        await asyncio.gather(*running)
-    finally:
-        # A stop (Ctrl-C, a server gone, an output that fails) leaves the inputs in flight
-        # without a row, rather than with the stop's error as theirs: --resume does them again.
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        async with asyncio.TaskGroup() as group:
+            for index, path in enumerate(inputs):
+                await slots.acquire()
+                group.create_task(one(index, path))
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
     summary.seconds = time.monotonic() - started
     return summary
 

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from resnet_serve.errors import (
     ExportError,
+    OutputClosed,
     OutputFailed,
     RepositoryError,
     ServerRefused,
@@ -33,6 +34,7 @@ from resnet_serve.settings import DEFAULT_TOP_K, MAX_TOP_K, Settings, unknown_va
 
 TORCH_EXTRA = "pip install 'resnet-serve[torch]'"
 INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
+PIPE_CLOSED = 141  # and for one whose reader went away (128 + SIGPIPE)
 SERVE_FLAGS = ("host", "port", "workers", "device", "precision", "runtime", "model_repository", "default_model",
                "log_level")
 
@@ -371,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _warn_unknown_variables()
     try:
         return int(args.run(args))
+    except OutputClosed:  # | head: stop as the shell's tools do, with no error and nothing left to flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return PIPE_CLOSED
     except (WeightsError, RepositoryError, ExportError, ServerUnreachable, ServerRefused, OutputFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -182,6 +182,10 @@ class OutputFailed(Exception):
     """Rows cannot be written where asked (a missing folder, a full disk); the rows written stay."""
 
 
+class OutputClosed(OutputFailed):
+    """The reader of the rows went away (``| head``): the run stops without a word."""
+
+
 class ServerRefused(Exception):
     """The server answers, but refuses what every request of a run needs (a wrong API key, a
     model it does not have), so the run stops rather than write the same error for each input."""
