@@ -185,7 +185,11 @@ def test_random_init_is_seeded_and_leaves_the_global_rng_alone() -> None:
 def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pth"
     path.write_text("hello")
-    with pytest.raises(WeightsError, match="not a loadable"):
+    with pytest.raises(WeightsError, match="not a checkpoint"):
+        load_state_dict(path, RESNET18)
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    path.write_bytes(path.read_bytes()[:200])  # a download cut short
+    with pytest.raises(WeightsError, match="not a loadable PyTorch state_dict"):
         load_state_dict(path, RESNET18)
 
 
