@@ -15,7 +15,6 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -70,14 +69,6 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.workers == 1:
         import resnet_serve.http.app  # noqa: F401  (now, before the GC resumes; uvicorn finds it imported)
     imports_done(freeze=True)
-    app = "resnet_serve.http.app:create_app"
-    options: dict[str, Any] = {
-        "factory": True, "host": settings.host, "port": settings.port, "workers": settings.workers,
-        "log_level": settings.log_level,
-        "access_log": False,  # resnet_serve.access logs one line per request, with its ID
-        "timeout_graceful_shutdown": max(1, round(settings.shutdown_grace_s)),
-        "http": HeaderLimits,  # request headers within the keep-alive timeout and 64 kB, or the connection closes
-    }
     # Run here rather than by uvicorn.run, for two reasons. The socket is bound first, so a port
     # in use fails at once, not after the model has loaded (uvicorn binds after the app's
     # startup). And uvicorn.run returns as after a clean stop when a worker of several fails to
@@ -85,7 +76,13 @@ def _serve(args: argparse.Namespace) -> int:
     from uvicorn.main import STARTUP_FAILURE  # the status uvicorn exits with when the app never started
     from uvicorn.supervisors import Multiprocess
 
-    config = uvicorn.Config(app, **options)
+    config = uvicorn.Config(
+        "resnet_serve.http.app:create_app", factory=True, host=settings.host, port=settings.port,
+        workers=settings.workers, log_level=settings.log_level,
+        access_log=False,  # resnet_serve.access logs one line per request, with its ID
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+        http=HeaderLimits,  # request headers within the keep-alive timeout and 64 kB, or the connection closes
+    )
     configure_logging(settings.log_format, settings.log_level)  # over the loggers uvicorn.Config just set
     _warn_unknown_variables()
     socket = config.bind_socket()  # exits with STARTUP_FAILURE, the error logged, if it cannot bind
