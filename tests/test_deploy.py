@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+from pydantic import ValidationError
 
 from resnet_serve.http.app import create_app
 from resnet_serve.settings import Settings
@@ -68,3 +70,20 @@ def test_kubernetes_manifests_validate_and_probe_real_endpoints() -> None:
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] in routes
     assert kinds["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
+
+
+def test_kubernetes_service_links_cannot_break_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Service named resnet-serve makes Kubernetes put RESNET_SERVE_PORT=tcp://<ip>:<port> and
+    the like into every pod of the namespace (service links): our settings' own variables."""
+    docs = [doc for path in (ROOT / "deploy" / "k8s").glob("*.yaml") for doc in yaml.safe_load_all(path.read_text())]
+    kinds = {doc["kind"]: doc for doc in docs}
+    service = kinds["Service"]
+    prefix, port = service["metadata"]["name"].upper().replace("-", "_"), service["spec"]["ports"][0]["port"]
+    links = {f"{prefix}_SERVICE_HOST": "10.0.0.1", f"{prefix}_SERVICE_PORT": str(port),
+             f"{prefix}_PORT": f"tcp://10.0.0.1:{port}", f"{prefix}_PORT_{port}_TCP_PORT": str(port)}
+    assert prefix == "RESNET_SERVE"  # so the links would be read as settings
+    assert kinds["Deployment"]["spec"]["template"]["spec"]["enableServiceLinks"] is False
+    for name, value in links.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match="Kubernetes' service link"):  # elsewhere, a message that says so
+        Settings()

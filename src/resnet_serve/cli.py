@@ -15,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -351,8 +352,11 @@ def _flag_errors(exc: ValidationError) -> list[str]:
 def _settings_errors(exc: ValidationError) -> list[str]:
     """One line per bad setting, named as the environment variable it is read from; a rule
     between settings as its own message, which names them."""
-    return [f"RESNET_SERVE_{str(error['loc'][0]).upper()}={error['input']!r}: {error['msg']}" if error["loc"]
-            else str(error.get("ctx", {}).get("error", error["msg"])) for error in exc.errors()]
+    def message(error: Any) -> str:  # a validator's own words, without pydantic's "Value error, "
+        return str(error.get("ctx", {}).get("error", error["msg"]))
+
+    return [f"RESNET_SERVE_{str(error['loc'][0]).upper()}={error['input']!r}: {message(error)}" if error["loc"]
+            else message(error) for error in exc.errors()]
 
 
 def _warn_unknown_variables() -> None:

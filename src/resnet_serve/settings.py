@@ -115,6 +115,15 @@ class Settings(BaseSettings):
                              "reach only the worker that answers it")
         return self
 
+    @field_validator("port", mode="before")
+    @classmethod
+    def _not_a_service_link(cls, value: object) -> object:
+        if isinstance(value, str) and value.startswith("tcp://"):
+            raise ValueError("this is Kubernetes' service link for a Service named resnet-serve, not a port: set "
+                             "enableServiceLinks: false in the pod spec (as deploy/k8s does), or RESNET_SERVE_PORT "
+                             "in its env")
+        return value
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
