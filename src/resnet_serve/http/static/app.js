@@ -38,7 +38,7 @@ const TEXT = {
     status: (m) => `${displayName(m)} · 设备 ${m.device} · 精度 ${m.precision} · 批大小 ≤ ${m.max_batch_size} · ${m.dispatch} 调度 · 权重：${m.weights}`,
     classifying: "识别中…", inference: "推理", roundTrip: "往返", batch: "批",
     cached: "来自缓存（与之前的图片相同）",
-    preview: (name) => `${name} 的预览`, unshown: (format) => `无法预览：此浏览器不能显示${format ? ` ${format} ` : "此格式"}。`, langButton: "English", langLabel: "Switch to English",
+    preview: (name) => `${name} 的预览`, unshown: (format) => `无法预览：此浏览器不能显示${format ? ` ${format}` : "此格式"}。`, langButton: "English", langLabel: "Switch to English",
     why: "为什么？", whyLabel: (label) => `显示模型判断为「${label}」时关注的区域`, opacity: "热力图不透明度",
     explaining: "正在解释…", heatmap: (label) => `热力图：模型判断为「${label}」时关注的区域`,
     errors: {
