@@ -343,20 +343,22 @@ EXPORT_FLAGS = {"resize_size": "--resize", "crop_size": "--crop", "interpolation
                 "std": "--std", "max_batch_size": "--max-batch-size", "max_wait_ms": "--max-wait-ms"}
 
 
+def _words(error: Any) -> str:
+    """A validation error's message: a validator's own words, without pydantic's "Value error, "."""
+    return str(error.get("ctx", {}).get("error", error["msg"]))
+
+
 def _flag_errors(exc: ValidationError) -> list[str]:
     """Each error named by the export flag it came from; a rule between flags by its message."""
-    return [f"{EXPORT_FLAGS.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" if e["loc"]
-            else str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors()]
+    return [f"{EXPORT_FLAGS.get(str(e['loc'][0]), e['loc'][0])}: {_words(e)}" if e["loc"] else _words(e)
+            for e in exc.errors()]
 
 
 def _settings_errors(exc: ValidationError) -> list[str]:
     """One line per bad setting, named as the environment variable it is read from; a rule
     between settings as its own message, which names them."""
-    def message(error: Any) -> str:  # a validator's own words, without pydantic's "Value error, "
-        return str(error.get("ctx", {}).get("error", error["msg"]))
-
-    return [f"RESNET_SERVE_{str(error['loc'][0]).upper()}={error['input']!r}: {message(error)}" if error["loc"]
-            else message(error) for error in exc.errors()]
+    return [f"RESNET_SERVE_{str(e['loc'][0]).upper()}={e['input']!r}: {_words(e)}" if e["loc"] else _words(e)
+            for e in exc.errors()]
 
 
 def _warn_unknown_variables() -> None:

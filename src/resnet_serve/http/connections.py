@@ -9,8 +9,8 @@ headers' size: httptools buffers a header of any length, so a client can make th
 gigabytes for one request. Here a request's headers must be complete within the keep-alive
 timeout, counted from the connection's start or from the request's first byte, or the connection
 is closed; and within ``MAX_HEADER_BYTES``, or the request is answered 431 and the connection
-closed. Both are counted (``resnet_serve_connections_closed_total{reason}``). A body that arrives slowly is the request deadline's business (408), a large one the
-upload limit's (413).
+closed. Both are counted (``resnet_serve_connections_closed_total{reason}``). A body that arrives
+slowly is the request deadline's business (408), a large one the upload limit's (413).
 
 Concurrency: everything here runs on the event loop thread, in the protocol's callbacks.
 """

@@ -58,10 +58,11 @@ def read_checkpoint(path: Path, architecture: str | None = None) -> dict[str, to
 
     Loading never runs code from the file (``weights_only``); a file holding a whole pickled
     model is refused with a message saying how to save its state_dict instead."""
-    if not _is_safetensors(path) and not _is_torch_save(path):
+    safetensors = _is_safetensors(path)
+    if not safetensors and not _is_torch_save(path):
         raise WeightsError(f"{path}: not a checkpoint (a file written by torch.save, or a safetensors file)")
     try:
-        data = load_safetensors(path) if _is_safetensors(path) else torch.load(path, map_location="cpu", weights_only=True)
+        data = load_safetensors(path) if safetensors else torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise WeightsError(
             f"{path}: not a plain state_dict (it holds pickled objects, such as a whole model, which "

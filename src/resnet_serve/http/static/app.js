@@ -278,19 +278,18 @@ function renderCard(card) {
 }
 
 async function classify(file) {
-  const card = { name: file.name || "pasted image", result: null, error: null, node: element("article", "card"),
-                 file, model: state.chosen, explained: null, heatmaps: {}, opacity: 0.6, explaining: false,
-                 explainError: null, previewed: false, unshown: false };
   // A type the browser does not know ("" or the generic binary type) may still be an image the
   // server reads (HEIC on many systems): only a type known not to be an image is refused here.
   const image = ["", "application/octet-stream"].includes(file.type) || file.type.startsWith("image/");
+  const card = { name: file.name || "pasted image", result: null, error: null, node: element("article", "card"),
+                 file, model: state.chosen, explained: null, heatmaps: {}, opacity: 0.6, explaining: false,
+                 explainError: null, previewed: image, unshown: false };
   const preview = element("div", "preview");
   const img = element("img", "photo");
   const unshown = element("p", "unshown");  // an image the server reads but the browser cannot show (TIFF, HEIC)
   const heat = element("img", "heat");
   heat.hidden = true;
   img.addEventListener("error", () => { card.unshown = true; renderCard(card); });
-  card.previewed = image;
   if (image) img.src = URL.createObjectURL(file);
   preview.append(img, unshown, heat);
   card.node.append(preview, element("div", "body"));
