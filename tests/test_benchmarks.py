@@ -326,11 +326,11 @@ def test_ort_int8_bench_times_each_scheme_against_fp32(tmp_path: Path, monkeypat
     assert ort_int8_bench.main(["--repeats", "1", "--out", "o"]) == 0
     report = json.loads((tmp_path / "o.json").read_text())
     rows = report["rows"]
-    patched = ["export's + GEMM patch (served so on AMX)", "GEMM patch, every convolution"]
-    assert set(rows) == {"fp32", "u8s8", "u8s8 reduced (export's)", "s8s8", "u8u8 (weights zero point 128)", *patched}
+    same = ["u8s8 reduced", "export's + GEMM patch (served so on AMX)", "GEMM patch, every convolution"]
+    assert set(rows) == {"fp32", "u8s8", ort_int8_bench.EXPORTS, "s8s8", "u8u8 (weights zero point 128)", *same}
     assert rows["fp32"]["max_abs_diff"] == 0 and all(r["b4_ms"] > 0 and r["b8_ms"] > 0 for r in rows.values())
-    export = rows["u8s8 reduced (export's)"]
-    for name in patched:  # the same weights and zero points, other kernels: the same answers
+    export = rows[ort_int8_bench.EXPORTS]
+    for name in same:  # the same weights and zero points, other kernels or stem: the same answers
         assert rows[name]["top1_agreement"] == export["top1_agreement"]
         assert abs(rows[name]["max_abs_diff"] - export["max_abs_diff"]) < 5e-3
         assert rows[name]["max_abs_diff_vs_export"] < 1e-5

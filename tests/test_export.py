@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -245,3 +246,64 @@ def test_the_models_command_lists_torchvisions_classifiers(capsys: pytest.Captur
     assert {"resnet18", "mobilenet_v3_small", "efficientnet_b0", "vit_b_16"} <= set(names)
     assert "maskrcnn_resnet50_fpn" not in names  # detection, not classification
     assert any(line.startswith("efficientnet_b0") and "bicubic" in line for line in lines)
+
+
+def quantized_convolution(channels: int, kernel: int, stride: int, pad: int, size: int) -> bytes:
+    """A QDQ graph as ONNX Runtime's quantizer writes one: float pixels quantized, one INT8
+    convolution with per-channel weights, its output dequantized."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(kernel * 100 + pad * 10 + channels)
+    constants = [numpy_helper.from_array(rng.integers(-64, 64, (16, channels, kernel, kernel), dtype=np.int8), "w"),
+                 numpy_helper.from_array(rng.uniform(0.001, 0.01, 16).astype(np.float32), "w_scale"),
+                 numpy_helper.from_array(np.zeros(16, np.int8), "w_zero"),
+                 numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
+                 numpy_helper.from_array(np.array(120, np.uint8), "x_zero"),
+                 numpy_helper.from_array(np.array(0.05, np.float32), "y_scale"),
+                 numpy_helper.from_array(np.array(0, np.uint8), "y_zero")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], kernel_shape=[kernel, kernel], strides=[stride, stride],
+                              pads=[pad] * 4, name="stem"),
+             helper.make_node("QuantizeLinear", ["y", "y_scale", "y_zero"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "y_scale", "y_zero"], ["out"])]
+    graph = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                            ["batch", channels, size, size])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 16, "height", "width"])],
+                              constants)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+@pytest.mark.parametrize(("channels", "kernel", "stride", "pad", "size", "rewritten"), [
+    (3, 7, 2, 3, 32, True),  # ResNet's stem: odd padding
+    (3, 5, 2, 2, 30, True),  # even padding
+    (4, 3, 2, 1, 16, True),
+    (3, 4, 2, 1, 16, True),  # even kernel
+    (3, 3, 2, 0, 18, True),  # no padding
+    (3, 7, 1, 3, 32, False),  # stride 1
+    (8, 7, 2, 3, 32, False),  # too many channels to gain
+    (3, 7, 2, 3, 31, False),  # odd size: no 2×2 blocks
+])
+def test_the_int8_stem_becomes_a_space_to_depth_with_the_same_answers(
+    channels: int, kernel: int, stride: int, pad: int, size: int, rewritten: bool
+) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from resnet_serve.backends.torch.onnx_export import stem_to_space_to_depth
+
+    exported = quantized_convolution(channels, kernel, stride, pad, size)
+    model = onnx.ModelProto.FromString(exported)
+    assert stem_to_space_to_depth(model) is rewritten
+    onnx.checker.check_model(model, full_check=True)
+    ops = [node.op_type for node in model.graph.node]
+    assert ("SpaceToDepth" in ops) is rewritten and ops.count("DequantizeLinear") == 3
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    if rewritten:
+        strides = next(a for a in conv.attribute if a.name == "strides")
+        assert list(strides.ints) == [1, 1] and conv.input[0].endswith("_space_to_depth_dequantized")
+    x = np.random.default_rng(0).normal(0, 1, (2, channels, size, size)).astype(np.float32)
+    before, after = (ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                     for graph in (exported, model.SerializeToString()))
+    assert before.shape == after.shape and np.array_equal(before, after)

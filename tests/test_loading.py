@@ -389,6 +389,10 @@ def test_int8_through_onnx_runtime_is_exported_calibrated_and_served(
     fp32 = version.metadata.artefact("onnx", "fp32")  # type: ignore[union-attr]
     assert int8 is not None and fp32 is not None and int8.int8_backend == "ort-qdq-u8s8-reduced+gemm-patch"
     assert int8.bytes < fp32.bytes / 2 and int8.validation is not None and int8.validation.photos >= 8
+    import onnx
+
+    stem = next(n for n in onnx.load(str(version.artefact_path(int8))).graph.node if n.op_type == "Conv")
+    assert stem.input[0].endswith("_space_to_depth_dequantized")  # the 7×7 stem over RGB, rewritten by export
     engine = load_engine(version, cpu(runtime="onnxruntime", precision="int8", compiled_cache_dir=tmp_path))
     try:
         assert (engine.info.runtime, engine.info.precision) == ("onnxruntime", "int8")
