@@ -13,7 +13,8 @@ in batches, so the server's own overhead reads off one table.
 
 With several ``--configs`` the servers run one after another in the same invocation and the
 summary gives ratios (fastest/naive throughput, server/in-process), so drift on a shared machine
-largely cancels.
+largely cancels. ``slim-ort-int8`` is served by the slim install (``pip install .`` at
+``.venv-slim``, made if missing), the others by this environment.
 
 Writes ``benchmarks/results/http_bench.json`` and ``.md`` (``--out`` changes the stem).
 """
@@ -42,6 +43,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from images import default_images, folder_images  # noqa: E402
 from machine import describe, one_line, write_results  # noqa: E402
+from venvs import torch_free_python  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -63,7 +65,12 @@ CONFIGS: dict[str, dict[str, str]] = {
     # and OpenVINO, against TorchScript, in interleaved rounds)
     **{f"{short}-int8": {"RESNET_SERVE_RUNTIME": runtime, "RESNET_SERVE_PRECISION": "int8"}
        for short, runtime in (("ts", "torchscript"), ("ov", "openvino"))},
+    # the slim install's server (``pip install .``, no torch; SLIM), what issue 12 compares with
+    # ts-int8; downloads off, so it serves the built-in model as the full install exported it
+    "slim-ort-int8": {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_PRECISION": "int8",
+                      "RESNET_SERVE_ALLOW_DOWNLOAD": "false"},
 }
+SLIM = {"slim-ort-int8"}  # served by the torch-free virtualenv (venvs.torch_free_python)
 
 
 @dataclass
@@ -260,12 +267,13 @@ def is_ready(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def spawned_server(extra_env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def spawned_server(extra_env: dict[str, str], python: Path | str = sys.executable
+                   ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Start ``resnet-serve serve`` on a free loopback port and wait until it is ready."""
     port = free_port()
     env = {**os.environ, **extra_env}
     process = subprocess.Popen(
-        [sys.executable, "-m", "resnet_serve", "serve", "--port", str(port), "--log-level", "warning"],
+        [str(python), "-m", "resnet_serve", "serve", "--port", str(port), "--log-level", "warning"],
         env=env,
     )
     url = f"http://127.0.0.1:{port}"
@@ -322,7 +330,7 @@ def ratios(runs: dict[str, dict[str, object]]) -> dict[str, float]:
         if sleeping in runs and spinning in runs:
             out[f"{sleeping}_sleeping_vs_spinning_throughput"] = round(
                 top(sleeping)["throughput_rps"] / top(spinning)["throughput_rps"], 2)  # type: ignore[operator]
-    for name in ("ort-int8", "ov-int8"):
+    for name in ("ort-int8", "ov-int8", "slim-ort-int8"):
         if name in runs and "ts-int8" in runs:
             out[f"{name}_vs_ts-int8_throughput"] = round(
                 top(name)["throughput_rps"] / top("ts-int8")["throughput_rps"], 2)  # type: ignore[operator]
@@ -370,7 +378,8 @@ def measure_round(args: argparse.Namespace, images: list[bytes]) -> dict[str, di
         overrides = CONFIGS[name]
         baseline = in_process_ms(images, args.baseline_repeats, overrides) if args.baseline_repeats else None
         with contextlib.ExitStack() as stack:
-            url = stack.enter_context(spawned_server(overrides))[0] if args.spawn else args.url
+            python = torch_free_python() if name in SLIM else sys.executable
+            url = stack.enter_context(spawned_server(overrides, python))[0] if args.spawn else args.url
             asyncio.run(run_load(url, images, max(args.concurrency), args.warmup, args.repeat, args.client))
             results = [asyncio.run(run_load(url, images, c, args.duration, args.repeat, args.client))
                        for c in args.concurrency]

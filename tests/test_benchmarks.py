@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import csv
 import http.server
 import json
@@ -13,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from resnet_serve.settings import Settings
@@ -111,6 +114,30 @@ def test_http_bench_compares_int8_on_each_runtime_against_torchscript() -> None:
 
     assert http_bench.ratios({"ts-int8": run(100), "ort-int8": run(90), "ov-int8": run(150)}) == {
         "ort-int8_vs_ts-int8_throughput": 0.9, "ov-int8_vs_ts-int8_throughput": 1.5}
+
+
+def test_the_slim_config_is_served_by_the_torch_free_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12 compares the slim install's server with TorchScript's: in interleaved rounds the
+    slim config runs under the torch-free virtualenv's python, every other one under this one."""
+    started: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def spawned(env: dict[str, str], python: str = sys.executable) -> Iterator[tuple[str, None]]:
+        started[env.get("RESNET_SERVE_RUNTIME", "")] = str(python)
+        yield "http://127.0.0.1:9", None
+
+    async def load(url: str, images: list[bytes], concurrency: int, *rest: object) -> http_bench.LoadResult:
+        return http_bench.LoadResult(concurrency, 1.0, 10, 10.0, 1.0, 1.0, 1.0, {"200": 10}, 4.0)
+
+    monkeypatch.setattr(http_bench, "spawned_server", spawned)
+    monkeypatch.setattr(http_bench, "torch_free_python", lambda: Path("/slim/bin/python"))
+    monkeypatch.setattr(http_bench, "run_load", load)
+    monkeypatch.setattr(http_bench.httpx, "get", lambda *a, **k: httpx.Response(200, json={"runtime": "x"}))
+    args = argparse.Namespace(configs=["ts-int8", "slim-ort-int8"], baseline_repeats=0, spawn=True, url=None,
+                              concurrency=[32], warmup=0, duration=1, repeat=False, client="raw")
+    runs = http_bench.measure_round(args, [b"jpeg"])
+    assert started == {"torchscript": sys.executable, "onnxruntime": "/slim/bin/python"}
+    assert set(http_bench.ratios(runs)) == {"slim-ort-int8_vs_ts-int8_throughput"}
 
 
 def test_percentile() -> None:
@@ -326,7 +353,8 @@ def test_ort_int8_bench_times_each_scheme_against_fp32(tmp_path: Path, monkeypat
     assert ort_int8_bench.main(["--repeats", "1", "--out", "o"]) == 0
     report = json.loads((tmp_path / "o.json").read_text())
     rows = report["rows"]
-    same = ["u8s8 reduced", "export's + GEMM patch (served so on AMX)", "GEMM patch, every convolution"]
+    same = ["u8s8 reduced", ort_int8_bench.STEM_AS_IS, "export's + GEMM patch (served so on AMX)",
+            "GEMM patch, every convolution"]
     assert set(rows) == {"fp32", "u8s8", ort_int8_bench.EXPORTS, "s8s8", "u8u8 (weights zero point 128)", *same}
     assert rows["fp32"]["max_abs_diff"] == 0 and all(r["b4_ms"] > 0 and r["b8_ms"] > 0 for r in rows.values())
     export = rows[ort_int8_bench.EXPORTS]
