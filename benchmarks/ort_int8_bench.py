@@ -6,10 +6,11 @@ GEMM patch appended (``onnx_export.gemm_patch``: the weight zero points of the l
 convolutions become graph inputs, so ONNX Runtime runs those convolutions through its general
 u8×s8 QGEMM, the one with an AMX kernel, instead of its symmetric kernels; what the server does
 on a CPU with AMX), the reduced graph with that patch (the stem not rewritten), and with the
-patch over every convolution; each timed in-process at batch 1, 4 and 8 with agreement against
-FP32 on the calibration photos. Then the kernel alone: a u8×s8 ``MatMulInteger`` of the shape
-of the last stage's 3×3 convolutions at batch 8 (M 392, K 4608, N 512) on one thread, in GMAC/s:
-what ONNX Runtime's u8×s8 QGEMM does where its convolutions do not go through it.
+patch over every convolution; each timed in-process at batch 1, 4 and 8 (in five rounds, the
+models in turn, so the host's drift weighs on all alike) with agreement against FP32 on the
+calibration photos. Then the kernel alone: a u8×s8 ``MatMulInteger`` of the shape of the last
+stage's 3×3 convolutions at batch 8 (M 392, K 4608, N 512) on one thread, in GMAC/s: what ONNX
+Runtime's u8×s8 QGEMM does where its convolutions do not go through it.
 
     python benchmarks/ort_int8_bench.py [--repeats 20] [--threads 2] [--deny-amx]
 
@@ -75,16 +76,14 @@ def main(argv: list[str] | None = None) -> int:
 
     pixels = load_pixels(calibration_files(None), RESNET18)
 
-    def timed(backend: OnnxRuntimeBackend, batch: int) -> float:
+    def samples(backend: OnnxRuntimeBackend, batch: int, count: int) -> list[float]:
         x = np.resize(pixels, (batch, *pixels.shape[1:]))
-        for _ in range(3):
-            backend.run(x)
         times = []
-        for _ in range(args.repeats):
+        for _ in range(count):
             start = time.perf_counter()
             backend.run(x)
             times.append(time.perf_counter() - start)
-        return round(statistics.median(times) * 1000, 2)
+        return times
 
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -114,11 +113,19 @@ def main(argv: list[str] | None = None) -> int:
         models[STEM_AS_IS] = folder / "patched-stem-as-is.onnx"
         models[STEM_AS_IS].write_bytes(reduced.read_bytes() + base64.b64decode(gemm_patch(onnx.load(str(reduced)))))
         reference = OnnxRuntimeBackend(fp32, threads=args.threads).run(pixels)
+        backends = {name: OnnxRuntimeBackend(path, threads=args.threads) for name, path in models.items()}
+        times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCHES} for name in models}
+        for backend in backends.values():
+            for batch in BATCHES:
+                samples(backend, batch, 3)
+        for _ in range(ROUNDS):  # interleaved, so the host's drift weighs on every model alike
+            for name, backend in backends.items():
+                for batch in BATCHES:
+                    times[name][batch] += samples(backend, batch, max(1, args.repeats // ROUNDS))
         answers = {}
-        for name, path in models.items():
-            backend = OnnxRuntimeBackend(path, threads=args.threads)
+        for name, backend in backends.items():
             answers[name] = probs = backend.run(pixels)
-            rows[name] = {"b1_ms": timed(backend, 1), "b4_ms": timed(backend, 4), "b8_ms": timed(backend, 8),
+            rows[name] = {**{f"b{b}_ms": round(statistics.median(times[name][b]) * 1000, 2) for b in BATCHES},
                           "top1_agreement": float((probs.argmax(1) == reference.argmax(1)).mean()),
                           "max_abs_diff": float(np.abs(probs - reference).max())}
         same = ["u8s8 reduced", STEM_AS_IS, *patched]  # the same weights and zero points through other kernels
@@ -139,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+BATCHES = (1, 4, 8)
+ROUNDS = 5  # each model timed in this many rounds, the models in turn within each
 EXPORTS = "u8s8 reduced, stem as space-to-depth (export's)"
 STEM_AS_IS = "u8s8 reduced + GEMM patch (the stem as it was)"
 QGEMM_SHAPE = (392, 4608, 512)  # the last stage's 3×3 convolutions at batch 8, as a GEMM
