@@ -118,11 +118,10 @@ def stem_to_space_to_depth(model: Any, max_channels: int = STEM_MAX_CHANNELS) ->
     The answers do not change: each 2×2 block of pixels becomes one pixel of 4C channels, the
     kernel is cut into the same blocks (with zero weights where it does not reach), so every
     output sums the same products; the per-channel weight scales stay. ONNX Runtime's INT8
-    convolution kernels are slow over 3 channels and much faster over 12 (the stem took a fifth of
-    ResNet-18's time, benchmarks/ort_int8_bench.py). The space-to-depth runs on the ``uint8``
-    tensor, so nothing more is dequantized."""
+    convolution kernels are slow over 3 channels and faster over 12 (the stem was ResNet-18's
+    costliest convolution; benchmarks/ort_int8_bench.py times the graph with and without the
+    rewrite). The space-to-depth runs on the ``uint8`` tensor, so nothing more is dequantized."""
     import onnx
-    from onnx import helper, numpy_helper
 
     graph = model.graph
     shapes = {info.name: info for info in onnx.shape_inference.infer_shapes(model).graph.value_info}
@@ -138,29 +137,7 @@ def stem_to_space_to_depth(model: Any, max_channels: int = STEM_MAX_CHANNELS) ->
         plan = _stem_plan(conv, kernel, _spatial_size(shapes.get(conv.input[0])), max_channels)
         if plan is None:
             continue
-        shift, blocks, before, after = plan
-        w = numpy_helper.to_array(kernel)
-        out_channels, channels, k = w.shape[0], w.shape[1], w.shape[2]
-        padded = np.zeros((out_channels, channels, 2 * blocks, 2 * blocks), w.dtype)
-        padded[:, :, shift:shift + k, shift:shift + k] = w
-        cut = padded.reshape(out_channels, channels, blocks, 2, blocks, 2).transpose(0, 3, 5, 1, 2, 4)
-        cut = np.ascontiguousarray(cut.reshape(out_channels, 4 * channels, blocks, blocks))
-        kernel.CopyFrom(numpy_helper.from_array(cut, kernel.name))
-        blocked = f"{source.input[0]}_space_to_depth"
-        nodes = [helper.make_node("SpaceToDepth", [source.input[0]], [blocked], blocksize=2,
-                                  name=f"{conv.name}_space_to_depth"),
-                 helper.make_node("DequantizeLinear", [blocked, *source.input[1:]], [f"{blocked}_dequantized"],
-                                  name=f"{conv.name}_space_to_depth_dequantized")]
-        position = list(graph.node).index(conv)
-        for offset, node in enumerate(nodes):
-            graph.node.insert(position + offset, node)
-        conv.input[0] = nodes[-1].output[0]
-        del conv.attribute[:]
-        conv.attribute.extend([helper.make_attribute("kernel_shape", [blocks, blocks]),
-                               helper.make_attribute("strides", [1, 1]),
-                               helper.make_attribute("pads", [before, before, after, after])])
-        if not any(source.output[0] in node.input for node in graph.node):
-            graph.node.remove(source)
+        _to_space_to_depth(graph, conv, source, kernel, plan)
         rewritten = True
     return rewritten
 
@@ -188,6 +165,35 @@ def gemm_patch(model: Any, min_inputs: int = GEMM_MIN_INPUTS) -> str:
             inputs[zero.name] = helper.make_tensor_value_info(zero.name, zero.data_type, list(zero.dims))
     patch = onnx.ModelProto(graph=onnx.GraphProto(input=list(inputs.values())))
     return base64.b64encode(patch.SerializeToString()).decode()
+
+
+def _to_space_to_depth(graph: Any, conv: Any, source: Any, kernel: Any, plan: tuple[int, int, int, int]) -> None:
+    """``stem_to_space_to_depth`` for one convolution, ``source`` the dequantization of its input."""
+    from onnx import helper, numpy_helper
+
+    shift, blocks, before, after = plan
+    w = numpy_helper.to_array(kernel)
+    out_channels, channels, k = w.shape[0], w.shape[1], w.shape[2]
+    padded = np.zeros((out_channels, channels, 2 * blocks, 2 * blocks), w.dtype)
+    padded[:, :, shift:shift + k, shift:shift + k] = w
+    cut = padded.reshape(out_channels, channels, blocks, 2, blocks, 2).transpose(0, 3, 5, 1, 2, 4)
+    kernel.CopyFrom(numpy_helper.from_array(
+        np.ascontiguousarray(cut.reshape(out_channels, 4 * channels, blocks, blocks)), kernel.name))
+    blocked = f"{source.input[0]}_space_to_depth"
+    nodes = [helper.make_node("SpaceToDepth", [source.input[0]], [blocked], blocksize=2,
+                              name=f"{conv.name}_space_to_depth"),
+             helper.make_node("DequantizeLinear", [blocked, *source.input[1:]], [f"{blocked}_dequantized"],
+                              name=f"{conv.name}_space_to_depth_dequantized")]
+    position = list(graph.node).index(conv)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(position + offset, node)
+    conv.input[0] = nodes[-1].output[0]
+    del conv.attribute[:]
+    conv.attribute.extend([helper.make_attribute("kernel_shape", [blocks, blocks]),
+                           helper.make_attribute("strides", [1, 1]),
+                           helper.make_attribute("pads", [before, before, after, after])])
+    if not any(source.output[0] in node.input for node in graph.node):
+        graph.node.remove(source)
 
 
 def _spatial_size(info: Any) -> tuple[int, int] | None:
