@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-src", type=Path, help="another source tree's src/ to serve for comparison")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8", "bf16"])
     parser.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE", help="more environment for every server")
-    parser.add_argument("--only", nargs="+", help="configurations to run (names as in the table)")
+    parser.add_argument("--only", nargs="+", help="configurations to run, in this order (names as in the table)")
     parser.add_argument("--starts", type=int, default=5, help="timed starts per configuration (median reported)")
     parser.add_argument("--explain", action="store_true", help="after the load, one POST /explain and the RSS after it")
     parser.add_argument("--out", default="memory_bench")
@@ -216,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         repository = export_repository(Path(scratch) / "models", args.precisions)
         configs = configurations(args, repository, Path(scratch))
-        report = {name: measure(command, env, args.duration, args.concurrency, args.starts, args.explain)
-                  for name, (command, env) in configs.items() if not args.only or name in args.only}
+        names = args.only or list(configs)
+        unknown = [name for name in names if name not in configs]
+        if unknown:
+            raise SystemExit(f"unknown configurations {unknown}; these exist: {list(configs)}")
+        report = {name: measure(*configs[name], args.duration, args.concurrency, args.starts, args.explain)
+                  for name in names}
     extra = " after one /explain: RSS MB (method) |" if args.explain else ""
     lines = ["| configuration | first start s (RSS MB) | start to ready s (median, range) | idle RSS MB | peak RSS MB | "
              f"rps | p50 ms |{extra}", "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if extra else "")]
