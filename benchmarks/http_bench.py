@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -266,6 +267,12 @@ def is_ready(url: str) -> bool:
         connection.close()
 
 
+@functools.cache
+def slim_python() -> Path:
+    """The slim install's python, this checkout installed into it once per run, not per round."""
+    return torch_free_python()
+
+
 @contextlib.contextmanager
 def spawned_server(extra_env: dict[str, str], python: Path | str = sys.executable
                    ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
@@ -378,7 +385,7 @@ def measure_round(args: argparse.Namespace, images: list[bytes]) -> dict[str, di
         overrides = CONFIGS[name]
         baseline = in_process_ms(images, args.baseline_repeats, overrides) if args.baseline_repeats else None
         with contextlib.ExitStack() as stack:
-            python = torch_free_python() if name in SLIM else sys.executable
+            python = slim_python() if name in SLIM else sys.executable
             url = stack.enter_context(spawned_server(overrides, python))[0] if args.spawn else args.url
             asyncio.run(run_load(url, images, max(args.concurrency), args.warmup, args.repeat, args.client))
             results = [asyncio.run(run_load(url, images, c, args.duration, args.repeat, args.client))

@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                             activation_type=getattr(QuantType, activations), weight_type=getattr(QuantType, weights),
                             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head,
                             extra_options={"WeightSymmetric": True})
-        rewritten = onnx.load(str(models["u8s8 reduced"]))
+        reduced = onnx.load(str(models["u8s8 reduced"]))
+        rewritten = onnx.ModelProto()
+        rewritten.CopyFrom(reduced)
         stem_to_space_to_depth(rewritten)
         models[EXPORTS] = export = folder / "export.onnx"
         onnx.save(rewritten, str(export))
@@ -109,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, least in patched.items():
             models[name] = folder / f"patched-{least}.onnx"
             models[name].write_bytes(export.read_bytes() + base64.b64decode(gemm_patch(rewritten, least)))
-        reduced = models["u8s8 reduced"]
         models[STEM_AS_IS] = folder / "patched-stem-as-is.onnx"
-        models[STEM_AS_IS].write_bytes(reduced.read_bytes() + base64.b64decode(gemm_patch(onnx.load(str(reduced)))))
+        models[STEM_AS_IS].write_bytes(models["u8s8 reduced"].read_bytes() + base64.b64decode(gemm_patch(reduced)))
         reference = OnnxRuntimeBackend(fp32, threads=args.threads).run(pixels)
         backends = {name: OnnxRuntimeBackend(path, threads=args.threads) for name, path in models.items()}
         times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCHES} for name in models}

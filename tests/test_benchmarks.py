@@ -131,6 +131,7 @@ def test_the_slim_config_is_served_by_the_torch_free_install(monkeypatch: pytest
 
     monkeypatch.setattr(http_bench, "spawned_server", spawned)
     monkeypatch.setattr(http_bench, "torch_free_python", lambda: Path("/slim/bin/python"))
+    http_bench.slim_python.cache_clear()
     monkeypatch.setattr(http_bench, "run_load", load)
     monkeypatch.setattr(http_bench.httpx, "get", lambda *a, **k: httpx.Response(200, json={"runtime": "x"}))
     args = argparse.Namespace(configs=["ts-int8", "slim-ort-int8"], baseline_repeats=0, spawn=True, url=None,
