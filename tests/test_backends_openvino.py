@@ -2,13 +2,17 @@
 same Top-1, at every batch size; the FP32 graph in BF16 with FP32's Top-1, or said to be FP32
 where OpenVINO runs no BF16; a result outlives the next batch; the compiled model is kept for the
 next start; the settings reach OpenVINO; through HTTP the service says which runtime answers and
-in what precision; RUNTIME=auto times OpenVINO's BF16 against TorchScript's; without the extra,
+in what precision; two instances answer at once as one does, in-process and through HTTP;
+RUNTIME=auto times OpenVINO's BF16 against TorchScript's; without the extra,
 the message names it."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -213,3 +217,48 @@ def test_auto_times_openvino_bf16_against_torchscript_bf16(seeded_weights: Path,
 
 def engine_version(cache: Path) -> ModelVersion:
     return Repository(cache / "repository").latest()["resnet18"]
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_two_instances_answer_at_once_as_one_does(version: ModelVersion, pixels: np.ndarray, runtime: str,
+                                                  precision: str) -> None:
+    """RESNET_SERVE_INSTANCES=2: two threads call ``run`` at the same time (ONNX Runtime's session
+    shared, an OpenVINO infer request each), and every answer is the one-instance backend's."""
+    backends = {"onnxruntime": OnnxRuntimeBackend, "openvino": OpenVinoBackend}
+    one = backends[runtime](graph(version, precision), threads=2, precision=precision)
+    two = backends[runtime](graph(version, precision), threads=2, precision=precision, instances=2)
+    assert two.instances == 2
+    expected = [one.run(pixels[i:i + 2]) for i in range(0, len(pixels) - 1, 2)]
+    start = threading.Barrier(2, timeout=30)
+
+    def serve(_: int) -> list[np.ndarray]:
+        two.prepare_thread()
+        start.wait()  # both threads in run() together from here on
+        return [two.run(pixels[i:i + 2]) for i in range(0, len(pixels) - 1, 2)]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(serve, (0, 1)))
+    for answer in answers:
+        for got, want in zip(answer, expected, strict=True):
+            assert np.abs(got - want).max() < 1e-5
+
+
+async def test_the_service_runs_two_batches_at_once_with_two_instances(repository: Path, version: ModelVersion,
+                                                                       photo_jpegs: dict[str, bytes]) -> None:
+    settings = Settings(model_repository=repository, device="cpu", runtime="onnxruntime", precision="int8",
+                        ort_threads=2, instances=2, compiled_cache=False, cache_size=0, max_batch_size=1)
+    reference = OnnxRuntimeBackend(graph(version, "int8"), threads=2, precision="int8")
+    async for client in ready_client(settings):
+        model = (await client.get("/model")).json()
+        assert (model["runtime"], model["instances"], model["threads"]) == ("onnxruntime", 2, 2)
+        photos = list(photo_jpegs.items())[:4] * 2
+        responses = await asyncio.gather(*(client.post("/predict?top_k=1", files={"file": (f"{n}.jpg", d, "image/jpeg")})
+                                           for n, d in photos))
+        for (name, data), response in zip(photos, responses, strict=True):
+            assert response.status_code == 200, response.text
+            expected = reference.run(preprocess(data, RESNET18, max_pixels=10**9).pixels[np.newaxis])[0]
+            (top,) = response.json()["predictions"]
+            assert top["class_id"] == int(expected.argmax()) and abs(top["confidence"] - float(expected.max())) < 1e-4
+        threads = {t.name for t in threading.enumerate()}
+        assert {"resnet-serve-inference", "resnet-serve-inference-1"} <= threads

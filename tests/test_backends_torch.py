@@ -3,6 +3,7 @@ invariance, INT8, BF16, FP16, the compiled-model cache, and ONNX Runtime parity.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,19 @@ async def test_the_onnxruntime_runtime_matches_torchscript(settings: Settings, e
         ort.close()
     with pytest.raises(RepositoryError, match="FP32 or INT8 on the CPU"):
         load(settings, runtime="onnxruntime", precision="bf16")
+
+
+async def test_two_torchscript_instances_answer_at_once_as_one_does(settings: Settings, engine: Engine) -> None:
+    """RESNET_SERVE_INSTANCES=2: two inference threads share the frozen graph, each with its
+    share of the torch threads, and concurrent batches get the one-instance answers."""
+    two = load(settings, instances=2, torch_threads=2)
+    try:
+        assert (two.info.instances, two.info.threads) == (2, 2)
+        batches = [list(random_pixels(2, seed=s).numpy()) for s in range(6)]
+        together = await asyncio.gather(*(two.predict(b) for b in batches))
+        for batch, answers in zip(batches, together, strict=True):
+            expected = await engine.predict(batch)
+            for got, want in zip(answers, expected, strict=True):
+                assert np.allclose(got.probs, want.probs, atol=1e-5)
+    finally:
+        two.close()

@@ -206,7 +206,94 @@ async def test_close_fails_what_the_grace_period_cannot_finish() -> None:
     assert all(isinstance(o, NotReady) for o in outcomes)  # every future resolved, none hangs
 
 
-@pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"max_queue": 0}])
+class GatedModel:
+    """Holds every batch until ``release``; records how many run at once."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.running = 0
+        self.most_at_once = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+        return [i * 10 for i in items]
+
+
+async def until(condition: object, timeout_s: float = 5.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < end, "condition never held"
+        await asyncio.sleep(0.001)
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+async def test_max_concurrent_batches_run_at_once_and_no_more(slots: int) -> None:
+    model = GatedModel()
+    batcher = make(model, dispatch="eager", max_batch_size=2, max_concurrent_batches=slots)
+    pending = [batcher.submit(i, timeout_s=30) for i in range(10)]
+    await until(lambda: model.running == slots)
+    await asyncio.sleep(0.05)  # time for a batch beyond the slots to start, were it allowed to
+    assert model.running == slots
+    assert batcher.depth == 10 - 2 * slots  # the rest waits for a slot
+    model.release.set()
+    assert await asyncio.gather(*(p.future for p in pending)) == [i * 10 for i in range(10)]
+    assert model.most_at_once == slots
+    assert sorted(i for b in model.batches for i in b) == list(range(10))
+    await batcher.close()
+
+
+async def test_a_free_slot_takes_the_next_batch_while_another_still_runs() -> None:
+    """Two slots: a slow batch does not hold up the requests behind it."""
+    slow_started, slow_release = asyncio.Event(), asyncio.Event()
+
+    async def model(items: list[int]) -> list[int]:
+        if items == [0]:
+            slow_started.set()
+            await slow_release.wait()
+        return [i * 10 for i in items]
+
+    batcher: Batcher[int, int] = Batcher(model, max_batch_size=1, max_wait_ms=0, max_queue=100,
+                                         max_concurrent_batches=2)
+    slow = batcher.submit(0, timeout_s=30)
+    await slow_started.wait()
+    quick = [batcher.submit(i, timeout_s=30) for i in (1, 2, 3)]
+    assert await asyncio.wait_for(asyncio.gather(*(p.future for p in quick)), 5) == [10, 20, 30]
+    assert not slow.future.done()
+    slow_release.set()
+    assert await slow.future == 0
+    await batcher.close()
+
+
+async def test_close_fails_every_running_batch_and_frees_its_slot() -> None:
+    model = GatedModel()
+    batcher = make(model, dispatch="eager", max_batch_size=1, max_concurrent_batches=2)
+    pending = [batcher.submit(i, timeout_s=30) for i in range(4)]
+    await until(lambda: model.running == 2)
+    await batcher.close(grace_s=0.05)
+    for p in pending:
+        assert isinstance(p.future.exception(), NotReady)  # the two running and the two queued
+    assert model.running == 0
+
+
+async def test_a_full_queue_counts_a_batch_for_each_free_slot() -> None:
+    model = GatedModel()
+    batcher = make(model, dispatch="eager", max_batch_size=2, max_queue=1, max_concurrent_batches=2)
+    accepted = [batcher.submit(i, timeout_s=30) for i in range(5)]  # 2 + 2 for the free slots, 1 queued
+    with pytest.raises(Overloaded):
+        batcher.submit(5, timeout_s=30)
+    model.release.set()
+    assert await asyncio.gather(*(p.future for p in accepted)) == [0, 10, 20, 30, 40]
+    await batcher.close()
+
+
+@pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"max_queue": 0}, {"max_concurrent_batches": 0}])
 async def test_rejects_nonsense_limits(bad: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         make(FakeModel(), **bad)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from resnet_serve.weights import WeightsInfo
 class FakeBackend:
     """Doubles its input (any shape), as a backend would answer probabilities."""
 
-    runtime, device, precision, warmup_rounds, warmup_every_size = "fake", "cpu", "fp32", 1, True
+    runtime, device, precision, warmup_rounds, warmup_every_size, instances = "fake", "cpu", "fp32", 1, True, 1
 
     def prepare_thread(self) -> None:
         pass
@@ -87,6 +88,71 @@ def test_the_thread_stacks_a_batch_and_a_lone_image_is_not_copied() -> None:
     thread.close(timeout=10)
     assert seen[0].shape == (3, 3, 2, 2)
     assert seen[1].shape == (1, 3, 2, 2) and np.shares_memory(seen[1], images[0])
+
+
+class Meeting(FakeBackend):
+    """Two instances: each call waits until the other has started, which one thread never does."""
+
+    instances = 2
+
+    def __init__(self) -> None:
+        self.meeting = threading.Barrier(2, timeout=10)
+        self.threads: set[str] = set()
+        self.prepared: set[str] = set()
+        self.workers: list[threading.Thread] = []
+
+    def prepare_thread(self) -> None:
+        self.prepared.add(threading.current_thread().name)
+        self.workers.append(threading.current_thread())
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        self.threads.add(threading.current_thread().name)
+        if pixels.flat[0] >= 0:
+            self.meeting.wait()
+        return pixels * 2
+
+
+def test_instances_run_their_batches_at_once_each_on_a_thread_prepared_for_it() -> None:
+    backend = Meeting()
+    thread = InferenceThread(backend)
+    futures = [thread.submit([np.array([float(i)])]) for i in range(6)]
+    assert [f.result(timeout=20)[0].item() for f in futures] == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    assert len(backend.threads) == 2 and backend.prepared == backend.threads
+    thread.close(timeout=10)
+    assert not thread.alive
+
+
+class Killing(Meeting):
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        if pixels.flat[0] < 0:
+            raise SystemExit("injected fault")
+        return pixels * 2
+
+
+def test_one_dead_instance_stops_them_all_and_no_job_hangs() -> None:
+    backend = Killing()
+    thread = InferenceThread(backend)
+    futures = [thread.submit([np.array([v])]) for v in (-1.0, 1.0, 2.0, 3.0)]
+    assert isinstance(futures[0].exception(timeout=10), NotReady)
+    for future, v in zip(futures[1:], (1.0, 2.0, 3.0)):
+        error = future.exception(timeout=10)  # run by the other instance, or failed: never left waiting
+        assert isinstance(error, NotReady) if error else future.result()[0].item() == 2 * v
+    for worker in backend.workers:
+        worker.join(timeout=10)
+    assert len(backend.workers) == 2 and not any(w.is_alive() for w in backend.workers)
+    assert not thread.alive
+
+
+async def test_an_engine_of_two_instances_restarts_both_after_one_died() -> None:
+    engine = Engine(Killing(), info("killer"))
+    try:
+        with pytest.raises(NotReady):
+            await engine.predict([np.array([-1.0])])
+        assert not engine.alive
+        assert [p.probs.item() for p in await engine.predict([np.array([4.0])])] == [8.0]
+        assert engine.alive and engine.restarts == 1
+    finally:
+        engine.close()
 
 
 async def test_predict_splits_the_batch_and_reports_its_size() -> None:

@@ -12,24 +12,30 @@ Concurrency contract:
   passes no ``max_queue``: it bounds its requests once, at admission, before they are decoded.
 - The task takes the oldest request and forms a batch by the dispatch policy:
     * ``eager`` (default): add whatever else is already queued, up to ``max_batch_size``, and
-      dispatch now. The task awaits each batch, so whenever it is collecting the model is
-      idle: a lone request never pays the batching window, and under load requests pile up
-      while a batch runs, so the next batch is full.
+      dispatch now. The task collects only while the model has a free slot (see below), so a
+      lone request never pays the batching window, and under load requests pile up while the
+      batches run, so the next batch is full.
     * ``wait``: wait until the batch is full or its oldest request has waited ``max_wait_ms``.
+- ``max_concurrent_batches`` (Ray Serve's name) is how many batches may run at once: the model's
+  instances (``inference``). The task waits for a free slot before it collects a batch, runs each
+  batch as a task of its own, and the slot frees when that task ends, however it ends: a done
+  callback then fails whatever future of its batch is still pending (``NotReady``). With 1 (the
+  default) one batch runs at a time.
 - Before dispatch, a request whose future is already done (the caller timed out or the client
   went away) is dropped, and one past its deadline is failed with ``DeadlineExceeded``.
 - The handler's results resolve the batch's futures one to one; if it raises, every future of
   that batch gets the exception (a ``ServeError`` as is, anything else as ``InferenceFailed``)
-  and the next batch runs. A ``finally`` makes sure no future of a dispatched batch is left
-  pending, whatever happens.
+  and the next batch runs.
 - ``close(grace_s)`` stops admitting (``NotReady``), lets the queue drain for up to
-  ``grace_s``, then fails what is left with ``NotReady`` and stops the task.
+  ``grace_s``, then fails what is left with ``NotReady`` and stops the task and the batches
+  still running (their requests get ``NotReady``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -91,19 +97,22 @@ class Batcher(Generic[In, Out]):
         max_wait_ms: float,
         max_queue: int | None,
         dispatch: Literal["eager", "wait"] = "eager",
+        max_concurrent_batches: int = 1,
     ) -> None:
-        if max_batch_size < 1 or (max_queue is not None and max_queue < 1):
-            raise ValueError("max_batch_size and max_queue must be at least 1")
+        if max_batch_size < 1 or max_concurrent_batches < 1 or (max_queue is not None and max_queue < 1):
+            raise ValueError("max_batch_size, max_concurrent_batches and max_queue must be at least 1")
         self._handler = handler
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.dispatch = dispatch
+        self.max_concurrent_batches = max_concurrent_batches
         self.stats = BatcherStats()
         self._queue: collections.deque[Pending[In, Out]] = collections.deque()
         self._arrived = asyncio.Event()
         self._closing = False
-        self._busy = False
+        self._running: set[asyncio.Task[None]] = set()  # the batches dispatched and not finished
+        self._slots = asyncio.Semaphore(max_concurrent_batches)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="resnet-serve-batcher")
 
     @property
@@ -111,10 +120,11 @@ class Batcher(Generic[In, Out]):
         return len(self._queue)
 
     def _full(self) -> bool:
-        """Whether the queue holds ``max_queue`` requests, plus the next batch while idle."""
+        """Whether the queue holds ``max_queue`` requests, plus the next batch of each free slot."""
         if self.max_queue is None:
             return False
-        return len(self._queue) >= self.max_queue + (0 if self._busy else self.max_batch_size)
+        free = self.max_concurrent_batches - len(self._running)
+        return len(self._queue) >= self.max_queue + free * self.max_batch_size
 
     def submit(self, item: In, *, timeout_s: float) -> Pending[In, Out]:
         """Queue ``item``; raise ``Overloaded`` or ``NotReady`` instead of waiting for room."""
@@ -173,7 +183,6 @@ class Batcher(Generic[In, Out]):
         return True
 
     async def _dispatch(self, batch: list[Pending[In, Out]]) -> None:
-        self._busy = True
         try:
             results = await self._handler([p.item for p in batch])
             if len(results) != len(batch):
@@ -187,37 +196,44 @@ class Batcher(Generic[In, Out]):
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(error)
-        finally:
-            self._busy = False
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(NotReady("the batch was interrupted"))
 
     async def _run(self) -> None:
         while True:
+            await self._slots.acquire()  # released by _finished, or here if nothing is left to run
             batch = await self._next_batch()
             now = time.monotonic()
             live = [p for p in batch if self._still_wanted(p, now)]
             if not live:
+                self._slots.release()
                 continue
             for pending in live:
                 pending.dispatched_at = now
             self.stats.batches += 1
             self.stats.items += len(live)
             self.stats.batch_sizes[len(live)] += 1
-            await self._dispatch(live)
+            task = asyncio.get_running_loop().create_task(self._dispatch(live), name="resnet-serve-batch")
+            self._running.add(task)
+            task.add_done_callback(functools.partial(self._finished, live))
+
+    def _finished(self, batch: list[Pending[In, Out]], task: asyncio.Task[None]) -> None:
+        """A batch's task ended, however (even cancelled before it started): its slot is free and
+        no future of its batch is left pending."""
+        self._running.discard(task)
+        self._slots.release()
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(NotReady("the batch was interrupted"))
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop admitting; drain for up to ``grace_s``; fail whatever is left with ``NotReady``."""
         self._closing = True
         end = time.monotonic() + grace_s
-        while (self._queue or self._busy) and time.monotonic() < end and not self._task.done():
+        while (self._queue or self._running) and time.monotonic() < end and not self._task.done():
             await asyncio.sleep(0.01)
         self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        for task in self._running:
+            task.cancel()
+        await asyncio.gather(self._task, *self._running, return_exceptions=True)
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():

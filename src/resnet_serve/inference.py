@@ -1,18 +1,22 @@
-"""The one thread that runs the model, and the engine around it (any ``Backend``).
+"""The threads that run the model (one per instance), and the engine around it (any ``Backend``).
 
 Concurrency contract:
-- One dedicated OS thread (``resnet-serve-inference``) owns the backend. Nothing else ever calls
-  it, so it needs no lock and the runtime's intra-op pool is never shared.
-- Work reaches it through a ``queue.Queue`` of ``_Job``s: a batch's ``uint8`` images plus a
+- One dedicated OS thread (``resnet-serve-inference``) per instance of the backend
+  (``Backend.instances``, ``RESNET_SERVE_INSTANCES``, 1 by default) runs it. Nothing else ever
+  calls it; with several instances each thread runs its own batch at the same time, on the one
+  loaded model, which each runtime allows (``backends``), each with its share of the threads.
+- Work reaches them through one ``queue.Queue`` of ``_Job``s, taken by whichever thread is free
+  (the batcher keeps at most one batch in flight per instance): a batch's ``uint8`` images plus a
   ``concurrent.futures.Future``. The thread stacks the images itself (a lone image is a view,
   not a copy), so the event loop never waits on the copy. It resolves that future with the
   probabilities or the exception; ``asyncio.wrap_future`` hands the outcome to the event loop
   with ``call_soon_threadsafe``. An exception fails only that job; the thread goes on.
-- ``close()`` puts a sentinel behind the jobs already queued, so they finish first; a job
+- ``close()`` puts a sentinel per thread behind the jobs already queued, so they finish first; a job
   submitted after ``close()`` fails at once with ``NotReady``.
-- If the thread dies anyway (a ``BaseException``), a ``finally`` fails the job it held and every
-  queued job with ``NotReady`` (503). ``Engine`` starts a new thread on the next batch or health
-  check (``ensure_running``); ``alive`` is false in between, so readiness says 503.
+- If a thread dies anyway (a ``BaseException``), it fails the job it held and every queued job
+  with ``NotReady`` (503), and stops the other instances after the job each runs. ``Engine``
+  starts a new set of threads on the next batch or health check (``ensure_running``); ``alive``
+  is false in between, so readiness says 503.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class ModelInfo:
     channels_last: bool = False
     compiled_from: str = "repository"
     max_batch_size: int = 1
+    instances: int = 1  # batches run at once, each on an inference thread of its own
     start_s: float = 0.0
     warmup_batch_ms: dict[int, float] = field(default_factory=dict)
     directory: Path | None = None  # the version folder it was loaded from (explanations read it)
@@ -97,15 +102,19 @@ _STOP = object()
 
 
 class InferenceThread:
-    """Runs a backend on batches, one at a time, on its own thread."""
+    """Runs a backend on batches on its own threads: one, or one per instance (see the module's
+    notes), taking jobs from one queue."""
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
         self._jobs: queue.Queue[_Job | object] = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()  # orders submit() against close and death
-        self._thread = threading.Thread(target=self._run, name="resnet-serve-inference", daemon=True)
-        self._thread.start()
+        count = backend.instances
+        self._threads = [threading.Thread(target=self._run, name="resnet-serve-inference" + (f"-{i}" if i else ""),
+                                          daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
         job: _Job | None = None
@@ -124,12 +133,12 @@ class InferenceThread:
                         job.future.set_exception(exc)
                 job = None
         except BaseException:
-            logger.critical("the inference thread died", exc_info=True)
-        finally:
+            logger.critical("an inference thread died", exc_info=True)
             self._fail_leftovers(job)
 
     def _fail_leftovers(self, current: _Job | None) -> None:
-        """If the thread dies, no job it holds or that waits for it may hang."""
+        """If a thread dies, no job it holds or that waits in the queue may hang, and the others
+        stop after the job they run (a new set of threads replaces them all, ``Engine``)."""
         with self._lock:
             self._closed = True
         died = NotReady("the inference thread stopped; the request was not run")
@@ -139,9 +148,11 @@ class InferenceThread:
             try:
                 item = self._jobs.get_nowait()
             except queue.Empty:
-                return
+                break
             if isinstance(item, _Job) and item.future.set_running_or_notify_cancel():
                 item.future.set_exception(died)
+        for _ in self._threads:
+            self._jobs.put(_STOP)
 
     def _forward(self, images: list[np.ndarray]) -> Outcome:
         """Probabilities for the stacked batch, and the forward pass's own time in ms."""
@@ -161,15 +172,19 @@ class InferenceThread:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """Whether every thread runs and none has died."""
+        return not self._closed and all(thread.is_alive() for thread in self._threads)
 
     def close(self, timeout: float | None = None) -> None:
-        """Finish the jobs already queued, then stop the thread."""
+        """Finish the jobs already queued, then stop the threads."""
         with self._lock:
             if not self._closed:
                 self._closed = True
-                self._jobs.put(_STOP)
-        self._thread.join(timeout)
+                for _ in self._threads:
+                    self._jobs.put(_STOP)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 class Engine:

@@ -353,7 +353,8 @@ def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Setting
         cache = _compiled_cache(artefact, settings, OPENVINO, OPENVINO_VERSION)
         with _locked_beside(cache):
             precision = "bf16" if settings.precision == "bf16" and artefact.precision == "fp32" else artefact.precision
-            backend: Backend = OpenVinoBackend(path, threads=threads, precision=precision, cache=cache)
+            backend: Backend = OpenVinoBackend(path, threads=threads, precision=precision, cache=cache,
+                                               instances=settings.instances)
         _in_use(cache)
         return backend
     if runtime == ONNXRUNTIME:
@@ -366,7 +367,7 @@ def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Setting
         with _locked_beside(optimised):
             backend = OnnxRuntimeBackend(path, threads=threads, precision=artefact.precision,
                                          arena=settings.ort_arena, spinning=settings.ort_spinning, optimised=optimised,
-                                         gemm_patch=artefact.ort_gemm_patch)
+                                         gemm_patch=artefact.ort_gemm_patch, instances=settings.instances)
         _in_use(optimised)
         return backend
     try:
@@ -375,7 +376,7 @@ def open_backend(runtime: str, artefact: Artefact, path: Path, settings: Setting
         raise RepositoryError(f"TorchScript artefacts need torch ({TORCH_EXTRA}); "
                               "or serve the ONNX artefact with RESNET_SERVE_RUNTIME=onnxruntime") from None
     return TorchScriptBackend.load(path, device_name=settings.device, precision=artefact.precision,
-                                   threads=threads, int8_backend=artefact.int8_backend)
+                                   threads=threads, int8_backend=artefact.int8_backend, instances=settings.instances)
 
 
 def open_wanted(version: ModelVersion, wanted: Wanted, settings: Settings) -> Backend:
@@ -514,7 +515,8 @@ def choose_runtime(version: ModelVersion, settings: Settings) -> Choice:
     assert version.spec is not None
     batch = model_settings(version, settings).max_batch_size
     key = "|".join([_machine(), *(f"{w.runtime} {runtime_threads(w.runtime, settings)} threads" for w in present),
-                    f"batch {batch}", *dict.fromkeys(_built(w.pick(version)) for w in present)])
+                    f"batch {batch}", *dict.fromkeys(_built(w.pick(version)) for w in present)]
+                   + ([f"{settings.instances} instances"] if settings.instances > 1 else []))  # 1: keys kept before
     kept, timed_now = _kept_or_timed(version, present, settings, batch, key)
     if kept is None:
         failed = "timing the runtimes failed" + ("" if timed_now else " (in another worker, moments ago)")
@@ -620,7 +622,7 @@ def load_engine(version: ModelVersion, settings: Settings, *, exported: bool = F
         weights=version.weights, threads=runtime_threads(backend.runtime, settings),
         runtime=backend.runtime, runtime_reason=choice.reason, channels_last=artefact.channels_last,
         compiled_from="exported" if exported else "repository", max_batch_size=served.max_batch_size,
-        directory=version.directory,
+        instances=backend.instances, directory=version.directory,
     )
     engine = Engine(backend, info)
     engine.warmup(served.max_batch_size, version.spec.crop_size)

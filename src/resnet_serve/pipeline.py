@@ -120,6 +120,7 @@ class Pipeline:
             max_wait_ms=settings.max_wait_ms,
             max_queue=None,  # bounded by admission, above
             dispatch=settings.dispatch,
+            max_concurrent_batches=engine.info.instances,
         )
         name = self.spec.name
         self._in_flight = metrics.IN_FLIGHT.labels(name)

@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     runtime: RuntimeName = Field(
         "auto", description="auto: the faster installed CPU runtime, timed once per machine; TorchScript on a GPU"
     )
+    instances: int = Field(1, ge=1, le=64, description="batches a model runs at once, each on an inference thread "
+                           "of its own, the runtime's threads divided among them")
     torch_threads: int = Field(default_factory=_cores, ge=1, description="torch intra-op threads")
     ort_threads: int = Field(default_factory=_cores, ge=1, description="ONNX Runtime intra-op threads")
     ort_arena: bool = Field(True, description="ONNX Runtime's CPU memory arena (off: lower idle RSS, more fragmentation)")

@@ -36,13 +36,16 @@ ORT_INT8_SCHEME = "ort-qdq-u8s8-reduced+gemm-patch"
 
 class Backend(Protocol):
     """A loaded network: ``uint8 [N, 3, H, W]`` pixels in, ``float32 [N, classes]`` probabilities
-    out. Called from one thread only (the inference thread), so it needs no lock."""
+    out. Called from its inference threads only, one per instance: each runtime's session runs
+    several calls at once safely (ONNX Runtime, TorchScript) or keeps one request per thread
+    (OpenVINO), so it needs no lock."""
 
     runtime: str  # TORCHSCRIPT, ONNXRUNTIME or OPENVINO
     device: str
     precision: str
     warmup_rounds: int  # calls per batch size before the runtime has settled (TorchScript profiles)
     warmup_every_size: bool  # False: batch 1 only (see Engine.warmup)
+    instances: int  # threads that call run() at once (RESNET_SERVE_INSTANCES), each its own batch
 
     def prepare_thread(self) -> None:
         """Per-thread set-up, run once on the inference thread before the first batch."""

@@ -116,11 +116,14 @@ class OnnxRuntimeBackend:
     warmup_every_size = False
 
     def __init__(self, path: Path, *, threads: int, precision: str = "fp32", arena: bool = True,
-                 spinning: bool = False, optimised: Path | None = None, gemm_patch: str | None = None) -> None:
+                 spinning: bool = False, optimised: Path | None = None, gemm_patch: str | None = None,
+                 instances: int = 1) -> None:
         """``optimised``: the folder where the optimised graph is kept between starts (None: not
         kept). ``gemm_patch``: the artefact's, applied where AMX is usable (see the module's notes);
         the kept graph is keyed by it and by the CPU (``loading``), so it is kept patched."""
         self.precision = precision
+        self.instances = instances
+        threads = max(1, threads // instances)  # each run on the calling thread and threads - 1 of the pool
         patched = bool(gemm_patch) and amx_usable()
         try:
             patch = base64.b64decode(gemm_patch, validate=True) if gemm_patch and patched else None

@@ -9,8 +9,9 @@ costs memory: a server of the INT8 ResNet-18 idles 40–60 MB above ONNX Runtime
 (``benchmarks/memory_bench.py``), so the slim install stays ONNX Runtime alone. It reads the
 ONNX file itself: no export step, no format of its own in the repository.
 
-Serving settings: its own threads (``RESNET_SERVE_OPENVINO_THREADS``), one stream and the latency
-hint (batches run one at a time on the inference thread), threads not pinned to cores (the cores
+Serving settings: its own threads (``RESNET_SERVE_OPENVINO_THREADS``), one stream per instance
+(``RESNET_SERVE_INSTANCES``: batches run at once, one per inference thread) and the latency hint,
+threads not pinned to cores (the cores
 are shared with the decode threads and the event loop), and FP32 arithmetic wherever the graph is
 FP32 (OpenVINO's default on CPUs with BF16 units is BF16, which would change the answers) unless
 BF16 is asked for (``RESNET_SERVE_PRECISION=bf16``): then the FP32 graph runs in BF16, on the
@@ -23,13 +24,14 @@ compiled from its path, not from a model read first: with a kept compiled model 
 reads or parses the ONNX file.
 The first call at each batch size prepares that shape (on a Xeon, 24–31 ms more than later calls
 for INT8, 23–41 for FP32: ``benchmarks/engine_bench.py``), so warm-up runs every size once. One
-infer request, used by the inference thread only; its output buffer is reused by the next batch,
-so ``run`` returns a copy.
+infer request per inference thread, made by ``prepare_thread`` and used by that thread only; its
+output buffer is reused by the next batch, so ``run`` returns a copy.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -50,21 +52,24 @@ class OpenVinoBackend:
     warmup_rounds = 1
     warmup_every_size = True  # a batch size's first call prepares its shape (see above)
 
-    def __init__(self, path: Path, *, threads: int, precision: str = "fp32", cache: Path | None = None) -> None:
+    def __init__(self, path: Path, *, threads: int, precision: str = "fp32", cache: Path | None = None,
+                 instances: int = 1) -> None:
         """``precision``: the artefact's (fp32, int8), or bf16 to run an FP32 graph in BF16.
-        ``cache``: the folder where OpenVINO keeps the compiled model between starts (None: not kept)."""
+        ``cache``: the folder where OpenVINO keeps the compiled model between starts (None: not kept).
+        ``instances``: threads that call ``run`` at once, a stream each, sharing ``threads``."""
         core = openvino.Core()
         if cache is not None:
             core.set_property({"CACHE_DIR": str(cache)})
         self.compiled = core.compile_model(str(path), "CPU", {
             "INFERENCE_NUM_THREADS": threads,
-            "NUM_STREAMS": 1,
+            "NUM_STREAMS": instances,
             "PERFORMANCE_HINT": "LATENCY",
             "ENABLE_CPU_PINNING": False,
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
         })
         self.precision = precision if precision != "bf16" else self._bf16_granted()
-        self.request = self.compiled.create_infer_request()
+        self.instances = instances
+        self._local = threading.local()
 
     def _bf16_granted(self) -> str:
         """bf16 where OpenVINO runs it, else fp32 (what it runs instead on a CPU without AVX-512)."""
@@ -77,8 +82,13 @@ class OpenVinoBackend:
         return "bf16"
 
     def prepare_thread(self) -> None:
-        """OpenVINO keeps its own threads; nothing to set per thread."""
+        """This thread's infer request (OpenVINO keeps its own threads)."""
+        self._local.request = self.compiled.create_infer_request()
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
-        self.request.infer({GRAPH_INPUT: np.ascontiguousarray(pixels)})
-        return np.array(self.request.get_tensor(GRAPH_OUTPUT).data, copy=True)
+        request = getattr(self._local, "request", None)
+        if request is None:  # a caller that is no inference thread (a benchmark, a test)
+            self.prepare_thread()
+            request = self._local.request
+        request.infer({GRAPH_INPUT: np.ascontiguousarray(pixels)})
+        return np.array(request.get_tensor(GRAPH_OUTPUT).data, copy=True)

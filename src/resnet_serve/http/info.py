@@ -75,6 +75,7 @@ async def model_info(service: ServiceDep, query: ModelQueryDep) -> ModelResponse
         start_s=info.start_s,
         cache_size=settings.cache_size,
         threads=info.threads,
+        instances=info.instances,
         max_batch_size=settings.max_batch_size,
         max_wait_ms=settings.max_wait_ms,
         dispatch=settings.dispatch,

@@ -136,7 +136,8 @@ class ModelResponse(BaseModel):
     compiled_from: str = Field(description="exported by this start (the default model), or loaded from the repository")
     start_s: float = Field(description="seconds to compile (or load) and warm up the model")
     cache_size: int = Field(description="result cache entries (0: off)")
-    threads: int = Field(description="intra-op threads of the runtime")
+    threads: int = Field(description="intra-op threads of the runtime, divided among its instances")
+    instances: int = Field(1, description="batches the model runs at once, each on an inference thread of its own")
     max_batch_size: int
     max_wait_ms: float
     dispatch: str

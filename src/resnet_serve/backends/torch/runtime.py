@@ -76,16 +76,19 @@ class TorchScriptBackend:
     warmup_every_size = True
 
     def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], *, device: torch.device, precision: str,
-                 threads: int) -> None:
+                 threads: int, instances: int = 1) -> None:
+        """``instances``: threads that call ``run`` at once (a frozen graph runs safely from several),
+        each with its share of ``threads``."""
         self.model = model
         self.device = str(device)
         self.precision = precision
+        self.instances = instances
         self._device = device
-        self._threads = threads
+        self._threads = max(1, threads // instances)
 
     @classmethod
     def load(cls, path: Path, *, device_name: str, precision: str, threads: int,
-             int8_backend: str | None = None) -> TorchScriptBackend:
+             int8_backend: str | None = None, instances: int = 1) -> TorchScriptBackend:
         """A saved serving graph on the configured device (INT8: on the CPU, with the quantized
         kernels it was built for)."""
         device = select_device(device_name)
@@ -93,9 +96,11 @@ class TorchScriptBackend:
         if precision == "int8":
             torch.backends.quantized.engine = int8_backend or "x86"
         torch.set_num_threads(threads)
-        return cls(load_torchscript(path, device), device=device, precision=precision, threads=threads)
+        return cls(load_torchscript(path, device), device=device, precision=precision, threads=threads,
+                   instances=instances)
 
     def prepare_thread(self) -> None:
+        """This thread's share of the intra-op threads (OpenMP keeps the count per thread)."""
         torch.set_num_threads(self._threads)
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
