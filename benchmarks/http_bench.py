@@ -70,8 +70,16 @@ CONFIGS: dict[str, dict[str, str]] = {
     # ts-int8; downloads off, so it serves the built-in model as the full install exported it
     "slim-ort-int8": {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_PRECISION": "int8",
                       "RESNET_SERVE_ALLOW_DOWNLOAD": "false"},
+    # the same with two instances: two batches at once, one ONNX Runtime thread each
+    "slim-ort-int8-2i": {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_PRECISION": "int8",
+                         "RESNET_SERVE_ALLOW_DOWNLOAD": "false", "RESNET_SERVE_INSTANCES": "2"},
+    "slim-ort-int8-2i-4t": {"RESNET_SERVE_RUNTIME": "onnxruntime", "RESNET_SERVE_PRECISION": "int8",
+                            "RESNET_SERVE_ALLOW_DOWNLOAD": "false", "RESNET_SERVE_INSTANCES": "2",
+                            "RESNET_SERVE_ORT_THREADS": "4"},
+    "ts-int8-2i": {"RESNET_SERVE_RUNTIME": "torchscript", "RESNET_SERVE_PRECISION": "int8",
+                   "RESNET_SERVE_INSTANCES": "2"},
 }
-SLIM = {"slim-ort-int8"}  # served by the torch-free virtualenv (venvs.torch_free_python)
+SLIM = {"slim-ort-int8", "slim-ort-int8-2i", "slim-ort-int8-2i-4t"}  # served by the torch-free virtualenv (venvs.torch_free_python)
 
 
 @dataclass
@@ -337,10 +345,12 @@ def ratios(runs: dict[str, dict[str, object]]) -> dict[str, float]:
         if sleeping in runs and spinning in runs:
             out[f"{sleeping}_sleeping_vs_spinning_throughput"] = round(
                 top(sleeping)["throughput_rps"] / top(spinning)["throughput_rps"], 2)  # type: ignore[operator]
-    for name in ("ort-int8", "ov-int8", "slim-ort-int8"):
-        if name in runs and "ts-int8" in runs:
-            out[f"{name}_vs_ts-int8_throughput"] = round(
-                top(name)["throughput_rps"] / top("ts-int8")["throughput_rps"], 2)  # type: ignore[operator]
+    pairs = [(name, "ts-int8") for name in ("ort-int8", "ov-int8", "slim-ort-int8", "slim-ort-int8-2i")]
+    pairs += [("slim-ort-int8-2i", "ts-int8-2i"), ("ts-int8-2i", "ts-int8"), ("slim-ort-int8-2i", "slim-ort-int8")]
+    for name, against in pairs:  # issue 12's ratio, and two instances against one, like for like
+        if name in runs and against in runs:
+            out[f"{name}_vs_{against}_throughput"] = round(
+                top(name)["throughput_rps"] / top(against)["throughput_rps"], 2)  # type: ignore[operator]
     for name, run in runs.items():
         baseline = run.get("in_process")
         if not baseline:
