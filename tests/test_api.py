@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import inspect
 from collections.abc import AsyncIterator
 from typing import Any
@@ -210,6 +211,24 @@ async def test_a_full_queue_answers_503_with_retry_after(settings: Settings, eng
         refused = next(r for r in responses if r.status_code == 503)
         assert_error(refused, 503, "overloaded")
         assert refused.headers["Retry-After"] == "1"
+
+
+async def test_with_two_instances_admission_counts_a_running_batch_for_each(
+    settings: Settings, engine: Engine, photo_jpegs: dict[str, bytes]
+) -> None:
+    """Two instances run two batches at once: a queue of one and batches of one admit three
+    images, all answered, and a request of four could never fit (413 names the three)."""
+    slow = WrappedEngine(engine, delay=1.0)
+    slow.info = dataclasses.replace(engine.info, instances=2)
+    tight = settings.model_copy(update={"max_queue": 1, "max_batch_size": 1, "cache_size": 0})
+    async for c in client_for(tight, slow):
+        responses = await asyncio.gather(*(c.post("/predict", **upload(photo_jpegs["rocket"])) for _ in range(6)))
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses.count(200) >= 3 and set(statuses) == {200, 503}, statuses
+        assert max(slow.batch_sizes) == 1
+        four = await c.post("/predict/batch", **batch_of([photo_jpegs["rocket"]] * 4))
+        assert_error(four, 413, "payload_too_large")
+        assert "at most 3" in four.json()["error"]["message"]
 
 
 async def test_a_refused_upload_that_awaits_100_continue_is_never_read(

@@ -155,6 +155,53 @@ async def test_an_engine_of_two_instances_restarts_both_after_one_died() -> None
         engine.close()
 
 
+class Outliving(FakeBackend):
+    """Two instances: a batch of 100 holds its thread until released; -1 kills the other thread
+    once that batch runs. Counts the calls running at once."""
+
+    instances = 2
+
+    def __init__(self) -> None:
+        self.holding, self.release = threading.Event(), threading.Event()
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            if pixels.flat[0] < 0:
+                self.holding.wait(10)
+                raise SystemExit("injected fault")
+            if pixels.flat[0] == 100:
+                self.holding.set()
+                self.release.wait(10)
+            return pixels * 2
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+async def test_the_restarted_instances_wait_for_a_survivor_to_finish_its_batch() -> None:
+    backend = Outliving()
+    engine = Engine(backend, info("outliving"))
+    try:
+        held = asyncio.ensure_future(engine.predict([np.array([100.0])]))
+        with pytest.raises(NotReady):
+            await engine.predict([np.array([-1.0])])
+        later = asyncio.ensure_future(engine.predict([np.array([3.0])]))  # on the restarted threads
+        await asyncio.sleep(0.3)
+        assert not later.done() and backend.running == 1  # the survivor still runs its batch alone
+        backend.release.set()
+        assert [p.probs.item() for p in await held] == [200.0]
+        assert [p.probs.item() for p in await later] == [6.0]
+        assert engine.restarts == 1 and backend.most == 2
+    finally:
+        backend.release.set()
+        engine.close()
+
+
 async def test_predict_splits_the_batch_and_reports_its_size() -> None:
     engine = Engine(FakeBackend(), info("double"))
     try:

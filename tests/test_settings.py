@@ -24,6 +24,8 @@ def test_the_queue_limit_follows_the_measured_batch_time_and_the_deadline() -> N
     assert s.queue_limit(batch_ms=10_000.0) == 4  # never below one batch
     assert s.queue_limit(batch_ms=0.001) == 4096  # and bounded above
     assert Settings(max_queue=7).queue_limit(batch_ms=125.0) == 7
+    assert s.queue_limit(batch_ms=125.0, instances=2) == 160  # two batches at once: twice the work in time
+    assert Settings(max_queue=7).queue_limit(batch_ms=125.0, instances=2) == 7
 
 
 def test_cors_origins_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:

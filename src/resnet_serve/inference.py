@@ -16,7 +16,8 @@ Concurrency contract:
 - If a thread dies anyway (a ``BaseException``), it fails the job it held and every queued job
   with ``NotReady`` (503), and stops the other instances after the job each runs. ``Engine``
   starts a new set of threads on the next batch or health check (``ensure_running``); ``alive``
-  is false in between, so readiness says 503.
+  is false in between, so readiness says 503. The new threads take no job before the old ones
+  have finished theirs, so no more than ``instances`` calls ever run at once on the cores.
 """
 
 from __future__ import annotations
@@ -105,8 +106,10 @@ class InferenceThread:
     """Runs a backend on batches on its own threads: one, or one per instance (see the module's
     notes), taking jobs from one queue."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, after: InferenceThread | None = None) -> None:
+        """``after``: the set these threads replace; they wait for its threads to finish."""
         self._backend = backend
+        self._predecessors = list(after._threads) if after is not None else []
         self._jobs: queue.Queue[_Job | object] = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()  # orders submit() against close and death
@@ -119,6 +122,8 @@ class InferenceThread:
     def _run(self) -> None:
         job: _Job | None = None
         try:
+            for old in self._predecessors:  # a survivor of the set replaced ends its job first
+                old.join()
             self._backend.prepare_thread()
             while True:
                 item = self._jobs.get()
@@ -204,7 +209,7 @@ class Engine:
             return True
         self.restarts += 1
         logger.error("the inference thread died; restarting it (restart %d)", self.restarts)
-        self._thread = InferenceThread(self._backend)
+        self._thread = InferenceThread(self._backend, after=self._thread)
         return False
 
     def warmup(self, max_batch_size: int, crop_size: int) -> None:

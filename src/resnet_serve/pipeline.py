@@ -6,7 +6,7 @@
 Concurrency contract: everything here runs on the event loop thread, except ``preprocess`` (in
 the shared decode pool) and the forward pass (on the engine's inference thread). Admission
 counts images and is decided before an upload is read or decoded: ``admitted()`` holds one of
-``admission_limit`` slots (a full queue plus the batch being run) or raises ``Overloaded`` at
+``admission_limit`` slots (a full queue plus a batch for each instance running) or raises ``Overloaded`` at
 once, and a request that finds more images in its body takes a slot for each as it finds them
 (``Slots.take``), so the batcher's queue never holds more than the limit. A request waits for
 its result until its deadline or until the caller's ``abandoned`` awaitable completes (the
@@ -111,8 +111,9 @@ class Pipeline:
         self.stats = PipelineStats()
         self._decode_pool = decode_pool
         self.cache = ResultCache(settings.cache_size)
-        self.queue_limit = settings.queue_limit(engine.info.batch_ms(settings.max_batch_size))
-        self.admission_limit = self.queue_limit + settings.max_batch_size
+        instances = engine.info.instances
+        self.queue_limit = settings.queue_limit(engine.info.batch_ms(settings.max_batch_size), instances)
+        self.admission_limit = self.queue_limit + instances * settings.max_batch_size  # and the batches running
         self.in_flight = 0
         self.batcher: Batcher[np.ndarray, Prediction] = Batcher(
             self._run_batch,
@@ -120,7 +121,7 @@ class Pipeline:
             max_wait_ms=settings.max_wait_ms,
             max_queue=None,  # bounded by admission, above
             dispatch=settings.dispatch,
-            max_concurrent_batches=engine.info.instances,
+            max_concurrent_batches=instances,
         )
         name = self.spec.name
         self._in_flight = metrics.IN_FLIGHT.labels(name)

@@ -137,12 +137,13 @@ class Settings(BaseSettings):
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
-    def queue_limit(self, batch_ms: float | None = None) -> int:
+    def queue_limit(self, batch_ms: float | None = None, instances: int = 1) -> int:
         """Queued requests admitted before answering 503.
 
         By default, as many as the model can finish in half the request deadline, given the
         time of a full batch (``batch_ms``, from warm-up: ``ModelInfo.batch_ms``, which scales
-        a smaller batch up where only that was warmed): a request admitted later
+        a smaller batch up where only that was warmed) and the ``instances`` that run batches
+        at once (each timed on its own share of the threads): a request admitted later
         would likely time out anyway, so refusing it at once is kinder. Without a measurement,
         16 full batches. Never fewer than one batch.
         """
@@ -150,7 +151,7 @@ class Settings(BaseSettings):
             return self.max_queue
         if not batch_ms:
             return 16 * self.max_batch_size
-        batches = (self.request_timeout_s * 1000.0 / 2) / batch_ms
+        batches = instances * (self.request_timeout_s * 1000.0 / 2) / batch_ms
         return max(self.max_batch_size, min(4096, int(batches * self.max_batch_size)))
 
 
