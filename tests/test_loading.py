@@ -471,3 +471,51 @@ def test_a_gemm_patch_that_does_not_apply_is_reported_and_the_graph_served_as_ex
     backend = OnnxRuntimeBackend(path, threads=1, precision="int8", gemm_patch=patch)
     assert "its GEMM patch does not apply" in caplog.text and not backend.session.get_overridable_initializers()
     assert np.array_equal(backend.run(pixels), OnnxRuntimeBackend(path, threads=1, precision="int8").run(pixels))
+
+
+class Crowded:
+    """A backend of ``instances`` that notes the threads prepared, the threads that ran and the
+    most calls running at once; each call holds its thread for 5 ms."""
+
+    runtime, device, precision, warmup_rounds, warmup_every_size = "fake", "cpu", "fp32", 1, False
+
+    def __init__(self, instances: int) -> None:
+        self.instances = instances
+        self.prepared: set[int] = set()
+        self.ran: set[int] = set()
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+
+    def prepare_thread(self) -> None:
+        self.prepared.add(threading.get_ident())
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.ran.add(threading.get_ident())
+        time.sleep(0.005)
+        with self.lock:
+            self.running -= 1
+        return pixels
+
+
+@pytest.mark.parametrize("instances", [1, 2, 3])
+def test_auto_times_every_instance_calling_at_once_on_threads_prepared_as_the_server_does(instances: int) -> None:
+    backend = Crowded(instances)
+    ms = loading._per_image_ms(backend, crop=4, batch=2, seconds=0.1)  # type: ignore[arg-type]
+    assert backend.most == instances and len(backend.ran) == instances and backend.prepared == backend.ran
+    # 5 ms a call of 2 images (a sleep lasts at least that): at best 2.5 ms an image over the instances
+    assert ms >= 2.5 / instances * 0.99
+    assert instances == 1 or ms < 2.5 * 0.8  # instances calling together, not one after another
+
+
+def test_timing_a_backend_that_fails_on_one_instance_fails_and_leaves_no_thread_waiting() -> None:
+    class Failing(Crowded):
+        def prepare_thread(self) -> None:
+            super().prepare_thread()
+            if len(self.prepared) == 2:
+                raise RuntimeError("this instance cannot start")
+
+    with pytest.raises((RuntimeError, threading.BrokenBarrierError)):
+        loading._per_image_ms(Failing(2), crop=4, batch=1, seconds=0.1)  # type: ignore[arg-type]

@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -431,15 +432,32 @@ def open_explainer(version: ModelVersion | None, spec: ModelSpec) -> object:
 
 
 def _per_image_ms(backend: Backend, crop: int, batch: int, seconds: float = 0.4) -> float:
-    """The backend's time per image at one batch size, after two warm-up calls."""
+    """The backend's time per image at one batch size as the server runs it: each instance on a
+    thread of its own, prepared as the inference threads are, all calling at once (so several
+    instances are timed by what they finish together), after two warm-up calls each."""
     pixels = np.zeros((batch, 3, crop, crop), dtype=np.uint8)
-    for _ in range(2):
-        backend.run(pixels)
-    runs, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or runs < 3:
-        backend.run(pixels)
-        runs += 1
-    return elapsed * 1000.0 / (runs * batch)
+    clock: list[float] = []
+    ready = threading.Barrier(backend.instances, action=lambda: clock.append(time.perf_counter()))
+
+    def calls() -> tuple[int, float]:
+        try:
+            backend.prepare_thread()
+            for _ in range(2):
+                backend.run(pixels)
+        except BaseException:
+            ready.abort()  # the other instances stop waiting
+            raise
+        ready.wait()
+        runs = 0
+        while time.perf_counter() - clock[0] < seconds or runs < 3:
+            backend.run(pixels)
+            runs += 1
+        return runs, time.perf_counter()
+
+    with concurrent.futures.ThreadPoolExecutor(backend.instances) as pool:
+        done = [f.result() for f in [pool.submit(calls) for _ in range(backend.instances)]]
+    runs, end = sum(r for r, _ in done), max(t for _, t in done)
+    return (end - clock[0]) * 1000.0 / (runs * batch)
 
 
 def _choices_file(settings: Settings) -> Path | None:
@@ -499,7 +517,8 @@ def _intact(version: ModelVersion, candidates: list[Wanted]) -> tuple[list[Wante
 
 def choose_runtime(version: ModelVersion, settings: Settings) -> Choice:
     """The configured runtime; or, for ``auto`` with several runtimes and their artefacts at hand,
-    the fastest on this machine (per image, the mean of batch 1 and the max batch; on a tie within
+    the fastest on this machine (per image, the mean of batch 1 and the max batch, every instance
+    calling at once; on a tie within
     5%, the first of TorchScript, ONNX Runtime, OpenVINO), timed in a child process at the first
     start and kept, keyed by CPU model and flags, runtimes, threads and artefacts. A damaged
     artefact is left out of the choice, loudly."""
