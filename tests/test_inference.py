@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from resnet_serve import inference
 from resnet_serve.errors import InferenceFailed, NotReady
 from resnet_serve.inference import Engine, InferenceThread, ModelInfo
 from resnet_serve.settings import Settings
@@ -197,6 +198,26 @@ async def test_the_restarted_instances_wait_for_a_survivor_to_finish_its_batch()
         assert [p.probs.item() for p in await held] == [200.0]
         assert [p.probs.item() for p in await later] == [6.0]
         assert engine.restarts == 1 and backend.most == 2
+    finally:
+        backend.release.set()
+        engine.close()
+
+
+async def test_a_survivor_stuck_in_its_batch_is_waited_for_no_longer_than_the_bound(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(inference, "SURVIVOR_WAIT_S", 0.2)
+    backend = Outliving()
+    engine = Engine(backend, info("outliving"))
+    try:
+        held = asyncio.ensure_future(engine.predict([np.array([100.0])]))
+        with pytest.raises(NotReady):
+            await engine.predict([np.array([-1.0])])
+        later = await engine.predict([np.array([3.0])])  # served beside the stuck survivor
+        assert [p.probs.item() for p in later] == [6.0] and not held.done()
+        assert "still runs its batch" in caplog.text
+        backend.release.set()
+        assert [p.probs.item() for p in await held] == [200.0]
     finally:
         backend.release.set()
         engine.close()

@@ -17,7 +17,8 @@ Concurrency contract:
   with ``NotReady`` (503), and stops the other instances after the job each runs. ``Engine``
   starts a new set of threads on the next batch or health check (``ensure_running``); ``alive``
   is false in between, so readiness says 503. The new threads take no job before the old ones
-  have finished theirs, so no more than ``instances`` calls ever run at once on the cores.
+  have finished theirs, so no more than ``instances`` calls run at once on the cores; a survivor
+  stuck past ``SURVIVOR_WAIT_S`` is waited for no longer (and logged), so it cannot stop serving.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class _Job:
 
 
 _STOP = object()
+SURVIVOR_WAIT_S = 10.0  # how long restarted threads wait for an instance of the old set to finish its batch
 
 
 class InferenceThread:
@@ -122,8 +124,12 @@ class InferenceThread:
     def _run(self) -> None:
         job: _Job | None = None
         try:
+            deadline = time.monotonic() + SURVIVOR_WAIT_S
             for old in self._predecessors:  # a survivor of the set replaced ends its job first
-                old.join()
+                old.join(max(0.0, deadline - time.monotonic()))
+                if old.is_alive():
+                    logger.warning("%s still runs its batch after %.0f s; serving beside it", old.name,
+                                   SURVIVOR_WAIT_S)
             self._backend.prepare_thread()
             while True:
                 item = self._jobs.get()
