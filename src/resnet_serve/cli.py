@@ -48,11 +48,8 @@ def imports_done(*, freeze: bool = False) -> None:
     gc.enable()
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from resnet_serve.http.connections import HeaderLimits
-
+def _serve_settings(args: argparse.Namespace) -> Settings:
+    """The settings the server runs with, set up for its workers and for a clean stop."""
     # Workers are separate processes that build their own Settings, so flags travel as env.
     for name in SERVE_FLAGS:
         value = getattr(args, name)
@@ -67,6 +64,15 @@ def _serve(args: argparse.Namespace) -> int:
     # it found installed. With this one in place that re-raise is a no-op: a drained server
     # exits 0, as orchestrators expect of a clean stop.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    return settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from resnet_serve.http.connections import HeaderLimits
+
+    settings = _serve_settings(args)
     if settings.workers == 1:
         import resnet_serve.http.app  # noqa: F401  (now, before the GC resumes; uvicorn finds it imported)
     imports_done(freeze=True)
