@@ -8,7 +8,7 @@ a time on the inference thread anyway), every graph optimisation, the CPU arena 
 (``RESNET_SERVE_ORT_ARENA``; measured: with it off, peak RSS under load grew through
 fragmentation), and the intra-op threads sleeping rather than spinning between parallel sections
 (``RESNET_SERVE_ORT_SPINNING``): under load the cores they would spin on are the ones the decode
-threads and the event loop need (``benchmarks/http_bench.py``, README). Memory patterns stay
+threads and the event loop need (``benchmarks/http_bench.py``, docs/performance.md). Memory patterns stay
 on, ONNX Runtime's default: serving every batch size with them on or off left the same RSS and
 peak, and no slower (``benchmarks/ort_session_bench.py``). The optimised graph is kept next to
 the compiled-model cache, keyed by the artefact, ONNX Runtime's version and the CPU (its model

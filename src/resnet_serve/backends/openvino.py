@@ -4,7 +4,7 @@ for CPUs where ONNX Runtime's INT8 kernels fall behind (``pip install 'resnet-se
 Why a third runtime: on an Intel Xeon with AMX, ONNX Runtime's INT8 convolutions run on its VNNI
 kernels and reach half to two thirds of TorchScript's x86 INT8 speed at batch 4 and 8, while
 OpenVINO's CPU plugin (oneDNN, AMX where present) runs the same QDQ graph faster than TorchScript
-and without torch (``benchmarks/engine_bench.py``, ``benchmarks/memory_bench.py``; README). It
+and without torch (``benchmarks/engine_bench.py``, ``benchmarks/memory_bench.py``; docs/performance.md). It
 costs memory: a server of the INT8 ResNet-18 idles 40–60 MB above ONNX Runtime's
 (``benchmarks/memory_bench.py``), so the slim install stays ONNX Runtime alone. It reads the
 ONNX file itself: no export step, no format of its own in the repository.
@@ -15,7 +15,7 @@ threads not pinned to cores (the cores
 are shared with the decode threads and the event loop), and FP32 arithmetic wherever the graph is
 FP32 (OpenVINO's default on CPUs with BF16 units is BF16, which would change the answers) unless
 BF16 is asked for (``RESNET_SERVE_PRECISION=bf16``): then the FP32 graph runs in BF16, on the
-Xeon with AMX we measured 4–5 times as fast as FP32 with the same Top-1 (README). OpenVINO itself
+Xeon with AMX we measured 4–5 times as fast as FP32 with the same Top-1 (docs/performance.md). OpenVINO itself
 decides whether this CPU can: without AVX-512 it runs FP32, and the backend then says so; with
 AVX-512 but no BF16 units it takes BF16 all the same, and the backend warns. The
 batch dimension stays dynamic, as exported, and the compiled model is kept by OpenVINO's own
